@@ -1,0 +1,83 @@
+"""Image decoding shared by the nodes and the bag reader: every supported encoding, and bad input."""
+import numpy as np
+import pytest
+
+from megaloc_ros.errors import ImageDecodeError
+from megaloc_ros.images import decode_compressed, decode_raw, encode_jpeg, encode_raw, RAW_ENCODINGS
+
+
+@pytest.fixture(scope="module")
+def frame(rtabmap_seq):
+    return rtabmap_seq.load_rgb(0)
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
+def test_colour_encodings_round_trip_exactly(frame, encoding):
+    h, w, step, data = encode_raw(frame, encoding)
+    np.testing.assert_array_equal(decode_raw(encoding, h, w, step, data), frame)
+
+
+@pytest.mark.parametrize("encoding", ["mono8", "mono16"])
+def test_mono_encodings_give_grey_rgb(frame, encoding):
+    h, w, step, data = encode_raw(frame, encoding)
+    out = decode_raw(encoding, h, w, step, data)
+    grey = frame.mean(axis=2)
+    assert out.shape == frame.shape
+    assert np.array_equal(out[..., 0], out[..., 2])
+    # mono16 is rescaled by its own peak, so compare up to that scale
+    scale = 255.0 / grey.max() if encoding == "mono16" else 1.0
+    assert np.abs(out[..., 0] - np.clip(grey * scale, 0, 255)).max() <= 1.01
+
+
+def test_padded_rows_and_big_endian():
+    img = (np.arange(2 * 3).reshape(2, 3) * 1000).astype(">u2")
+    padded = np.zeros((2, 8), np.uint8)
+    padded[:, :6] = img.view(np.uint8).reshape(2, 6)
+    out = decode_raw("mono16", 2, 3, 8, padded.tobytes(), is_bigendian=True)
+    np.testing.assert_array_equal(out[..., 0], np.round(img.astype(float) * 255 / 5000).astype(np.uint8))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("yuv422", 4, 4, 8, bytes(32)), "unsupported image encoding"),
+    (("rgb8", 4, 4, 6, bytes(48)), "step 6 is smaller"),
+    (("rgb8", 0, 4, 12, b""), "zero size"),
+    (("rgb8", 4, 4, 12, bytes(20)), "needs 48"),
+])
+def test_bad_raw_images_raise_clear_errors(args, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_raw(*args)
+
+
+def test_jpeg_and_png(frame):
+    import cv2
+    jpg = decode_compressed("jpeg", encode_jpeg(frame, 95))
+    assert jpg.shape == frame.shape and np.abs(jpg.astype(int) - frame).mean() < 3
+    ok, png = cv2.imencode(".png", frame[:, :, ::-1])
+    np.testing.assert_array_equal(decode_compressed("png", png.tobytes()), frame)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"GIF89a....", "neither JPEG nor PNG"),
+])
+def test_bad_compressed_images(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_compressed("jpeg", data)
+
+
+def test_truncated_and_corrupt_jpeg(frame):
+    jpg = encode_jpeg(frame)
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_compressed("jpeg", jpg[: len(jpg) // 2])
+    garbage = jpg[:2] + bytes(200) + b"\xff\xd9"
+    with pytest.raises(ImageDecodeError, match="corrupt"):
+        decode_compressed("jpeg", garbage)
+
+
+def test_format_mismatch(frame):
+    with pytest.raises(ImageDecodeError, match="holds JPEG"):
+        decode_compressed("png", encode_jpeg(frame))
+
+
+def test_supported_encodings_are_the_documented_ones():
+    assert {"rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16"} <= set(RAW_ENCODINGS)
