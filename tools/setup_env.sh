@@ -49,15 +49,17 @@ if [ -z "${ROS_DISTRO:-}" ]; then
   site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   want_inc=/opt/python/cp311-cp311/include/python3.11
   want_site=/opt/python/cp311-cp311/lib/python3.11/site-packages
-  if [ ! -e "$want_inc/Python.h" ] || [ ! -e "$want_site/numpy" ]; then
-    if mkdir -p "$(dirname "$want_inc")" "$(dirname "$want_site")" 2>/dev/null; then
-      ln -sfn "$inc" "$want_inc"
-      [ -e "$want_site" ] && [ ! -L "$want_site" ] || ln -sfn "$site" "$want_site"
-    else
-      say "cannot create $want_inc (not root?): the interface build will fail; run once as root:"
-      say "  mkdir -p /opt/python/cp311-cp311/{include,lib/python3.11} && ln -s $inc $want_inc && ln -s $site $want_site"
+  # Point them at this venv (links only: a real CPython install there is left alone).
+  for pair in "$inc:$want_inc" "$site:$want_site"; do
+    src=${pair%%:*}; dst=${pair#*:}
+    if [ -L "$dst" ] || [ ! -e "$dst" ]; then
+      if [ "$(readlink "$dst" 2>/dev/null)" != "$src" ]; then
+        mkdir -p "$(dirname "$dst")" 2>/dev/null && ln -sfn "$src" "$dst" || {
+          say "cannot link $dst -> $src (not root?): the interface build will fail; as root run:"
+          say "  mkdir -p $(dirname "$dst") && ln -sfn $src $dst"; }
+      fi
     fi
-  fi
+  done
   export CMAKE_PREFIX_PATH=$VENV AMENT_PREFIX_PATH=$VENV
   # CMake refuses exported include paths inside the source tree, and .venv is inside it:
   # name numpy's headers through the link above instead.
