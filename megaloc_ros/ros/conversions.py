@@ -1,0 +1,208 @@
+"""ROS messages <-> the shared types of megaloc_ros.types (and RGB uint8 arrays).
+
+Pixel decoding is megaloc_ros.images' job; this module only moves fields. Poses are 4x4
+float64 world-from-camera matrices, stamps integer nanoseconds, as everywhere in the core.
+"""
+from __future__ import annotations
+
+import array
+from typing import Iterable, Optional, Union
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Pose, Transform
+from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+
+from megaloc_ros.msg import Keyframe as KeyframeMsg
+from megaloc_ros.msg import LoopClosure, LoopClosureArray
+
+from ..images import decode_compressed, decode_raw, encode_jpeg, encode_raw
+from ..types import Candidate, ImageFeatures, Keyframe, RelativePose, VerifiedLoop
+
+NS = 1_000_000_000
+
+
+# --- time and headers ---------------------------------------------------------------------
+
+def stamp_to_ns(t: Time) -> int:
+    return int(t.sec) * NS + int(t.nanosec)
+
+
+def ns_to_stamp(ns: int) -> Time:
+    ns = int(ns)
+    return Time(sec=ns // NS, nanosec=ns % NS)
+
+
+def make_header(stamp_ns: int, frame_id: str = "") -> Header:
+    return Header(stamp=ns_to_stamp(stamp_ns), frame_id=frame_id)
+
+
+# --- poses --------------------------------------------------------------------------------
+
+def _quat_to_rot(x: float, y: float, z: float, w: float) -> np.ndarray:
+    q = np.array([x, y, z, w], dtype=np.float64)
+    n = np.linalg.norm(q)
+    if not np.isfinite(n) or n < 1e-9:
+        raise ValueError(f"invalid quaternion {q.tolist()}")
+    return Rotation.from_quat(q / n).as_matrix()
+
+
+def _rot_to_quat(r: np.ndarray) -> np.ndarray:
+    return Rotation.from_matrix(np.asarray(r, dtype=np.float64)).as_quat()  # x, y, z, w
+
+
+def pose_to_matrix(p: Pose) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = _quat_to_rot(p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w)
+    m[:3, 3] = (p.position.x, p.position.y, p.position.z)
+    return m
+
+
+def matrix_to_pose(m: np.ndarray) -> Pose:
+    m = np.asarray(m, dtype=np.float64)
+    p = Pose()
+    p.position.x, p.position.y, p.position.z = (float(v) for v in m[:3, 3])
+    q = _rot_to_quat(m[:3, :3])
+    p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w = (float(v) for v in q)
+    return p
+
+
+def relative_pose_to_transform(rp: RelativePose) -> Transform:
+    t = Transform()
+    t.translation.x, t.translation.y, t.translation.z = (float(v) for v in np.asarray(rp.translation).reshape(3))
+    q = _rot_to_quat(rp.rotation)
+    t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w = (float(v) for v in q)
+    return t
+
+
+def transform_to_relative_pose(t: Transform, metric_scale: bool, covariance) -> RelativePose:
+    r = _quat_to_rot(t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w)
+    tr = np.array([t.translation.x, t.translation.y, t.translation.z], dtype=np.float64)
+    cov = np.asarray(covariance, dtype=np.float64).reshape(6, 6).copy()
+    return RelativePose(rotation=r, translation=tr, metric_scale=bool(metric_scale), covariance=cov)
+
+
+def odometry_to_matrix(odom) -> np.ndarray:
+    """``nav_msgs/Odometry`` -> 4x4 pose of its child frame in its header frame."""
+    return pose_to_matrix(odom.pose.pose)
+
+
+# --- images -------------------------------------------------------------------------------
+
+ImageMsg = Union[Image, CompressedImage]
+
+
+def image_msg_to_rgb(msg: ImageMsg) -> np.ndarray:
+    """Decode an Image or CompressedImage to RGB uint8; raises ImageDecodeError on bad input."""
+    if isinstance(msg, CompressedImage):
+        return decode_compressed(msg.format, msg.data)
+    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data, bool(msg.is_bigendian))
+
+
+def rgb_to_image_msg(rgb: np.ndarray, stamp_ns: int = 0, frame_id: str = "", encoding: str = "rgb8") -> Image:
+    h, w, step, data = encode_raw(rgb, encoding)
+    return Image(header=make_header(stamp_ns, frame_id), height=h, width=w, encoding=encoding,
+                 is_bigendian=0, step=step, data=array.array("B", data))
+
+
+def rgb_to_compressed_msg(rgb: np.ndarray, stamp_ns: int = 0, frame_id: str = "", quality: int = 90) -> CompressedImage:
+    return CompressedImage(header=make_header(stamp_ns, frame_id), format="jpeg",
+                           data=array.array("B", encode_jpeg(rgb, quality)))
+
+
+def downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink so that the longer side is at most ``max_side`` (0: keep); never enlarges."""
+    h, w = rgb.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return rgb
+    import cv2
+    s = max_side / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+# --- keyframes ----------------------------------------------------------------------------
+
+def _f32(x: np.ndarray) -> array.array:
+    return array.array("f", np.ascontiguousarray(x, dtype=np.float32).tobytes())
+
+
+def keyframe_to_msg(kf: Keyframe, image_rgb: Optional[np.ndarray], features: ImageFeatures,
+                    image_max_side: int = 0) -> KeyframeMsg:
+    """A keyframe with what the verifier needs: the (downscaled) rgb8 image and the features."""
+    m = KeyframeMsg()
+    m.header = make_header(kf.stamp_ns, kf.frame_id)
+    m.id = int(kf.id)
+    m.session = int(kf.session)
+    if image_rgb is not None:
+        m.image = rgb_to_image_msg(downscale(image_rgb, image_max_side), kf.stamp_ns, kf.frame_id)
+    m.descriptor = _f32(features.descriptor)
+    if features.patch_features is not None:
+        pf = np.asarray(features.patch_features)
+        m.patch_features = _f32(pf)
+        m.patch_shape = np.array(pf.shape, dtype=np.uint32)
+    if kf.pose is not None:
+        m.has_pose = True
+        m.pose = matrix_to_pose(kf.pose)
+    return m
+
+
+def msg_to_keyframe(m: KeyframeMsg) -> tuple[Keyframe, Optional[np.ndarray], ImageFeatures]:
+    """Inverse of ``keyframe_to_msg``: (keyframe, rgb image or None, features)."""
+    kf = Keyframe(id=int(m.id), stamp_ns=stamp_to_ns(m.header.stamp), session=int(m.session),
+                  frame_id=m.header.frame_id, pose=pose_to_matrix(m.pose) if m.has_pose else None)
+    rgb = image_msg_to_rgb(m.image) if m.image.width and m.image.height else None
+    desc = np.frombuffer(m.descriptor, dtype=np.float32).copy()
+    patches = None
+    if len(m.patch_features):
+        shape = tuple(int(v) for v in m.patch_shape)
+        patches = np.frombuffer(m.patch_features, dtype=np.float32).copy()
+        if int(np.prod(shape)) != patches.size:
+            raise ValueError(f"keyframe {m.id}: patch_shape {shape} does not match {patches.size} patch values")
+        patches = patches.reshape(shape)
+    return kf, rgb, ImageFeatures(descriptor=desc, patch_features=patches)
+
+
+# --- loop closures ------------------------------------------------------------------------
+
+def loop_to_msg(item: Union[Candidate, VerifiedLoop], frame_id: str = "") -> LoopClosure:
+    """A candidate (unverified) or a verifier result -> LoopClosure."""
+    loop = item if isinstance(item, VerifiedLoop) else None
+    c = loop.candidate if loop is not None else item
+    m = LoopClosure()
+    m.header = make_header(c.query.stamp_ns, frame_id or c.query.frame_id)
+    m.query_id, m.match_id = int(c.query.id), int(c.match.id)
+    m.query_stamp, m.match_stamp = ns_to_stamp(c.query.stamp_ns), ns_to_stamp(c.match.stamp_ns)
+    m.query_session, m.match_session = int(c.query.session), int(c.match.session)
+    m.score, m.rank = float(c.score), int(c.rank)
+    if loop is not None:
+        m.verified = bool(loop.accepted)
+        m.verification_score = float(loop.verification_score)
+        m.inliers = int(loop.inliers)
+        if loop.transform is not None:
+            m.has_transform = True
+            m.transform = relative_pose_to_transform(loop.transform)
+            m.metric_scale = bool(loop.transform.metric_scale)
+            m.covariance = np.asarray(loop.transform.covariance, dtype=np.float64).reshape(36)
+    return m
+
+
+def msg_to_candidate(m: LoopClosure, query: Optional[Keyframe] = None, match: Optional[Keyframe] = None) -> Candidate:
+    """LoopClosure -> Candidate. Pass the full keyframes when known (they carry poses)."""
+    q = query or Keyframe(id=int(m.query_id), stamp_ns=stamp_to_ns(m.query_stamp), session=int(m.query_session),
+                          frame_id=m.header.frame_id)
+    t = match or Keyframe(id=int(m.match_id), stamp_ns=stamp_to_ns(m.match_stamp), session=int(m.match_session),
+                          frame_id=m.header.frame_id)
+    return Candidate(query=q, match=t, score=float(m.score), rank=int(m.rank))
+
+
+def msg_to_verified_loop(m: LoopClosure) -> VerifiedLoop:
+    tf = transform_to_relative_pose(m.transform, m.metric_scale, m.covariance) if m.has_transform else None
+    return VerifiedLoop(candidate=msg_to_candidate(m), accepted=bool(m.verified),
+                        verification_score=float(m.verification_score), inliers=int(m.inliers), transform=tf)
+
+
+def loops_to_array(items: Iterable[Union[Candidate, VerifiedLoop]], stamp_ns: int, frame_id: str = "") -> LoopClosureArray:
+    return LoopClosureArray(header=make_header(stamp_ns, frame_id),
+                            loops=[loop_to_msg(i, frame_id) for i in items])
