@@ -1,0 +1,471 @@
+"""The place map: an incremental FAISS index of keyframe descriptors plus per-keyframe metadata.
+
+Index kinds (``PlaceMap(dim, model_name, index=...)``):
+
+``"flat"`` (default)
+    Exact inner product over the full descriptors (they are also what ``descriptor(id)`` returns).
+    Right for maps up to ~100k keyframes; 4*dim bytes per keyframe.
+``"ivfpq"``, ``"ivfsq8"``, ``"hnsw"``, ``"sq8"`` (compressed, for large maps)
+    Descriptors are first projected onto their top ``pca_dim`` principal directions (uncentred,
+    so inner products are kept, optionally whitened), then indexed by
+    ``ivfpq``  IVF + product quantisation, re-ranked with 8-bit codes (``Refine(SQ8)``);
+    ``ivfsq8`` IVF + 8-bit scalar quantisation;  ``hnsw``  HNSW graph over 8-bit codes;
+    ``sq8``    brute force over 8-bit codes.
+    A compressed map answers with exact search over the stored descriptors until it holds
+    ``train_size`` keyframes; it then trains (in a background thread when
+    ``background_training=True``, meanwhile still answering exactly) and keeps only codes.
+    Scores of a compressed map are inner products in the projected space: slightly below the
+    exact cosine, so thresholds tuned on a flat map may need lowering.
+
+Persistence lives in ``map_file`` (no pickle); ``save`` is atomic.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from .errors import MegalocError
+from .types import Descriptor, Keyframe, KeyframeId, as_descriptor
+
+COMPRESSED_KINDS = ("ivfpq", "ivfsq8", "hnsw", "sq8")
+INDEX_KINDS = ("flat",) + COMPRESSED_KINDS
+
+DEFAULT_OPTIONS = {
+    "pca_dim": 512,          # projected dimension (compressed kinds)
+    "whiten": False,         # whitening equalises components; it changes the ranking vs exact IP
+    "nlist": 0,              # IVF lists; 0 = 4*sqrt(train_size) rounded to a power of two
+    "nprobe": 32,            # IVF lists visited per query
+    "pq_m": 64,              # PQ sub-quantisers (bytes per code), must divide pca_dim
+    "refine_factor": 8,      # ivfpq: re-rank refine_factor*k shortlisted codes with SQ8
+    "hnsw_m": 32,            # HNSW graph degree
+    "ef_search": 128,        # HNSW search breadth
+    "train_size": 20000,     # keyframes needed before a compressed index is trained
+    "background_training": False,
+    "keep_descriptors": False,  # compressed kinds: also keep full descriptors (4*dim B each)
+}
+
+
+class DuplicateId(MegalocError):
+    """A keyframe id is already in the map."""
+
+
+class _Columns:
+    """Growable per-keyframe metadata arrays (amortised O(1) append, compact for 1M entries)."""
+
+    def __init__(self, capacity: int = 1024):
+        self.n = 0
+        self.ids = np.zeros(capacity, np.int64)
+        self.stamps = np.zeros(capacity, np.int64)
+        self.sessions = np.zeros(capacity, np.int32)
+        self.frame_idx = np.zeros(capacity, np.int32)   # into PlaceMap._frame_names
+        self.poses: dict[int, np.ndarray] = {}          # position -> 4x4, only where known
+
+    def append(self, kid: int, stamp: int, session: int, frame_idx: int) -> int:
+        if self.n == len(self.ids):
+            cap = max(1024, 2 * self.n)
+            for name in ("ids", "stamps", "sessions", "frame_idx"):
+                old = getattr(self, name)
+                new = np.zeros(cap, old.dtype)
+                new[: self.n] = old[: self.n]
+                setattr(self, name, new)
+        i = self.n
+        self.ids[i], self.stamps[i], self.sessions[i], self.frame_idx[i] = kid, stamp, session, frame_idx
+        self.n += 1
+        return i
+
+
+class PlaceMap:
+    """Keyframe descriptors with metadata; see the module docstring for the index kinds.
+
+    ``extras`` holds named numpy arrays saved with the map (e.g. a verifier vocabulary).
+    Thread safety: ``add``/``search``/``save`` may be called from different threads.
+    """
+
+    def __init__(self, dim: int, model_name: str, index: str = "flat", **options):
+        if index not in INDEX_KINDS:
+            raise MegalocError(f"unknown map index kind {index!r}; choose one of {', '.join(INDEX_KINDS)}")
+        unknown = set(options) - set(DEFAULT_OPTIONS)
+        if unknown:
+            raise MegalocError(f"unknown PlaceMap option(s) {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+        self.dim = int(dim)
+        self.model_name = str(model_name)
+        self.index_kind = index
+        self.options = {**DEFAULT_OPTIONS, **options}
+        if index != "flat":
+            p = int(self.options["pca_dim"])
+            if not 0 < p <= self.dim:
+                raise MegalocError(f"pca_dim={p} must be in 1..{self.dim}")
+            if index == "ivfpq" and p % int(self.options["pq_m"]):
+                raise MegalocError(f"pq_m={self.options['pq_m']} must divide pca_dim={p}")
+            if int(self.options["train_size"]) < max(p, 256):
+                raise MegalocError(f"train_size must be at least max(pca_dim, 256) = {max(p, 256)}")
+        self.extras: dict[str, np.ndarray] = {}
+        self._cols = _Columns()
+        self._frame_names: list[str] = []
+        self._frame_lookup: dict[str, int] = {}
+        self._monotonic = True        # ids added in increasing order: position lookup by bisection
+        self._id_to_pos: Optional[dict[int, int]] = None
+        self._lock = threading.RLock()
+        import faiss
+        self._faiss = faiss
+        # Until a compressed index is trained, everything lives in an exact flat index.
+        self._flat: Optional[object] = faiss.IndexFlatIP(self.dim)
+        self._proj: Optional[np.ndarray] = None     # [dim, pca_dim] float32, compressed kinds
+        self._index: Optional[object] = None        # trained compressed index
+        self._full: Optional[np.ndarray] = None     # keep_descriptors store for compressed kinds
+        self._trainer: Optional[threading.Thread] = None
+        self._train_error: Optional[BaseException] = None
+
+    # ----------------------------------------------------------------- contents
+    def __len__(self) -> int:
+        return self._cols.n
+
+    @property
+    def trained(self) -> bool:
+        """True for flat maps, and for compressed maps once their index is trained."""
+        return self.index_kind == "flat" or self._index is not None
+
+    @property
+    def next_id(self) -> KeyframeId:
+        """One more than the largest keyframe id (0 for an empty map)."""
+        n = self._cols.n
+        return int(self._cols.ids[:n].max()) + 1 if n else 0
+
+    def _pos(self, kid: int) -> Optional[int]:
+        c = self._cols
+        if self._monotonic:
+            i = int(np.searchsorted(c.ids[: c.n], kid))
+            return i if i < c.n and c.ids[i] == kid else None
+        if self._id_to_pos is None:
+            self._id_to_pos = {int(k): i for i, k in enumerate(c.ids[: c.n])}
+        return self._id_to_pos.get(int(kid))
+
+    def _keyframe_at(self, i: int) -> Keyframe:
+        c = self._cols
+        pose = c.poses.get(i)
+        return Keyframe(int(c.ids[i]), int(c.stamps[i]), int(c.sessions[i]),
+                        self._frame_names[c.frame_idx[i]], None if pose is None else pose.copy())
+
+    def __contains__(self, kid: KeyframeId) -> bool:
+        return self._pos(kid) is not None
+
+    def keyframe(self, kid: KeyframeId) -> Keyframe:
+        i = self._pos(kid)
+        if i is None:
+            raise KeyError(f"keyframe {kid} is not in the map")
+        return self._keyframe_at(i)
+
+    def keyframes(self) -> Iterator[Keyframe]:
+        """All keyframes in insertion order."""
+        for i in range(self._cols.n):
+            yield self._keyframe_at(i)
+
+    def descriptor(self, kid: KeyframeId) -> Optional[Descriptor]:
+        """The stored descriptor of ``kid``, or None when only compressed codes are kept."""
+        with self._lock:
+            i = self._pos(kid)
+            if i is None:
+                raise KeyError(f"keyframe {kid} is not in the map")
+            if self._flat is not None:
+                return self._flat.reconstruct(i)
+            if self._full is not None:
+                return self._full[i].copy()
+            return None
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Approximate resident bytes: ``index`` (descriptors or codes) and ``metadata``."""
+        with self._lock:
+            n = self._cols.n
+            index = 0
+            if self._flat is not None:
+                index += self._flat.ntotal * self.dim * 4
+            if self._index is not None:
+                index += len(self._faiss.serialize_index(self._index))
+            if self._proj is not None:
+                index += self._proj.nbytes
+            if self._full is not None:
+                index += n * self.dim * 4
+            c = self._cols
+            meta = n * (c.ids.itemsize + c.stamps.itemsize + c.sessions.itemsize + c.frame_idx.itemsize)
+            meta += len(c.poses) * (16 * 8 + 100)
+            return {"index": index, "metadata": meta}
+
+    # ----------------------------------------------------------------- adding
+    def add(self, keyframe: Keyframe, descriptor) -> None:
+        """Add one keyframe. Raises DescriptorSizeError or DuplicateId (map unchanged then)."""
+        d = as_descriptor(descriptor, self.dim)
+        kid = int(keyframe.id)
+        pose = None
+        if keyframe.pose is not None:
+            pose = np.asarray(keyframe.pose, np.float64)
+            if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
+                raise MegalocError(f"keyframe {kid}: pose must be a finite 4x4 matrix, got shape {pose.shape}")
+        with self._lock:
+            self._raise_training_error()
+            c = self._cols
+            if c.n and kid <= int(c.ids[c.n - 1]):
+                if self._pos(kid) is not None:
+                    raise DuplicateId(f"keyframe id {kid} is already in the map; ids must be unique")
+                if self._monotonic:
+                    self._monotonic = False
+                    self._id_to_pos = None
+            fi = self._frame_lookup.get(keyframe.frame_id)
+            if fi is None:
+                fi = self._frame_lookup[keyframe.frame_id] = len(self._frame_names)
+                self._frame_names.append(keyframe.frame_id)
+            i = c.append(kid, int(keyframe.stamp_ns), int(keyframe.session), fi)
+            if pose is not None:
+                c.poses[i] = pose.copy()
+            if self._id_to_pos is not None:
+                self._id_to_pos[kid] = i
+            self._add_vectors(d[None])
+        self._maybe_train()
+
+    def _add_vectors(self, x: np.ndarray) -> None:
+        if self._flat is not None:
+            self._flat.add(x)
+        if self._index is not None:
+            self._index.add(self._project(x))
+            if self._full is not None:
+                self._full = _append_rows(self._full, x, self._cols.n - len(x))
+
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x @ self._proj, dtype=np.float32)
+
+    # ----------------------------------------------------------------- training
+    def _maybe_train(self) -> None:
+        if self.index_kind == "flat" or self._index is not None or self._trainer is not None:
+            return
+        if self._cols.n < int(self.options["train_size"]):
+            return
+        if self.options["background_training"]:
+            self._trainer = threading.Thread(target=self._train_guarded, name="placemap-train", daemon=True)
+            self._trainer.start()
+        else:
+            self._train()
+
+    def _train_guarded(self) -> None:
+        try:
+            self._train()
+        except BaseException as exc:  # surfaced on the next add()/wait_trained()
+            self._train_error = exc
+
+    def _raise_training_error(self) -> None:
+        if self._train_error is not None:
+            exc, self._train_error = self._train_error, None
+            self._trainer = None
+            raise MegalocError(f"training the {self.index_kind} index failed: {exc}") from exc
+
+    def wait_trained(self, timeout: Optional[float] = None) -> bool:
+        """Block until a background training finishes; returns ``self.trained``."""
+        t = self._trainer
+        if t is not None:
+            t.join(timeout)
+        with self._lock:
+            self._raise_training_error()
+        return self.trained
+
+    def train_now(self) -> None:
+        """Train the compressed index on what is stored now (at least 256 keyframes)."""
+        if self.index_kind == "flat" or self._index is not None:
+            return
+        if self._cols.n < max(256, int(self.options["pca_dim"])):
+            raise MegalocError(f"need at least {max(256, int(self.options['pca_dim']))} keyframes to train")
+        self._train()
+
+    def _train(self) -> None:
+        with self._lock:  # snapshot: the flat index keeps growing meanwhile
+            n0 = self._flat.ntotal
+            sample = self._flat.reconstruct_n(0, n0)
+        proj = fit_projection(sample, int(self.options["pca_dim"]), bool(self.options["whiten"]))
+        index = self._new_index(n0)
+        xs = np.ascontiguousarray(sample @ proj, dtype=np.float32)
+        index.train(xs)
+        index.add(xs)
+        del xs
+        with self._lock:
+            n1 = self._flat.ntotal
+            if n1 > n0:  # keyframes added while training
+                index.add(np.ascontiguousarray(self._flat.reconstruct_n(n0, n1 - n0) @ proj, dtype=np.float32))
+            if self.options["keep_descriptors"]:
+                self._full = self._flat.reconstruct_n(0, n1)
+            self._proj, self._index, self._flat = proj, index, None
+            self._trainer = None
+
+    def _new_index(self, n_train: int):
+        faiss = self._faiss
+        o, p = self.options, int(self.options["pca_dim"])
+        nlist = int(o["nlist"]) or _auto_nlist(n_train)
+        factory = {
+            "ivfpq": f"IVF{nlist},PQ{int(o['pq_m'])}x8,Refine(SQ8)",
+            "ivfsq8": f"IVF{nlist},SQ8",
+            "hnsw": f"HNSW{int(o['hnsw_m'])},SQ8",
+            "sq8": "SQ8",
+        }[self.index_kind]
+        index = faiss.index_factory(p, factory, faiss.METRIC_INNER_PRODUCT)
+        self._configure(index)
+        return index
+
+    def _configure(self, index) -> None:
+        faiss, o = self._faiss, self.options
+        if isinstance(index, faiss.IndexRefine):
+            index.k_factor = float(o["refine_factor"])
+        base = faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+        if isinstance(base, faiss.IndexIVF):
+            base.nprobe = int(o["nprobe"])
+        if isinstance(base, faiss.IndexHNSW):
+            base.hnsw.efSearch = int(o["ef_search"])
+
+    def set_search_options(self, **options) -> None:
+        """Change query-time knobs (``nprobe``, ``refine_factor``, ``ef_search``) in place."""
+        bad = set(options) - {"nprobe", "refine_factor", "ef_search"}
+        if bad:
+            raise MegalocError(f"not query-time options: {sorted(bad)}")
+        with self._lock:
+            self.options.update(options)
+            if self._index is not None:
+                self._configure(self._index)
+
+    # ----------------------------------------------------------------- search
+    def search(self, descriptor, k: int, *,
+               exclude_ids: Optional[tuple[int, int]] = None,
+               exclude_stamps: Optional[tuple[int, int]] = None,
+               exclude_window_session: Optional[int] = None,
+               exclude_sessions: Iterable[int] = (),
+               only_sessions: Optional[Iterable[int]] = None) -> list[tuple[Keyframe, float]]:
+        """The ``k`` most similar keyframes, best first, as ``(keyframe, score)``.
+
+        Exclusions (all optional, combined):
+          exclude_ids=(lo, hi)      drop keyframes with lo <= id <= hi
+          exclude_stamps=(lo, hi)   drop keyframes with lo <= stamp_ns <= hi
+          exclude_window_session=s  apply the two windows above only to keyframes of session s
+          exclude_sessions=[...]    drop these sessions entirely
+          only_sessions=[...]       keep only these sessions
+        Scores are cosine similarities (flat) or projected inner products (compressed kinds).
+        """
+        q = as_descriptor(descriptor, self.dim)[None]
+        k = int(k)
+        excl_s = set(int(s) for s in exclude_sessions)
+        only_s = None if only_sessions is None else set(int(s) for s in only_sessions)
+        with self._lock:
+            n = self._cols.n
+            if k <= 0 or n == 0:
+                return []
+            index = self._flat if self._flat is not None else self._index
+            qq = q if self._flat is not None else self._project(q)
+            fetch = min(n, k + self._window_count(exclude_ids, exclude_stamps))
+            # an approximate index gets slow and no better for very long shortlists
+            limit = n if self._flat is not None else min(n, max(16 * fetch, 1024))
+            filtering = bool(exclude_ids or exclude_stamps or excl_s or only_s is not None)
+            while True:
+                scores, pos = index.search(qq, fetch)
+                scores, pos = scores[0], pos[0]
+                ok = pos >= 0
+                scores, pos = scores[ok], pos[ok]
+                if filtering:
+                    keep = self._keep_mask(pos, exclude_ids, exclude_stamps, exclude_window_session,
+                                           excl_s, only_s)
+                    scores, pos = scores[keep], pos[keep]
+                if len(pos) >= k or fetch >= limit:
+                    break
+                fetch = min(limit, fetch * 4)   # exclusions ate the shortlist: look further
+            return [(self._keyframe_at(int(i)), float(s)) for i, s in zip(pos[:k], scores[:k])]
+
+    def _window_count(self, ids, stamps) -> int:
+        """How many keyframes the windows exclude at most (exact when ids/stamps are sorted)."""
+        c, extra = self._cols, 0
+        if ids is not None and self._monotonic:
+            a = c.ids[: c.n]
+            extra += int(np.searchsorted(a, ids[1], "right") - np.searchsorted(a, ids[0], "left"))
+        elif ids is not None:
+            extra += max(0, int(ids[1]) - int(ids[0]) + 1)
+        if stamps is not None:
+            extra += 16
+        return extra + 8
+
+    def _keep_mask(self, pos, ids, stamps, window_session, excl_s, only_s) -> np.ndarray:
+        c = self._cols
+        sess = c.sessions[pos]
+        in_window = np.zeros(len(pos), bool)
+        if ids is not None:
+            kid = c.ids[pos]
+            in_window |= (kid >= ids[0]) & (kid <= ids[1])
+        if stamps is not None:
+            st = c.stamps[pos]
+            in_window |= (st >= stamps[0]) & (st <= stamps[1])
+        if window_session is not None:
+            in_window &= sess == int(window_session)
+        keep = ~in_window
+        if excl_s:
+            keep &= ~np.isin(sess, list(excl_s))
+        if only_s is not None:
+            keep &= np.isin(sess, list(only_s))
+        return keep
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path) -> None:
+        """Write the map atomically (temporary file, fsync, rename). See ``map_file``."""
+        from . import map_file
+        self.wait_trained()
+        with self._lock:
+            map_file.save_map(self, path)
+
+    @classmethod
+    def load(cls, path, expected_model: Optional[str] = None, expected_dim: Optional[int] = None) -> "PlaceMap":
+        """Read a map saved by ``save``; raises MapFileError on a foreign, truncated, corrupt or
+        other-model file (``expected_model`` / ``expected_dim`` when given)."""
+        from . import map_file
+        return map_file.load_map(cls, path, expected_model, expected_dim)
+
+
+def fit_projection(x: np.ndarray, out_dim: int, whiten: bool = False, seed: int = 0) -> np.ndarray:
+    """Top ``out_dim`` right singular vectors of ``x`` (uncentred PCA) as a [D, out_dim] matrix.
+
+    Uncentred so that ``(a @ P) . (b @ P)`` approximates ``a . b`` (no mean term to correct);
+    randomized SVD (Halko et al. 2011) because an exact 8448x8448 eigen-decomposition is slow.
+    """
+    x = np.asarray(x, np.float32)
+    n, d = x.shape
+    out_dim = min(out_dim, d)
+    if out_dim >= min(n, d) or d <= 1024:
+        # small problem: exact eigen-decomposition of the Gram/covariance matrix
+        if n < d:
+            w, u = np.linalg.eigh((x @ x.T).astype(np.float64))
+            order = np.argsort(w)[::-1][:out_dim]
+            s = np.sqrt(np.maximum(w[order], 1e-12))
+            v = (x.T.astype(np.float64) @ u[:, order]) / s
+        else:
+            w, v = np.linalg.eigh((x.T @ x).astype(np.float64))
+            order = np.argsort(w)[::-1][:out_dim]
+            v, s = v[:, order], np.sqrt(np.maximum(w[order], 1e-12))
+    else:
+        rng = np.random.default_rng(seed)
+        r = min(out_dim + 64, min(n, d))
+        y = x @ rng.standard_normal((d, r), dtype=np.float32)
+        for _ in range(2):  # power iterations sharpen a slowly decaying spectrum
+            y, _ = np.linalg.qr(y)
+            y = x @ (x.T @ y)
+        qmat, _ = np.linalg.qr(y)
+        b = qmat.T @ x
+        _, s, vt = np.linalg.svd(b.astype(np.float64), full_matrices=False)
+        v, s = vt[:out_dim].T, s[:out_dim]
+    v = v.astype(np.float32)
+    if whiten:
+        v = v * (np.sqrt(n) / np.maximum(s, 1e-6)).astype(np.float32)[None, :]
+    return np.ascontiguousarray(v)
+
+
+def _auto_nlist(n: int) -> int:
+    target = max(16, int(4 * np.sqrt(max(n, 1))))
+    return int(2 ** int(np.round(np.log2(target))))
+
+
+def _append_rows(a: np.ndarray, x: np.ndarray, n_before: int) -> np.ndarray:
+    if len(a) < n_before + len(x):
+        b = np.zeros((max(2 * len(a), n_before + len(x)), a.shape[1]), a.dtype)
+        b[:n_before] = a[:n_before]
+        a = b
+    a[n_before: n_before + len(x)] = x
+    return a
