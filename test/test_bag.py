@@ -1,0 +1,144 @@
+"""rosbag2 writing and reading (`megaloc-ros make-bag`, BagReader) on the shipped real images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megaloc_ros import bag as B
+from megaloc_ros import cli
+from megaloc_ros.errors import BagError, ImageDecodeError, MegalocError
+from megaloc_ros.evaluation.ground_truth import Trajectory, read_trajectory, write_trajectory_tum
+from megaloc_ros.images import read_image_file
+
+S = 1_000_000_000
+
+
+def test_natural_order(tmp_path):
+    for n in (10, 2, 1, 33):
+        (tmp_path / f"{n}.jpg").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.name for p in B.list_images(tmp_path)] == ["1.jpg", "2.jpg", "10.jpg", "33.jpg"]
+    with pytest.raises(MegalocError, match="not found"):
+        B.list_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MegalocError, match="no .jpg"):
+        B.list_images(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_raw_bag_round_trip_with_poses(tmp_path, rtabmap_seq, storage, capsys):
+    # a made-up trajectory for 12 frames at 2 Hz, written as TUM and replayed as PoseStamped
+    n = 12
+    poses = np.tile(np.eye(4), (n, 1, 1))
+    poses[:, 0, 3] = np.arange(n) * 0.5
+    poses[:, :3, :3] = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])
+    traj_file = tmp_path / "traj.txt"
+    write_trajectory_tum(traj_file, Trajectory(np.arange(n) * S // 2, poses))
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, p in enumerate(rtabmap_seq.image_paths[:n]):
+        (img_dir / f"{i + 1}.jpg").write_bytes(p.read_bytes())
+    out = tmp_path / "bag"
+    rc = cli.main(["make-bag", str(img_dir), "-o", str(out), "--storage", storage, "--rate", "2",
+                   "--poses", str(traj_file), "--quiet"])
+    assert rc == 0
+    assert f"/camera/image_raw ({n} x sensor_msgs/Image)" in capsys.readouterr().out
+    with B.BagReader(out) as r:
+        assert {t.name: t.count for t in r.topics} == {"/camera/image_raw": n, "/pose": n}
+        frames = list(r.images("/camera/image_raw"))
+        traj = r.trajectory("/pose")
+    assert [f.stamp_ns for f in frames] == [i * S // 2 for i in range(n)]
+    for f, p in zip(frames, rtabmap_seq.image_paths[:n]):
+        assert np.array_equal(f.rgb, read_image_file(p))
+        assert f.frame_id == "camera" and f.decode_ms >= 0
+    assert np.allclose(traj.poses, poses, atol=1e-9)
+    # the bag refuses to be overwritten unless asked
+    assert cli.main(["make-bag", str(img_dir), "-o", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["make-bag", str(img_dir), "-o", str(out), "--quiet", "--force"]) == 0
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_compressed_bag_keeps_file_bytes_and_dataset_stamps(tmp_path, corridor_seq, storage):
+    out = B.write_bag(tmp_path / "c", corridor_seq.image_paths, corridor_seq.stamps_ns,
+                      storage=storage, compressed=True)
+    with B.BagReader(out) as r:
+        assert [t.name for t in r.topics] == ["/camera/image_raw/compressed"]
+        frames = list(r.images("/camera/image_raw/compressed"))
+    assert len(frames) == len(corridor_seq) == 222
+    assert [f.stamp_ns for f in frames] == corridor_seq.stamps_ns.tolist()
+    for i in (0, 111, 221):
+        assert np.array_equal(frames[i].rgb, corridor_seq.load_rgb(i))
+
+
+def test_make_bag_dataset_and_stamps_file(tmp_path, capsys):
+    assert cli.main(["make-bag", "--dataset", "rtabmap", "-o", str(tmp_path / "r"), "--storage",
+                     "mcap", "--compressed", "--quiet"]) == 0
+    with B.BagReader(tmp_path / "r") as r:
+        assert r.count("/camera/image_raw/compressed") == 84
+    stamps = tmp_path / "stamps.txt"
+    stamps.write_text("# seconds\n" + "\n".join(f"{100 + 0.1 * i:.1f}" for i in range(3)) + "\n")
+    imgs = tmp_path / "three"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"{i}.jpg").write_bytes(open(f"data/rtabmap/{i + 1}.jpg", "rb").read())
+    assert cli.main(["make-bag", str(imgs), "-o", str(tmp_path / "s"), "--stamps", str(stamps),
+                     "--quiet"]) == 0
+    with B.BagReader(tmp_path / "s") as r:
+        assert [f.stamp_ns for f in r.images("/camera/image_raw")] == [100 * S, 100 * S + S // 10,
+                                                                      100 * S + 2 * S // 10]
+    stamps.write_text("1\n2\n")
+    assert cli.main(["make-bag", str(imgs), "-o", str(tmp_path / "t"), "--stamps", str(stamps)]) == 2
+    assert "2 stamps for 3 images" in capsys.readouterr().err
+
+
+def _bag_with_encoding(path, encoding):
+    """A one-frame raw bag whose encoding field says ``encoding``."""
+    from rosbags.rosbag2 import Writer
+    ts = B._typestore()
+    with Writer(path, version=9) as w:
+        c = w.add_connection("/cam", B.IMAGE_TYPE, typestore=ts)
+        msg = ts.types[B.IMAGE_TYPE](header=B._header(ts, 5, "cam"), height=2, width=2,
+                                     encoding=encoding, is_bigendian=0, step=4,
+                                     data=np.zeros(8, np.uint8))
+        w.write(c, 5, ts.serialize_cdr(msg, B.IMAGE_TYPE))
+    return path
+
+
+def test_bad_bags_raise_one_clear_error(tmp_path, rtabmap_seq):
+    good = B.write_bag(tmp_path / "good", rtabmap_seq.image_paths[:3], [0, S, 2 * S], storage="mcap",
+                       compressed=True)
+    with B.BagReader(good) as r:
+        with pytest.raises(BagError, match=r"topic /nope is not in bag .*image topics in the bag: "
+                                           r"/camera/image_raw/compressed \(sensor_msgs/CompressedImage\)"):
+            list(r.images("/nope"))
+        with pytest.raises(BagError, match="has no pose topics"):
+            r.trajectory("/pose")
+    # truncated mcap (recording killed) and random bytes
+    trunc = tmp_path / "trunc"
+    import shutil
+    shutil.copytree(good, trunc)
+    f = next(trunc.glob("*.mcap"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(BagError, match="cannot open bag"):
+        B.BagReader(trunc).open()
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(BagError, match="cannot open bag"):
+        B.BagReader(trunc).open()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BagError, match="not a rosbag2 bag"):
+        B.BagReader(tmp_path / "empty").open()
+    with pytest.raises(BagError, match="not found"):
+        B.BagReader(tmp_path / "missing").open()
+    # an encoding the decoder does not know
+    bad = _bag_with_encoding(tmp_path / "yuv", "yuv422")
+    with B.BagReader(bad) as r:
+        with pytest.raises(ImageDecodeError, match="image 0 on /cam: unsupported image encoding 'yuv422'"):
+            list(r.images("/cam"))
+
+
+def test_read_trajectory_from_kitti_matches_frames(tmp_path):
+    k = tmp_path / "poses.txt"
+    k.write_text("\n".join("1 0 0 %d 0 1 0 0 0 0 1 0" % i for i in range(3)))
+    tr = read_trajectory(k, frame_stamps_ns=[0, S, 2 * S])
+    assert tr.positions[:, 0].tolist() == [0, 1, 2]
