@@ -22,6 +22,7 @@ from ..images import decode_compressed, decode_raw, encode_jpeg, encode_raw
 from ..types import Candidate, ImageFeatures, Keyframe, RelativePose, VerifiedLoop
 
 NS = 1_000_000_000
+NO_KEYFRAME = 2**64 - 1  # query_id of a query that is not a map keyframe (core id -1)
 
 
 # --- time and headers ---------------------------------------------------------------------
@@ -172,7 +173,8 @@ def loop_to_msg(item: Union[Candidate, VerifiedLoop], frame_id: str = "") -> Loo
     c = loop.candidate if loop is not None else item
     m = LoopClosure()
     m.header = make_header(c.query.stamp_ns, frame_id or c.query.frame_id)
-    m.query_id, m.match_id = int(c.query.id), int(c.match.id)
+    m.query_id = int(c.query.id) if c.query.id >= 0 else NO_KEYFRAME
+    m.match_id = int(c.match.id)
     m.query_stamp, m.match_stamp = ns_to_stamp(c.query.stamp_ns), ns_to_stamp(c.match.stamp_ns)
     m.query_session, m.match_session = int(c.query.session), int(c.match.session)
     m.score, m.rank = float(c.score), int(c.rank)
@@ -190,7 +192,7 @@ def loop_to_msg(item: Union[Candidate, VerifiedLoop], frame_id: str = "") -> Loo
 
 def msg_to_candidate(m: LoopClosure, query: Optional[Keyframe] = None, match: Optional[Keyframe] = None) -> Candidate:
     """LoopClosure -> Candidate. Pass the full keyframes when known (they carry poses)."""
-    q = query or Keyframe(id=int(m.query_id), stamp_ns=stamp_to_ns(m.query_stamp), session=int(m.query_session),
+    q = query or Keyframe(id=int(m.query_id) if m.query_id != NO_KEYFRAME else -1, stamp_ns=stamp_to_ns(m.query_stamp), session=int(m.query_session),
                           frame_id=m.header.frame_id)
     t = match or Keyframe(id=int(m.match_id), stamp_ns=stamp_to_ns(m.match_stamp), session=int(m.match_session),
                           frame_id=m.header.frame_id)

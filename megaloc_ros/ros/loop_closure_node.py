@@ -1,0 +1,490 @@
+"""``loop_closure_node``: camera images -> encoder -> place map -> loop-closure candidates.
+
+A lifecycle node that configures and activates itself when ``autostart`` is true (the default).
+
+Subscribes   <image_topic> (sensor_msgs/Image) or <image_topic>/compressed (CompressedImage),
+             <odom_topic> (nav_msgs/Odometry, optional: keyframe selection and poses)
+Publishes    ~/candidates  megaloc_ros/LoopClosureArray, unverified (score, rank)
+             ~/keyframes   megaloc_ros/Keyframe, every accepted keyframe with its (downscaled)
+                           image and features, for verifier_node (reliable, keep-all)
+             ~/markers     visualization_msgs/MarkerArray: keyframes and candidate edges (with poses)
+             /diagnostics  frames, keyframes, map size, queue, drops, errors, latencies
+Services     ~/save_map, ~/load_map (megaloc_ros/SaveMap, LoadMap; empty path: map_path)
+             ~/query_image (megaloc_ros/QueryImage): retrieval without inserting; the results'
+             query_id is 2^64-1 (not a keyframe)
+
+Threading: the image callback only decodes and appends to a bounded queue (the oldest frame is
+dropped and counted when full); one worker thread encodes, runs the detector and publishes.
+A frame the detector accepted as keyframe is in the map and on ~/keyframes, whatever follows.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import Point
+from nav_msgs.msg import Odometry
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from sensor_msgs.msg import CompressedImage, Image
+from diagnostic_msgs.msg import DiagnosticArray
+from visualization_msgs.msg import Marker, MarkerArray
+
+from megaloc_ros.msg import Keyframe as KeyframeMsg
+from megaloc_ros.msg import LoopClosureArray
+from megaloc_ros.srv import LoadMap, QueryImage, SaveMap
+
+from ..errors import MegalocError
+from . import conversions as conv
+from . import params as P
+from .diagnostics import Stats, level_of, status_array
+
+RELIABLE_KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+@dataclass
+class _Frame:
+    rgb: np.ndarray
+    stamp_ns: int
+    frame_id: str
+    received: float  # time.monotonic()
+
+
+class LoopClosureNode(LifecycleNode):
+    """See the module docstring. ``encoder``: an already loaded encoder to use instead of
+    loading ``model_path`` (tests and in-process callers share one)."""
+
+    def __init__(self, node_name: str = P.LOOP_CLOSURE_NODE, *, encoder=None, **kwargs):
+        super().__init__(node_name, **kwargs)
+        from ..detector import DetectorParams
+        self._detector_cls = DetectorParams
+        self._specs = P.loop_closure_specs()
+        self._values = P.declare(self, self._specs)
+        self.add_on_set_parameters_callback(
+            P.validator(self._specs, {"detector": DetectorParams}, lambda: self._values))
+        self.add_post_set_parameters_callback(self._after_set_parameters)
+        self.stats = Stats()
+        self.last_error = ""
+        self._given_encoder = encoder
+        self.encoder = None
+        self.place_map = None
+        self.detector = None
+        self.session = 0
+        self._map_lock = threading.RLock()
+        self._cv = threading.Condition()
+        self._queue: deque[_Frame] = deque()
+        self._busy = False
+        self._stop = False
+        self._worker: Optional[threading.Thread] = None
+        self._odom: deque = deque(maxlen=2000)  # (stamp_ns, 4x4, frame_id), in arrival order
+        self._odom_frame = ""
+        self._positions: dict[int, np.ndarray] = {}
+        self._edges: list[tuple[int, int]] = []
+        self._markers_dirty = False
+        self._dirty = False      # keyframes added since the last save
+        self._subs: list = []
+        self._pubs: list = []
+        self._services: list = []
+        self._timers: list = []
+        self._prev_snapshot: dict[str, float] = {}
+        self._configured = False
+        if self._values["autostart"]:
+            self.start()
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> bool:
+        """Configure and activate (what ``autostart`` does); False with ``last_error`` set on failure."""
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+    def _param(self, name: str):
+        return self._values[name]
+
+    def _after_set_parameters(self, params) -> None:
+        for p in params:
+            v = p.value
+            if isinstance(self._values.get(p.name), float) and isinstance(v, int):
+                v = float(v)
+            self._values[p.name] = v
+        if any(p.name.startswith("detector.") for p in params) and self.detector is not None:
+            self.detector.params = P.build_dataclass(self._detector_cls, "detector", self._values)
+            self.get_logger().info("detector parameters updated")
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as exc:  # rclpy swallows exceptions of transition callbacks: say it here
+            self.last_error = str(exc)
+            self.get_logger().error(f"configure failed: {exc}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        return super().on_configure(state)
+
+    def _configure(self) -> None:
+        from ..detector import LoopDetector
+        from ..place_map import PlaceMap
+        if self._given_encoder is not None:
+            self.encoder = self._given_encoder
+        else:
+            from ..encoder import load_encoder
+            self.encoder = load_encoder(self._param("model_path") or None, device=self._param("device"))
+        self.get_logger().info(f"encoder: {self.encoder.model_name} ({self.encoder.descriptor_dim}-D)")
+        path = self._param("map_path")
+        if path and Path(path).exists():
+            self.place_map = PlaceMap.load(path, expected_model=self.encoder.model_name,
+                                           expected_dim=self.encoder.descriptor_dim)
+            self.get_logger().info(f"loaded map {path}: {len(self.place_map)} keyframes")
+        else:
+            self.place_map = PlaceMap(self.encoder.descriptor_dim, self.encoder.model_name,
+                                      index=self._param("map_index"))
+        self._new_detector()
+        self._pub_candidates = self.create_lifecycle_publisher(LoopClosureArray, "~/candidates", RELIABLE)
+        self._pub_keyframes = self.create_lifecycle_publisher(KeyframeMsg, "~/keyframes", RELIABLE_KEEP_ALL)
+        self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", LATCHED)
+        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._pubs = [self._pub_candidates, self._pub_keyframes, self._pub_markers, self._pub_diag]
+        group = MutuallyExclusiveCallbackGroup()
+        self._services = [
+            self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=group),
+            self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=group),
+            self.create_service(QueryImage, "~/query_image", self._srv_query_image, callback_group=group),
+        ]
+        self._timers = [self.create_timer(self._param("diagnostics_period"), self._publish_diagnostics,
+                                          callback_group=MutuallyExclusiveCallbackGroup())]
+        self._stop = False
+        self._worker = threading.Thread(target=self._work, name=f"{self.get_name()}_worker", daemon=True)
+        self._worker.start()
+        self._configured = True
+
+    def _new_detector(self) -> None:
+        from ..detector import LoopDetector
+        self.detector = LoopDetector(self.place_map, P.build_dataclass(self._detector_cls, "detector", self._values))
+        s = int(self._param("session"))
+        if s < 0:
+            s = max((kf.session for kf in self.place_map.keyframes()), default=-1) + 1
+        self.session = s
+        self._positions = {kf.id: kf.pose[:3, 3].copy() for kf in self.place_map.keyframes() if kf.pose is not None}
+        self._edges = []
+        self._markers_dirty = True
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        qos = qos_profile_sensor_data if self._param("image_qos") == "sensor_data" else RELIABLE
+        qos = QoSProfile(depth=self._param("image_qos_depth"), reliability=qos.reliability,
+                         durability=qos.durability, history=HistoryPolicy.KEEP_LAST)
+        topic = self._param("image_topic")
+        group = MutuallyExclusiveCallbackGroup()
+        if self._param("image_transport") == "compressed":
+            if not topic.endswith("/compressed"):
+                topic = topic.rstrip("/") + "/compressed"
+            self._subs = [self.create_subscription(CompressedImage, topic, self._on_image, qos, callback_group=group)]
+        else:
+            self._subs = [self.create_subscription(Image, topic, self._on_image, qos, callback_group=group)]
+        if self._param("odom_topic"):
+            self._subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
+                                                       callback_group=MutuallyExclusiveCallbackGroup()))
+        self.get_logger().info(f"listening on {self._subs[0].topic_name}; map has {len(self.place_map)} keyframes, "
+                               f"new keyframes are session {self.session}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._drop_subscriptions()
+        self.wait_idle(timeout=30.0)
+        self._save_if_dirty()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._save_if_dirty()
+        self._release()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.close()
+        return super().on_shutdown(state)
+
+    def close(self) -> None:
+        """Stop taking frames, finish the queued ones, save the map (``save_map_on_shutdown``) and
+        release everything. Safe to call more than once and after rclpy shut down."""
+        self._drop_subscriptions()
+        if self._configured:
+            self.wait_idle(timeout=30.0)
+            self._save_if_dirty()
+        self._release()
+
+    def _drop_subscriptions(self) -> None:
+        for s in self._subs:
+            try:
+                self.destroy_subscription(s)
+            except Exception:
+                pass
+        self._subs = []
+
+    def _release(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30.0)
+        self._worker = None
+        for t in self._timers:
+            self.destroy_timer(t)
+        for s in self._services:
+            self.destroy_service(s)
+        for p in self._pubs:
+            try:
+                if hasattr(p, "on_deactivate"):
+                    self.destroy_lifecycle_publisher(p)
+                else:
+                    self.destroy_publisher(p)
+            except Exception:
+                pass
+        self._timers, self._services, self._pubs = [], [], []
+        with self._cv:
+            self._queue.clear()
+        self._configured = False
+
+    # ----------------------------------------------------------------- input
+    def _on_image(self, msg) -> None:
+        self.stats.inc("frames_received")
+        t = time.monotonic()
+        try:
+            rgb = conv.image_msg_to_rgb(msg)
+        except Exception as exc:  # ImageDecodeError, and anything else a malformed message causes
+            self.stats.error("decode_errors", str(exc))
+            self.get_logger().error(f"frame dropped: {exc}", throttle_duration_sec=2.0)
+            return
+        frame = _Frame(rgb, conv.stamp_to_ns(msg.header.stamp), msg.header.frame_id, t)
+        with self._cv:
+            if len(self._queue) >= self._param("queue_size"):
+                self._queue.popleft()
+                self.stats.inc("frames_dropped")
+                self.get_logger().warn("encoder is behind: dropped the oldest queued frame "
+                                       "(see /diagnostics frames_dropped)", throttle_duration_sec=5.0)
+            self._queue.append(frame)
+            self._cv.notify_all()
+
+    def _on_odom(self, msg: Odometry) -> None:
+        try:
+            pose = conv.odometry_to_matrix(msg)
+        except ValueError as exc:
+            self.stats.error("odom_errors", str(exc))
+            self.get_logger().error(f"odometry ignored: {exc}", throttle_duration_sec=5.0)
+            return
+        self._odom.append((conv.stamp_to_ns(msg.header.stamp), pose))
+        self._odom_frame = msg.header.frame_id
+
+    def _pose_at(self, stamp_ns: int) -> Optional[np.ndarray]:
+        if not self._odom:
+            return None
+        best = min(list(self._odom), key=lambda o: abs(o[0] - stamp_ns))
+        return best[1] if abs(best[0] - stamp_ns) <= self._param("odom_max_dt") * 1e9 else None
+
+    # ----------------------------------------------------------------- worker
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until the queue is empty and the worker is not processing; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._queue or self._busy:
+                if self._worker is None or not self._worker.is_alive():
+                    return not self._queue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.1))
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                frame = self._queue.popleft()
+                self._busy = True
+            try:
+                self._process(frame)
+            except Exception as exc:
+                self.stats.error("processing_errors", str(exc))
+                self.get_logger().error(f"frame at {frame.stamp_ns} ns failed: {exc}", throttle_duration_sec=2.0)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+    def _process(self, f: _Frame) -> None:
+        pose = self._pose_at(f.stamp_ns) if self._param("odom_topic") else None
+        t0 = time.perf_counter()
+        feats = self.encoder.encode([f.rgb])[0]
+        t1 = time.perf_counter()
+        with self._map_lock:
+            det = self.detector.process(feats.descriptor, f.stamp_ns, session=self.session,
+                                        frame_id=f.frame_id, pose=pose)
+            if det.keyframe is not None:
+                self._dirty = True
+        t2 = time.perf_counter()
+        self.stats.latency("encode", (t1 - t0) * 1e3)
+        self.stats.latency("search", (t2 - t1) * 1e3)
+        self.stats.inc("frames_processed")
+        kf = det.keyframe
+        if kf is None:
+            self.stats.latency("total", (time.monotonic() - f.received) * 1e3)
+            return
+        self.stats.inc("keyframes")
+        if not self._param("publish_patch_features"):
+            feats = type(feats)(feats.descriptor, None)
+        self._pub_keyframes.publish(conv.keyframe_to_msg(kf, f.rgb, feats, self._param("keyframe_image_max_side")))
+        if det.candidates:
+            self._pub_candidates.publish(conv.loops_to_array(det.candidates, kf.stamp_ns, kf.frame_id))
+            self.stats.inc("candidates", len(det.candidates))
+        if kf.pose is not None:
+            self._positions[kf.id] = kf.pose[:3, 3].copy()
+            self._edges += [(c.query.id, c.match.id) for c in det.candidates]
+            self._markers_dirty = True
+        self.stats.latency("total", (time.monotonic() - f.received) * 1e3)
+
+    # ----------------------------------------------------------------- output
+    def _publish_diagnostics(self) -> None:
+        with self._cv:
+            qlen = len(self._queue)
+        self.stats.set("queue_length", qlen)
+        self.stats.set("queue_size", self._param("queue_size"))
+        self.stats.set("map_size", len(self.place_map) if self.place_map is not None else 0)
+        self.stats.set("session", self.session)
+        self.stats.set("frame_rate_hz", self.stats.rate("frames_received"))
+        snap = self.stats.snapshot()
+        prev, self._prev_snapshot = self._prev_snapshot, snap
+        delta = lambda k: int(snap.get(k, 0) - prev.get(k, 0))  # noqa: E731
+        errors = delta("decode_errors") + delta("processing_errors") + delta("odom_errors")
+        dead = None if self._worker is not None and self._worker.is_alive() else "worker not running"
+        level = level_of(errors, delta("frames_dropped"), dead)
+        msg = dead or (f"{errors} bad frames" if errors else
+                       f"{delta('frames_dropped')} frames dropped" if delta("frames_dropped") else "ok")
+        if errors and self.stats.last_error:
+            msg += f"; last: {self.stats.last_error}"
+        self._pub_diag.publish(status_array(self.get_clock().now().to_msg(), f"megaloc_ros: {self.get_name()}",
+                                            self.encoder.model_name if self.encoder else "", snap, level, msg))
+        if self._markers_dirty:
+            self._markers_dirty = False
+            self._publish_markers()
+
+    def _publish_markers(self) -> None:
+        frame = self._odom_frame or self._param("map_frame")
+        stamp = self.get_clock().now().to_msg()
+        pts = dict(self._positions)
+        kfm = Marker(ns="keyframes", id=0, type=Marker.SPHERE_LIST, action=Marker.ADD)
+        kfm.header.frame_id, kfm.header.stamp = frame, stamp
+        kfm.pose.orientation.w = 1.0
+        kfm.scale.x = kfm.scale.y = kfm.scale.z = 0.15
+        kfm.color.r, kfm.color.g, kfm.color.b, kfm.color.a = 0.2, 0.6, 1.0, 1.0
+        kfm.points = [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])) for p in pts.values()]
+        edges = Marker(ns="loop_candidates", id=0, type=Marker.LINE_LIST, action=Marker.ADD)
+        edges.header.frame_id, edges.header.stamp = frame, stamp
+        edges.pose.orientation.w = 1.0
+        edges.scale.x = 0.05
+        edges.color.r, edges.color.g, edges.color.b, edges.color.a = 1.0, 0.3, 0.1, 1.0
+        for q, m in list(self._edges):
+            if q in pts and m in pts:
+                edges.points += [Point(x=float(v[0]), y=float(v[1]), z=float(v[2])) for v in (pts[q], pts[m])]
+        self._pub_markers.publish(MarkerArray(markers=[kfm, edges]))
+
+    # ----------------------------------------------------------------- map files
+    def _save_if_dirty(self) -> None:
+        path = self._param("map_path")
+        if not (path and self._param("save_map_on_shutdown") and self._dirty and self.place_map is not None):
+            return
+        try:
+            self.save_map(path)
+        except Exception as exc:
+            self.get_logger().error(f"saving the map to {path} failed: {exc}")
+
+    def save_map(self, path: str = "") -> str:
+        """Save the map to ``path`` (default ``map_path``); returns the path written."""
+        path = path or self._param("map_path")
+        if not path:
+            raise MegalocError("no path given and the map_path parameter is empty")
+        if self.place_map is None:
+            raise MegalocError("the node is not configured: no map to save")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with self._map_lock:
+            self.place_map.save(path)
+            self._dirty = False
+        self.get_logger().info(f"saved map with {len(self.place_map)} keyframes to {path}")
+        return path
+
+    def load_map(self, path: str = "") -> str:
+        """Replace the map by the one at ``path`` (default ``map_path``); new keyframes continue
+        its ids in a new session (unless the ``session`` parameter fixes one)."""
+        from ..place_map import PlaceMap
+        path = path or self._param("map_path")
+        if not path:
+            raise MegalocError("no path given and the map_path parameter is empty")
+        if not os.path.exists(path):
+            raise MegalocError(f"map file {path} does not exist")
+        m = PlaceMap.load(path, expected_model=self.encoder.model_name, expected_dim=self.encoder.descriptor_dim)
+        self.wait_idle(timeout=30.0)
+        with self._map_lock:
+            self.place_map = m
+            self._new_detector()
+            self._dirty = False
+        self.get_logger().info(f"loaded map {path}: {len(m)} keyframes, new keyframes are session {self.session}")
+        return path
+
+    def _srv_save_map(self, req, res):
+        try:
+            path = self.save_map(req.path)
+            res.success, res.message = True, f"saved {len(self.place_map)} keyframes to {path}"
+        except Exception as exc:
+            res.success, res.message = False, str(exc)
+        return res
+
+    def _srv_load_map(self, req, res):
+        try:
+            path = self.load_map(req.path)
+            res.success, res.message = True, f"loaded {len(self.place_map)} keyframes from {path}"
+        except Exception as exc:
+            res.success, res.message = False, str(exc)
+            self.get_logger().error(f"load_map: {exc}")
+        return res
+
+    def _srv_query_image(self, req, res):
+        try:
+            rgb = conv.image_msg_to_rgb(req.image)
+            feats = self.encoder.encode([rgb])[0]
+            stamp = conv.stamp_to_ns(req.image.header.stamp)
+            with self._map_lock:
+                cands = self.detector.query(feats.descriptor, top_k=int(req.top_k) or None, stamp_ns=stamp,
+                                            session=self.session, frame_id=req.image.header.frame_id)
+            res.result = conv.loops_to_array(cands, stamp, req.image.header.frame_id)
+        except Exception as exc:
+            self.stats.error("query_errors", str(exc))
+            self.get_logger().error(f"query_image: {exc}")
+            res.result = LoopClosureArray()
+        return res
+
+
+def main(args=None) -> None:
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    rclpy.init(args=args)
+    node = LoopClosureNode()
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()

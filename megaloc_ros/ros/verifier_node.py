@@ -1,0 +1,376 @@
+"""``verifier_node``: loop-closure candidates -> verified loop closures for the SLAM back end.
+
+A lifecycle node that configures and activates itself when ``autostart`` is true (the default).
+
+Subscribes   <keyframes_topic>  megaloc_ros/Keyframe (reliable, keep-all: none may be lost)
+             <candidates_topic> megaloc_ros/LoopClosureArray
+Publishes    ~/loop_closures    LoopClosureArray: accepted loops only, verified=true, with the
+                                transform when the camera intrinsics are known
+             ~/rejected         LoopClosureArray: rejected candidates (debugging)
+             /diagnostics
+Services     ~/save_map, ~/load_map: the verifier state, kept at ``<path>.verifier`` next to the
+             loop_closure_node's map file of the same path
+
+Each keyframe is reduced by ``megaloc_ros.verifier.Verifier`` to what verification needs (no
+image is kept). A candidate array whose query keyframe has not arrived yet waits up to
+``candidate_wait`` seconds (keyframes and candidates travel on different topics).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from megaloc_ros.msg import Keyframe as KeyframeMsg
+from megaloc_ros.msg import LoopClosureArray
+from megaloc_ros.srv import LoadMap, SaveMap
+
+from ..errors import MegalocError
+from . import conversions as conv
+from . import params as P
+from .diagnostics import Stats, level_of, status_array
+
+RELIABLE_KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+SUFFIX = ".verifier"
+
+
+def verifier_state_path(map_path: str) -> str:
+    return map_path + SUFFIX
+
+
+class VerifierNode(LifecycleNode):
+    """See the module docstring."""
+
+    def __init__(self, node_name: str = P.VERIFIER_NODE, **kwargs):
+        super().__init__(node_name, **kwargs)
+        from ..verifier import VerifierParams
+        self._params_cls = VerifierParams
+        self._specs = P.verifier_node_specs()
+        self._values = P.declare(self, self._specs)
+        self.add_on_set_parameters_callback(
+            P.validator(self._specs, {"verifier": VerifierParams}, lambda: self._values))
+        self.add_post_set_parameters_callback(self._after_set_parameters)
+        self.stats = Stats()
+        self.last_error = ""
+        self.verifier = None
+        self._lock = threading.RLock()   # the Verifier and the pending candidates
+        self._keyframes: dict[int, object] = {}   # id -> Keyframe (with pose) received this run
+        self._pending: list[tuple[float, LoopClosureArray]] = []
+        self._dirty = False
+        self._subs: list = []
+        self._pubs: list = []
+        self._services: list = []
+        self._timers: list = []
+        self._prev_snapshot: dict[str, float] = {}
+        self._configured = False
+        if self._values["autostart"]:
+            self.start()
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> bool:
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+    def _param(self, name: str):
+        return self._values[name]
+
+    def _after_set_parameters(self, params) -> None:
+        for p in params:
+            v = p.value
+            if isinstance(self._values.get(p.name), float) and isinstance(v, int):
+                v = float(v)
+            self._values[p.name] = v
+        if any(p.name.startswith("verifier.") for p in params) and self.verifier is not None:
+            with self._lock:
+                self.verifier.params = self._live_params(self.verifier.params)
+
+    def _live_params(self, base):
+        """``base`` with the node's values of the fields that only change decisions."""
+        import dataclasses
+        new = P.build_dataclass(self._params_cls, "verifier", self._values)
+        return dataclasses.replace(base, **{f: getattr(new, f) for f in P.VERIFIER_LIVE_FIELDS})
+
+    def _camera(self):
+        c = [float(v) for v in self._param("camera_matrix")]
+        if len(c) == 1 and c[0] == 0.0 or not c:
+            return None, None
+        if len(c) != 6 or min(c[0], c[1], c[4], c[5]) <= 0:
+            raise MegalocError(f"camera_matrix must be [fx, fy, cx, cy, width, height] with positive focal "
+                               f"lengths and size, got {c}")
+        k = np.array([[c[0], 0, c[2]], [0, c[1], c[3]], [0, 0, 1]], np.float64)
+        return k, (int(c[4]), int(c[5]))
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as exc:
+            self.last_error = str(exc)
+            self.get_logger().error(f"configure failed: {exc}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        return super().on_configure(state)
+
+    def _configure(self) -> None:
+        from ..verifier import Verifier
+        k, size = self._camera()
+        path = self._param("map_path")
+        if path and Path(verifier_state_path(path)).exists():
+            self.verifier = self._load(verifier_state_path(path), k, size)
+        else:
+            self.verifier = Verifier(P.build_dataclass(self._params_cls, "verifier", self._values), k, size)
+        self._pub_loops = self.create_lifecycle_publisher(LoopClosureArray, "~/loop_closures", RELIABLE)
+        self._pub_rejected = self.create_lifecycle_publisher(LoopClosureArray, "~/rejected", RELIABLE)
+        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._pubs = [self._pub_loops, self._pub_rejected, self._pub_diag]
+        group = MutuallyExclusiveCallbackGroup()
+        self._services = [
+            self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=group),
+            self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=group),
+        ]
+        self._timers = [self.create_timer(self._param("diagnostics_period"), self._tick,
+                                          callback_group=MutuallyExclusiveCallbackGroup())]
+        self._configured = True
+
+    def _load(self, path: str, k, size):
+        from ..verifier import Verifier
+        v = Verifier.load(path, camera_matrix=k)
+        if size is not None:
+            v.camera_size = size
+        v.params = self._live_params(v.params)
+        self.get_logger().info(f"loaded verifier state {path}: {len(v)} keyframes")
+        return v
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        # One callback group: the Verifier sees keyframes and candidates in arrival order.
+        group = MutuallyExclusiveCallbackGroup()
+        self._subs = [
+            self.create_subscription(KeyframeMsg, self._param("keyframes_topic"), self._on_keyframe,
+                                     RELIABLE_KEEP_ALL, callback_group=group),
+            self.create_subscription(LoopClosureArray, self._param("candidates_topic"), self._on_candidates,
+                                     RELIABLE, callback_group=group),
+        ]
+        self.get_logger().info(f"verifying {self._subs[1].topic_name} with keyframes from {self._subs[0].topic_name}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._drop_subscriptions()
+        self._save_if_dirty()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._save_if_dirty()
+        self._release()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.close()
+        return super().on_shutdown(state)
+
+    def close(self) -> None:
+        """Stop, save the state (``save_map_on_shutdown``) and release; safe to repeat."""
+        self._drop_subscriptions()
+        if self._configured:
+            self._save_if_dirty()
+        self._release()
+
+    def _drop_subscriptions(self) -> None:
+        for s in self._subs:
+            try:
+                self.destroy_subscription(s)
+            except Exception:
+                pass
+        self._subs = []
+
+    def _release(self) -> None:
+        for t in self._timers:
+            self.destroy_timer(t)
+        for s in self._services:
+            self.destroy_service(s)
+        for p in self._pubs:
+            try:
+                if hasattr(p, "on_deactivate"):
+                    self.destroy_lifecycle_publisher(p)
+                else:
+                    self.destroy_publisher(p)
+            except Exception:
+                pass
+        self._timers, self._services, self._pubs = [], [], []
+        self._configured = False
+
+    # ----------------------------------------------------------------- input
+    def _on_keyframe(self, msg: KeyframeMsg) -> None:
+        self.stats.inc("keyframes_received")
+        try:
+            kf, rgb, feats = conv.msg_to_keyframe(msg)
+            if rgb is None:
+                raise MegalocError(f"keyframe {kf.id} carries no image")
+            t0 = time.perf_counter()
+            with self._lock:
+                self.verifier.add_keyframe(kf, rgb, feats)
+                self._keyframes[kf.id] = kf
+                self._dirty = True
+            self.stats.latency("add_keyframe", (time.perf_counter() - t0) * 1e3)
+        except Exception as exc:
+            self.stats.error("keyframe_errors", str(exc))
+            self.get_logger().error(f"keyframe {msg.id} not added: {exc}", throttle_duration_sec=2.0)
+            return
+        self._flush_pending()
+
+    def _on_candidates(self, msg: LoopClosureArray) -> None:
+        self.stats.inc("candidate_arrays_received")
+        self.stats.inc("candidates_received", len(msg.loops))
+        if not msg.loops:
+            return
+        with self._lock:
+            self._pending.append((time.monotonic(), msg))
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Verify the pending candidate arrays whose query keyframe has arrived; expire old ones."""
+        now = time.monotonic()
+        wait = self._param("candidate_wait")
+        with self._lock:
+            ready, keep = [], []
+            for t, m in self._pending:
+                if m.loops[0].query_id in self._keyframes:
+                    ready.append(m)
+                elif now - t > wait:
+                    self.stats.inc("candidates_expired", len(m.loops))
+                    self.get_logger().warn(f"candidates of keyframe {m.loops[0].query_id} dropped: the keyframe "
+                                           f"did not arrive within {wait} s", throttle_duration_sec=5.0)
+                else:
+                    keep.append((t, m))
+            self._pending = keep
+        for m in ready:
+            self._verify(m)
+
+    def _verify(self, msg: LoopClosureArray) -> None:
+        by_query: dict[int, list] = {}
+        for lc in msg.loops:  # verify() takes one query at a time
+            by_query.setdefault(lc.query_id, []).append(lc)
+        accepted, rejected = [], []
+        for qid, lcs in by_query.items():
+            cands = [conv.msg_to_candidate(lc, self._keyframes.get(lc.query_id), self._keyframes.get(lc.match_id))
+                     for lc in lcs]
+            t0 = time.perf_counter()
+            try:
+                with self._lock:
+                    results = self.verifier.verify(cands)
+            except Exception as exc:
+                self.stats.error("verify_errors", str(exc))
+                self.get_logger().error(f"verifying keyframe {qid} failed: {exc}", throttle_duration_sec=2.0)
+                continue
+            self.stats.latency("verify", (time.perf_counter() - t0) * 1e3)
+            for r in results:
+                (accepted if r.accepted else rejected).append(r)
+                self.get_logger().debug(f"{r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
+        self.stats.inc("loops_accepted", len(accepted))
+        self.stats.inc("loops_rejected", len(rejected))
+        self.stats.inc("candidates_verified", len(accepted) + len(rejected))
+        stamp = conv.stamp_to_ns(msg.header.stamp)
+        if accepted:
+            out = conv.loops_to_array(accepted, stamp, msg.header.frame_id)
+            for i, lc in enumerate(out.loops):
+                lc.rank = i
+            self._pub_loops.publish(out)
+            for r in accepted:
+                self.get_logger().info(f"loop closure {r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
+        if rejected:
+            self._pub_rejected.publish(conv.loops_to_array(rejected, stamp, msg.header.frame_id))
+
+    # ----------------------------------------------------------------- output
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _tick(self) -> None:
+        self._flush_pending()
+        self.stats.set("keyframes_stored", len(self.verifier) if self.verifier is not None else 0)
+        self.stats.set("candidates_pending", self.pending_count())
+        snap = self.stats.snapshot()
+        prev, self._prev_snapshot = self._prev_snapshot, snap
+        delta = lambda k: int(snap.get(k, 0) - prev.get(k, 0))  # noqa: E731
+        errors = delta("keyframe_errors") + delta("verify_errors")
+        level = level_of(errors, delta("candidates_expired"))
+        msg = f"{errors} errors; last: {self.stats.last_error}" if errors else \
+            f"{delta('candidates_expired')} candidates expired" if delta("candidates_expired") else "ok"
+        self._pub_diag.publish(status_array(self.get_clock().now().to_msg(), f"megaloc_ros: {self.get_name()}",
+                                            "verifier", snap, level, msg))
+
+    # ----------------------------------------------------------------- state files
+    def _save_if_dirty(self) -> None:
+        path = self._param("map_path")
+        if path and self._param("save_map_on_shutdown") and self._dirty and self.verifier is not None:
+            try:
+                self.save_map(path)
+            except Exception as exc:
+                self.get_logger().error(f"saving the verifier state failed: {exc}")
+
+    def save_map(self, path: str = "") -> str:
+        """Save the state to ``<path>.verifier`` (default path: ``map_path``); returns the file."""
+        path = path or self._param("map_path")
+        if not path:
+            raise MegalocError("no path given and the map_path parameter is empty")
+        out = verifier_state_path(path)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self.verifier.save(out)
+            self._dirty = False
+        self.get_logger().info(f"saved verifier state with {len(self.verifier)} keyframes to {out}")
+        return out
+
+    def load_map(self, path: str = "") -> str:
+        path = path or self._param("map_path")
+        if not path:
+            raise MegalocError("no path given and the map_path parameter is empty")
+        k, size = self._camera()
+        v = self._load(verifier_state_path(path), k, size)
+        with self._lock:
+            self.verifier = v
+            self._keyframes.clear()
+            self._pending.clear()
+            self._dirty = False
+        return verifier_state_path(path)
+
+    def _srv_save_map(self, req, res):
+        try:
+            out = self.save_map(req.path)
+            res.success, res.message = True, f"saved {len(self.verifier)} keyframes to {out}"
+        except Exception as exc:
+            res.success, res.message = False, str(exc)
+        return res
+
+    def _srv_load_map(self, req, res):
+        try:
+            out = self.load_map(req.path)
+            res.success, res.message = True, f"loaded {len(self.verifier)} keyframes from {out}"
+        except Exception as exc:
+            res.success, res.message = False, str(exc)
+            self.get_logger().error(f"load_map: {exc}")
+        return res
+
+
+def main(args=None) -> None:
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    rclpy.init(args=args)
+    node = VerifierNode()
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
