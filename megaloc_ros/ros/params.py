@@ -352,7 +352,8 @@ def render_yaml() -> str:
         for s in specs:
             extra = []
             if s.range is not None:
-                extra.append(f"range [{fmt(s.range[0])}, {fmt(s.range[1])}]")
+                lo, hi = s.range
+                extra.append(f">= {fmt(lo)}" if hi >= INT_MAX else f"range [{fmt(lo)}, {fmt(hi)}]")
             if s.read_only:
                 extra.append("read-only")
             note = f" ({'; '.join(extra)})" if extra else ""
