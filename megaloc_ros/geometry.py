@@ -1,0 +1,160 @@
+"""Two-view geometric verification: local features, matching, RANSAC, relative pose.
+
+Local features are OpenCV SIFT (default; descriptors stored as uint8, which loses nothing:
+OpenCV's SIFT values are integers 0..255) or ORB. Matching keeps pairs that pass Lowe's ratio
+test in the query->match direction AND are mutual nearest neighbours. RANSAC fits an essential
+matrix when the intrinsics are known (then the relative rotation and the translation direction
+follow from ``cv2.recoverPose``), else a fundamental matrix (inliers only, no pose).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from .types import RelativePose
+
+
+@dataclass
+class LocalFeatures:
+    """Keypoints (x, y) in pixels of the image they came from, and their descriptors."""
+    keypoints: np.ndarray    # float32 [N, 2]
+    descriptors: np.ndarray  # uint8 [N, 128] (SIFT) or [N, 32] (ORB, binary)
+    image_size: tuple[int, int]  # (width, height) of the image the keypoints refer to
+
+    @property
+    def nbytes(self) -> int:
+        return self.keypoints.nbytes + self.descriptors.nbytes
+
+
+def to_grey(image_rgb: np.ndarray, max_side: int) -> np.ndarray:
+    grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY) if image_rgb.ndim == 3 else image_rgb
+    h, w = grey.shape
+    s = max_side / max(h, w)
+    if s < 1.0:
+        grey = cv2.resize(grey, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    return grey
+
+
+_DETECTORS: dict = {}
+
+
+def extract(image_rgb: np.ndarray, kind: str = "sift", max_keypoints: int = 600,
+            max_side: int = 640) -> LocalFeatures:
+    """The ``max_keypoints`` strongest keypoints of the image (downscaled to ``max_side``).
+
+    Keypoints are returned in the pixel frame of the image as given (not the downscaled one).
+    """
+    grey = to_grey(image_rgb, max_side)
+    key = (kind, max_keypoints)
+    if key not in _DETECTORS:
+        if kind == "sift":
+            _DETECTORS[key] = cv2.SIFT_create(nfeatures=max_keypoints)
+        elif kind == "orb":
+            _DETECTORS[key] = cv2.ORB_create(nfeatures=max_keypoints, fastThreshold=10)
+        else:
+            raise ValueError(f"unknown local feature {kind!r}; use 'sift' or 'orb'")
+    kps, desc = _DETECTORS[key].detectAndCompute(grey, None)
+    width = 128 if kind == "sift" else 32
+    if desc is None or len(kps) == 0:
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, width), np.uint8),
+                             (image_rgb.shape[1], image_rgb.shape[0]))
+    order = np.argsort([-k.response for k in kps])[:max_keypoints]
+    s = image_rgb.shape[1] / grey.shape[1]
+    pts = np.array([kps[i].pt for i in order], np.float32) * s
+    d = desc[order]
+    if kind == "sift":
+        d = np.clip(np.rint(d), 0, 255).astype(np.uint8)
+    return LocalFeatures(pts, np.ascontiguousarray(d), (image_rgb.shape[1], image_rgb.shape[0]))
+
+
+def _rootsift(d: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, sqrt; Euclidean = Hellinger."""
+    d = d.astype(np.float32)
+    d /= np.maximum(d.sum(axis=1, keepdims=True), 1e-6)
+    return np.sqrt(d)
+
+
+def match(a: LocalFeatures, b: LocalFeatures, ratio: float = 0.8,
+          mutual: bool = True) -> np.ndarray:
+    """Index pairs int [M, 2] (into a, into b) passing the ratio test (a->b) and mutual check."""
+    if len(a.descriptors) < 2 or len(b.descriptors) < 2:
+        return np.zeros((0, 2), np.int64)
+    if a.descriptors.shape[1] == 32:  # ORB: Hamming distances
+        m = cv2.BFMatcher(cv2.NORM_HAMMING)
+        da, db = a.descriptors, b.descriptors
+    else:
+        m = cv2.BFMatcher(cv2.NORM_L2)
+        da, db = _rootsift(a.descriptors), _rootsift(b.descriptors)
+    fwd = m.knnMatch(da, db, k=2)
+    pairs = [(x[0].queryIdx, x[0].trainIdx) for x in fwd
+             if len(x) == 2 and x[0].distance < ratio * x[1].distance]
+    if not pairs:
+        return np.zeros((0, 2), np.int64)
+    pairs = np.array(pairs, np.int64)
+    if mutual:
+        back = m.match(db, da)
+        best_a = np.full(len(db), -1, np.int64)
+        for x in back:
+            best_a[x.queryIdx] = x.trainIdx
+        pairs = pairs[best_a[pairs[:, 1]] == pairs[:, 0]]
+    return pairs
+
+
+@dataclass
+class TwoViewResult:
+    inliers: int
+    matches: int
+    pose: Optional[RelativePose]  # None without intrinsics or when RANSAC failed
+
+
+def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """``K`` calibrated at (w, h) ``from_size`` -> the same camera at ``to_size``."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return np.diag([sx, sy, 1.0]) @ np.asarray(K, np.float64)
+
+
+def pose_covariance(inliers: int, focal_px: float, pixel_sigma: float = 1.0) -> np.ndarray:
+    """Rough 6x6 covariance (x y z rx ry rz) of a two-view pose from ``inliers`` correspondences.
+
+    Angular std ~ pixel_sigma / focal / sqrt(inliers) for the rotation and for the direction
+    of translation (whose entries describe a unit vector: there is no metric scale).
+    """
+    var = (pixel_sigma / max(focal_px, 1e-6)) ** 2 / max(inliers, 1)
+    return np.diag([var] * 6)
+
+
+def verify_pair(query: LocalFeatures, match_: LocalFeatures, K_query: Optional[np.ndarray] = None,
+                K_match: Optional[np.ndarray] = None, ratio: float = 0.8, mutual: bool = True,
+                threshold_px: float = 2.0, confidence: float = 0.999,
+                max_iters: int = 2000) -> TwoViewResult:
+    """Match, then RANSAC. With intrinsics (pixels of each image's keypoint frame): essential
+    matrix + pose of the query camera in the match camera frame; without: fundamental matrix."""
+    pairs = match(query, match_, ratio, mutual)
+    n = len(pairs)
+    if n < 8:
+        return TwoViewResult(0, n, None)
+    pq = query.keypoints[pairs[:, 0]].astype(np.float64)
+    pm = match_.keypoints[pairs[:, 1]].astype(np.float64)
+    if K_query is None or K_match is None:
+        F, mask = cv2.findFundamentalMat(pq, pm, cv2.FM_RANSAC, threshold_px, confidence, max_iters)
+        return TwoViewResult(int(mask.sum()) if F is not None and mask is not None else 0, n, None)
+    # Normalised coordinates let one essential-matrix fit serve two different cameras.
+    nq = cv2.undistortPoints(pq.reshape(-1, 1, 2), K_query, None).reshape(-1, 2)
+    nm = cv2.undistortPoints(pm.reshape(-1, 1, 2), K_match, None).reshape(-1, 2)
+    f = 0.5 * (K_query[0, 0] + K_match[0, 0])
+    E, mask = cv2.findEssentialMat(nq, nm, np.eye(3), cv2.RANSAC, confidence,
+                                   threshold_px / f, max_iters)
+    if E is None or mask is None or E.shape != (3, 3):
+        return TwoViewResult(0, n, None)
+    inl = int(mask.sum())
+    # recoverPose with points (query, match): X_match = R X_query + t, i.e. R and t are the
+    # orientation and position of the query camera in the match camera frame.
+    _, R, t, pose_mask = cv2.recoverPose(E, nq, nm, np.eye(3), mask=mask.copy())
+    t = t.reshape(3)
+    t = t / max(np.linalg.norm(t), 1e-12)
+    pose = RelativePose(rotation=R, translation=t, metric_scale=False,
+                        covariance=pose_covariance(inl, f))
+    return TwoViewResult(inl, n, pose)
