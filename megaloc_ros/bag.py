@@ -264,6 +264,11 @@ class BagReader:
     def count(self, topic: str) -> int:
         return sum(c.msgcount for c in self._reader.connections if c.topic == topic)
 
+    def image_count(self, topic: str) -> int:
+        """Messages on ``topic``; BagError when it is missing or does not carry images."""
+        self._connections(topic, IMAGE_TYPES, "image")
+        return self.count(topic)
+
     def _messages(self, conns) -> Iterator[tuple[object, int, bytes]]:
         it = self._reader.messages(connections=conns)
         while True:
@@ -335,8 +340,7 @@ def _why(exc: BaseException) -> str:
 def check_image_topic(path: str | Path, topic: str) -> int:
     """Open the bag and return how many messages ``topic`` holds (raises BagError otherwise)."""
     with BagReader(path) as r:
-        r._connections(topic, IMAGE_TYPES, "image")
-        return r.count(topic)
+        return r.image_count(topic)
 
 
 # ---------------------------------------------------------------- `megaloc-ros make-bag`

@@ -1,0 +1,347 @@
+"""The evaluation report: metrics.json, PNG plots and one self-contained HTML page.
+
+Plots (matplotlib, Agg backend, so no display is needed):
+  pr_curves.png    precision-recall over the global-score threshold, without and with
+                   verification, with the operating points the system actually published;
+  similarity.png   descriptor cosine-similarity matrix next to the ground truth, with the
+                   published loops marked (true / false, accepted / rejected by the verifier);
+  trajectory.png   the path (when poses exist) with the published loops drawn as edges.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import metrics as M
+from .replay import Replay, _jsonable
+
+
+# ---------------------------------------------------------------- the numbers
+
+def evaluate(replay: Replay, gt: Optional[np.ndarray], exclude_s: float) -> dict:
+    """Score ``replay`` against ``gt`` (None: loops and latency only). Returns the report dict."""
+    frames = replay.frames
+    out: dict = {
+        "bag": replay.bag, "topic": replay.topic, "mode": replay.mode, "model": replay.model,
+        "model_kind": replay.model_kind, "n_frames": len(frames),
+        "keyframes": sum(f.keyframe_id is not None for f in frames),
+        "map_size": replay.map_size, "map_bytes": replay.map_bytes, "verifier": replay.verifier,
+        "latency": M.latency_summary(replay.timings()), "params": replay.params,
+        "notes": list(replay.notes),
+    }
+    loops = replay.loop_table()
+    curves: dict = {}
+    if gt is not None:
+        retrieved = replay.matches("retrieved")
+        published = replay.matches("candidates")
+        accepted = replay.matches("accepted")
+        m, curves = M.summarize(retrieved, published, accepted, gt, replay.stamps_ns, exclude_s)
+        if not replay.verifier:
+            m.pop("verified")
+        if replay.mode == "live":
+            m["retrieval"]["note"] = ("live mode: only published candidates are seen, so the sweep "
+                                      "starts at the detector's similarity_threshold")
+        out["metrics"] = m
+        valid = M.valid_pairs(gt, replay.stamps_ns, exclude_s)
+        for row in loops:
+            row["true"] = bool(row["match"] is not None and valid[row["query"], row["match"]])
+    out["loops"] = loops
+    out["curves"] = {k: c.to_dict() for k, c in curves.items()
+                     if k != "verified" or replay.verifier}
+    return _jsonable(out)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _f(x, nd=3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def metric_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(metric, without verification, with verification) rows for the text and HTML tables."""
+    m = report.get("metrics")
+    if not m:
+        return []
+    r, v = m["retrieval"], m.get("verified")
+    pub = m["published"]
+    rows = [
+        ("PR AUC", _f(r["auc"]), _f(v["auc"]) if v else "-"),
+        ("max recall @ 100% precision", _pct(r["max_recall_at_100_precision"]),
+         _pct(v["max_recall_at_100_precision"]) if v else "-"),
+        ("  at score threshold >=", _f(r["threshold_at_100_precision"]),
+         _f(v["threshold_at_100_precision"]) if v else "-"),
+    ]
+    for k in (1, 5):
+        rows.append((f"recall@{k}", _pct(r[f"recall@{k}"]), _pct(v[f"recall@{k}"]) if v else "-"))
+    vp = v["operating_point"] if v else None
+    rows += [
+        ("published loops (true / false)", f"{pub['true_loops']} / {pub['false_loops']}",
+         f"{vp['true_loops']} / {vp['false_loops']}" if vp else "-"),
+        ("precision of published loops", _pct(pub["precision"]), _pct(vp["precision"]) if vp else "-"),
+        ("recall of published loops", _pct(pub["recall"]), _pct(vp["recall"]) if vp else "-"),
+    ]
+    return rows
+
+
+def format_text(report: dict) -> str:
+    """The metrics table printed by `eval` and the demo."""
+    lines = [f"model: {report['model']}",
+             f"bag:   {report['bag']} ({report['topic']}, {report['n_frames']} frames, {report['mode']} replay)"]
+    for note in report.get("notes", []):
+        lines.append(f"note:  {note}")
+    m = report.get("metrics")
+    if m:
+        lines.append(f"ground truth: {m['gt_pairs']} same-place pairs; {m['n_positive']} frames have a "
+                     f"true loop at least {m['exclude_s']:g} s older (the recall denominator)")
+        rows = metric_rows(report)
+        w = max(len(a) for a, _, _ in rows)
+        lines.append(f"{'':{w}}  {'retrieval only':>16}  {'+ verification':>16}")
+        lines += [f"{a:{w}}  {b:>16}  {c:>16}" for a, b, c in rows]
+    else:
+        lines.append("no ground truth given: loops and latency only")
+    lines.append(f"keyframes: {report['keyframes']} of {report['n_frames']} frames; map holds "
+                 f"{report['map_size']} keyframes" + (f" ({_bytes(sum(report['map_bytes'].values()))})"
+                                                      if report.get("map_bytes") else ""))
+    lat = report.get("latency", {})
+    if lat:
+        lines.append("latency per frame (ms):  " + "   ".join(
+            f"{k} {v['median_ms']:.1f} median / {v['p99_ms']:.1f} p99" for k, v in lat.items()))
+    return "\n".join(lines)
+
+
+def format_loops(report: dict, limit: int = 40) -> str:
+    rows = report.get("loops", [])
+    if not rows:
+        return "no loops published"
+    lines = [f"{'query':>6} {'match':>6} {'score':>6} {'verified':>9} {'v.score':>8} {'inliers':>8}  truth"]
+    for r in rows[:limit]:
+        ver = "-" if r["verified"] is None else ("yes" if r["verified"] else "no")
+        truth = "-" if "true" not in r else ("TRUE" if r["true"] else "false")
+        lines.append(f"{r['query']:>6} {str(r['match']):>6} {r['score']:6.3f} {ver:>9} "
+                     f"{_f(r['verification_score'], 3):>8} {str(r['inliers'] if r['inliers'] is not None else '-'):>8}  {truth}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more in metrics.json")
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------- plots
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_pr(report: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
+    styles = {"retrieval": ("retrieval only", "tab:blue"), "verified": ("+ verification", "tab:green")}
+    m = report["metrics"]
+    for name, c in report["curves"].items():
+        label, color = styles[name]
+        rec, prec = np.array(c["recall"]), np.array(c["precision"])
+        if len(rec):
+            ax.plot(np.r_[0.0, rec], np.r_[prec[0], prec], "-", color=color, lw=2,
+                    label=f"{label}: AUC {m[name]['auc']:.3f}, "
+                          f"R@100%P {100 * m[name]['max_recall_at_100_precision']:.1f}%")
+        else:
+            ax.plot([], [], color=color, label=f"{label}: no predictions")
+    pub = m["published"]
+    ax.plot(pub["recall"], pub["precision"], "o", ms=9, mfc="none", mec="tab:blue", mew=2,
+            label=f"published candidates ({pub['true_loops']} true, {pub['false_loops']} false)")
+    if "verified" in m:
+        vp = m["verified"]["operating_point"]
+        ax.plot(vp["recall"], vp["precision"], "s", ms=9, mfc="none", mec="tab:green", mew=2,
+                label=f"verified loops ({vp['true_loops']} true, {vp['false_loops']} false)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(f"recall (of {m['n_positive']} frames with a true loop)")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall over the global-score threshold")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_similarity(replay: Replay, report: dict, gt: Optional[np.ndarray], path: Path) -> None:
+    plt = _plt()
+    sim, idx = replay.similarity()
+    panels = 2 if gt is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 5.4), dpi=120, squeeze=False)
+    ax = axes[0, 0]
+    n = len(replay.frames)
+    extent = (-0.5, n - 0.5, n - 0.5, -0.5)
+    off = sim[~np.eye(len(sim), dtype=bool)] if len(sim) > 1 else np.ones(1)
+    # contrast from the off-diagonal range: descriptors of one run often span only 0.8-1.0
+    im = ax.imshow(sim, cmap="viridis", interpolation="nearest", extent=extent,
+                   vmin=float(np.percentile(off, 2)), vmax=float(np.percentile(off, 99.9)))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    step = int(idx[1] - idx[0]) if len(idx) > 1 else 1
+    ax.set_title("Descriptor similarity" + (f" (every {step}th frame)" if step > 1 else "")
+                 + (", ground truth outlined" if gt is not None else ""))
+    ax.set_xlabel("frame")
+    ax.set_ylabel("frame")
+    if gt is not None:
+        if gt.any():
+            ax.contour(np.arange(n), np.arange(n), gt.astype(float), levels=[0.5], colors="red",
+                       linewidths=0.8)
+        ax2 = axes[0, 1]
+        ax2.imshow(np.tril(gt), cmap="Greys", interpolation="nearest", vmin=0, vmax=1.6)
+        ax2.set_title("Ground truth (grey) and published loops")
+        ax2.set_xlabel("match frame")
+        ax2.set_ylabel("query frame")
+        _loop_markers(ax2, report)
+        ax2.set_xlim(-0.5, n - 0.5)
+        ax2.set_ylim(n - 0.5, -0.5)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _loop_markers(ax, report: dict) -> None:
+    groups = {}
+    for r in report.get("loops", []):
+        if r["match"] is None:
+            continue
+        key = (r.get("true"), r["verified"])
+        groups.setdefault(key, []).append((r["match"], r["query"]))
+    style = {True: ("tab:green", "true"), False: ("tab:red", "false"), None: ("tab:blue", "")}
+    for (truth, verified), pts in sorted(groups.items(), key=str):
+        color, tname = style[truth]
+        marker = "o" if verified is not False else "x"
+        vname = {True: "accepted", False: "rejected", None: "candidate"}[verified]
+        x, y = zip(*pts)
+        style_kw = ({"facecolors": "none", "edgecolors": color} if marker == "o" else {"c": color})
+        ax.scatter(x, y, s=28, marker=marker, linewidths=1.5, label=f"{tname} {vname} ({len(pts)})".strip(),
+                   **style_kw)
+    if groups:
+        ax.legend(loc="upper right", fontsize=8)
+
+
+def plot_trajectory(replay: Replay, report: dict, positions: np.ndarray, valid: np.ndarray,
+                    path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
+    p = np.asarray(positions)
+    ok = np.asarray(valid, bool)
+    sc = ax.scatter(p[ok, 0], p[ok, 1], c=np.nonzero(ok)[0], cmap="viridis", s=10, zorder=2)
+    ax.plot(p[ok, 0], p[ok, 1], "-", color="0.7", lw=1, zorder=1)
+    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="frame")
+    seen = set()
+    for r in report.get("loops", []):
+        q, m = r["query"], r["match"]
+        if m is None or not (ok[q] and ok[m]):
+            continue
+        if r["verified"] is False:
+            color, name = "0.6", "rejected by verifier"
+        else:
+            color, name = {True: ("tab:green", "true loop"), False: ("tab:red", "false loop"),
+                           None: ("tab:blue", "loop")}[r.get("true")]
+        ax.plot([p[q, 0], p[m, 0]], [p[q, 1], p[m, 1]], "-", color=color, lw=1.5, zorder=3,
+                label=None if name in seen else name)
+        seen.add(name)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("x [m]")
+    ax.set_ylabel("y [m]")
+    ax.set_title("Trajectory and published loops")
+    ax.grid(alpha=0.3)
+    if seen:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- files
+
+def write_report(out_dir: str | Path, replay: Replay, report: dict, gt: Optional[np.ndarray],
+                 positions: Optional[np.ndarray] = None, positions_valid: Optional[np.ndarray] = None,
+                 title: str = "megaloc_ros loop-closure evaluation") -> Path:
+    """Write metrics.json, the PNGs and report.html into ``out_dir``; returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    if report.get("metrics"):
+        plot_pr(report, out / "pr_curves.png")
+        images.append(("pr_curves.png", "Precision-recall curves"))
+    if len(replay.descriptors):
+        plot_similarity(replay, report, gt, out / "similarity.png")
+        images.append(("similarity.png", "Similarity matrix and ground truth"))
+    if positions is not None and positions_valid is not None and np.any(positions_valid):
+        plot_trajectory(replay, report, positions, positions_valid, out / "trajectory.png")
+        images.append(("trajectory.png", "Trajectory with loop edges"))
+    report = dict(report, plots=[name for name, _ in images])
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    page = out / "report.html"
+    page.write_text(_html(report, images, title))
+    return page
+
+
+def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1250px;margin:1em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}"
+             ".warn{background:#fff3cd;padding:.5em;border:1px solid #e0c060}"
+             "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}</style></head><body>",
+             f"<h1>{e(title)}</h1>"]
+    cls = "" if report["model_kind"] == "megaloc" else " class='warn'"
+    parts.append(f"<p{cls}><b>Model:</b> {e(report['model'])}</p>")
+    parts.append(f"<p><b>Bag:</b> {e(report['bag'])} &mdash; {e(report['topic'])}, {report['n_frames']} frames, "
+                 f"{e(report['mode'])} replay; {report['keyframes']} keyframes, map holds "
+                 f"{report['map_size']}.</p>")
+    for note in report.get("notes", []):
+        parts.append(f"<p class='warn'>{e(note)}</p>")
+    rows = metric_rows(report)
+    if rows:
+        m = report["metrics"]
+        parts.append(f"<h2>Metrics</h2><p>{m['gt_pairs']} same-place pairs in the ground truth; "
+                     f"{m['n_positive']} frames have a true loop at least {m['exclude_s']:g} s older "
+                     "(recall denominator). Definitions: megaloc_ros/evaluation/metrics.py.</p>")
+        parts.append("<table><tr><th>metric</th><th>retrieval only</th><th>+ verification</th></tr>")
+        parts += [f"<tr><td>{e(a.strip())}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in rows]
+        parts.append("</table>")
+    else:
+        parts.append("<p class='warn'>No ground truth given: loops and latency only.</p>")
+    lat = report.get("latency", {})
+    if lat:
+        parts.append("<h2>Latency per frame</h2><table><tr><th>stage</th><th>median ms</th>"
+                     "<th>p99 ms</th><th>max ms</th><th>frames</th></tr>")
+        parts += [f"<tr><td>{e(k)}</td><td>{v['median_ms']:.2f}</td><td>{v['p99_ms']:.2f}</td>"
+                  f"<td>{v['max_ms']:.2f}</td><td>{v['n']}</td></tr>" for k, v in lat.items()]
+        parts.append("</table>")
+    for name, caption in images:
+        parts.append(f"<h2>{e(caption)}</h2><img src='{e(name)}' alt='{e(caption)}'>")
+    loops = report.get("loops", [])
+    parts.append(f"<h2>Published loops ({len(loops)})</h2>")
+    if loops:
+        parts.append("<table><tr><th>query frame</th><th>match frame</th><th>score</th><th>verified</th>"
+                     "<th>verification score</th><th>inliers</th><th>ground truth</th><th>reason</th></tr>")
+        for r in loops[:500]:
+            ver = "-" if r["verified"] is None else ("yes" if r["verified"] else "no")
+            truth = "-" if "true" not in r else ("true" if r["true"] else "<b>false</b>")
+            parts.append(f"<tr><td>{r['query']}</td><td>{r['match']}</td><td>{r['score']:.3f}</td>"
+                         f"<td>{ver}</td><td>{_f(r['verification_score'])}</td>"
+                         f"<td>{'-' if r['inliers'] is None else r['inliers']}</td><td>{truth}</td>"
+                         f"<td>{e(r.get('reason') or '')}</td></tr>")
+        parts.append("</table>")
+    parts.append("<p>All numbers: <a href='metrics.json'>metrics.json</a>.</p></body></html>\n")
+    return "\n".join(parts)

@@ -1,0 +1,240 @@
+"""`megaloc-ros eval` on bags made from the shipped real sequences, checked against an independent
+brute-force computation over the same descriptors, plus the one-line errors on bad input.
+
+The encoder's outputs for the shipped images are computed once with the real encoder and cached
+on disk (``encode_files``); during the replay a ``FeatureTable`` answers images it has seen from
+that table (keyed by their pixels) and asserts that every image of the bag was one of them, so
+the bag's decoded pixels are exactly the files' pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megaloc_ros import bag as B
+from megaloc_ros import cli
+from megaloc_ros.evaluation import cli as eval_cli
+from megaloc_ros.evaluation.ground_truth import Trajectory, gt_from_positions, write_trajectory_tum
+
+ROOT = Path(__file__).resolve().parents[1]
+S = 1_000_000_000
+# Every frame a keyframe; exclusion by time only (10.5 s: no boundary ties at 1 Hz or 2 Hz).
+ALL_FRAMES = ["detector.min_keyframe_interval_s=0", "detector.max_similarity_to_last=1.01",
+              "detector.exclude_recent_keyframes=0", "detector.exclude_recent_s=10.5",
+              "detector.top_k=5"]
+
+
+def _key(rgb: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(rgb).tobytes() + str(rgb.shape).encode()).hexdigest()
+
+
+class FeatureTable:
+    """The real encoder, answering already-encoded images from a table (keyed by pixels)."""
+
+    def __init__(self, encoder, sequences_and_features):
+        self._enc = encoder
+        self.table = {}
+        for seq, feats in sequences_and_features:
+            for i, f in enumerate(feats):
+                self.table[_key(seq.load_rgb(i))] = f
+        self.misses = 0
+
+    def encode(self, images):
+        out = []
+        for im in images:
+            f = self.table.get(_key(im))
+            if f is None:
+                self.misses += 1
+                f = self._enc.encode([im])[0]
+            out.append(f)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._enc, name)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from megaloc_ros.encoder import load_encoder
+    return load_encoder()
+
+
+@pytest.fixture(scope="session")
+def features(encoder, rtabmap_seq, corridor_seq):
+    from megaloc_ros.encoder import encode_files
+    feats = {s.name: encode_files(encoder, s.image_paths) for s in (rtabmap_seq, corridor_seq)}
+    table = FeatureTable(encoder, [(rtabmap_seq, feats["rtabmap"]), (corridor_seq, feats["corridor"])])
+    return feats, table
+
+
+def run_eval(argv, encoder, capsys):
+    args = cli.build_parser("eval").parse_args(["eval", *argv, "--quiet"])
+    assert eval_cli.main(args, encoder=encoder) == 0
+    out = capsys.readouterr().out
+    return json.loads((Path(args.output) / "metrics.json").read_text()), out
+
+
+def brute_force(desc: np.ndarray, stamps_ns: np.ndarray, gt: np.ndarray, exclude_s: float, k: int = 5):
+    """Independent of the package: exhaustive cosine search over earlier frames older than the
+    exclusion, one prediction per query, threshold sweep by explicit loops."""
+    n = len(desc)
+    sim = desc.astype(np.float64) @ desc.astype(np.float64).T
+    tops = []
+    for q in range(n):
+        ms = [m for m in range(q) if (stamps_ns[q] - stamps_ns[m]) / S >= exclude_s]
+        tops.append(sorted(ms, key=lambda m: -sim[q, m])[:k])
+    truth = lambda q, m: bool(gt[q, m]) and m < q and (stamps_ns[q] - stamps_ns[m]) / S >= exclude_s
+    positives = [q for q in range(n) if any(truth(q, m) for m in range(q))]
+    best = [(q, t[0], sim[q, t[0]]) for q, t in enumerate(tops) if t]
+    points = []
+    for thr in sorted({round(s, 5) for _, _, s in best}, reverse=True):
+        sel = [(q, m) for q, m, s in best if round(s, 5) >= thr]
+        tp = sum(truth(q, m) for q, m in sel)
+        points.append((tp / len(positives), tp / len(sel), len(sel) - tp))
+    auc, r0, p0 = 0.0, 0.0, points[0][1]
+    for r, p, _ in points:
+        auc += (r - r0) * (p + p0) / 2
+        r0, p0 = r, p
+    return {
+        "n_positive": len(positives),
+        "auc": auc,
+        "max_recall_at_100_precision": max([r for r, _, fp in points if fp == 0], default=0.0),
+        "recall@1": sum(any(truth(q, m) for m in tops[q][:1]) for q in positives) / len(positives),
+        "recall@5": sum(any(truth(q, m) for m in tops[q][:5]) for q in positives) / len(positives),
+    }
+
+
+def _check(metrics, expected):
+    m = metrics["metrics"]
+    assert m["n_positive"] == expected["n_positive"]
+    for key in ("auc", "max_recall_at_100_precision", "recall@1", "recall@5"):
+        assert m["retrieval"][key] == pytest.approx(expected[key], abs=1e-3), key
+
+
+def verified_by_hand(loops, n_positive):
+    """From the published loops and their verdicts only: best accepted loop per query, swept."""
+    best = {}
+    for r in loops:
+        if r["verified"] and (r["query"] not in best or r["score"] > best[r["query"]]["score"]):
+            best[r["query"]] = r
+    preds = sorted(best.values(), key=lambda r: -r["score"])
+    rec = [sum(p["true"] for p in preds if p["score"] >= t["score"]) / n_positive for t in preds]
+    fp = [sum(not p["true"] for p in preds if p["score"] >= t["score"]) for t in preds]
+    return max([r for r, f in zip(rec, fp) if f == 0], default=0.0)
+
+
+def test_eval_rtabmap_bag_matches_brute_force(tmp_path, rtabmap_seq, features, capsys):
+    """Retrieval metrics against brute force; verification metrics against the verdicts."""
+    feats, table = features
+    bag = B.write_bag(tmp_path / "rtabmap", rtabmap_seq.image_paths, rtabmap_seq.stamps_ns, storage="sqlite3")
+    out = tmp_path / "report"
+    metrics, printed = run_eval([str(bag), "--image-topic", "/camera/image_raw", "--gt-matrix",
+                                 str(ROOT / "data/rtabmap/ground_truth.bmp"),
+                                 "-o", str(out)] + sum((["--set", s] for s in ALL_FRAMES), []),
+                                table, capsys)
+    assert table.misses == 0
+    assert metrics["n_frames"] == metrics["keyframes"] == metrics["map_size"] == 84
+    desc = np.stack([f.descriptor for f in feats["rtabmap"]])
+    expected = brute_force(desc, rtabmap_seq.stamps_ns, rtabmap_seq.gt, 10.5)
+    _check(metrics, expected)
+    # the printed table shows the same numbers
+    assert f"{expected['auc']:.3f}" in printed
+    assert f"{100 * expected['recall@1']:.1f}%" in printed
+    assert "NOT MegaLoc" in printed or "MegaLoc" in metrics["model"]
+    for stage in ("decode", "encode", "search", "verify"):
+        lat = metrics["latency"][stage]
+        assert lat["n"] == 84 and 0 <= lat["median_ms"] <= lat["p99_ms"]
+    # with verification: the verdicts recorded in the loop table give the same numbers
+    v = metrics["metrics"]["verified"]
+    accepted = [r for r in metrics["loops"] if r["verified"]]
+    assert v["operating_point"]["true_loops"] == sum(r["true"] for r in accepted)
+    assert v["operating_point"]["false_loops"] == sum(not r["true"] for r in accepted)
+    assert v["max_recall_at_100_precision"] == pytest.approx(
+        verified_by_hand(metrics["loops"], expected["n_positive"]))
+    assert all(r["verified"] is not None for r in metrics["loops"])
+    for name in ("report.html", "pr_curves.png", "similarity.png", "metrics.json"):
+        assert (out / name).stat().st_size > 1000, name
+    html = (out / "report.html").read_text()
+    assert "pr_curves.png" in html and "similarity.png" in html and f"{expected['auc']:.3f}" in html
+    # every published loop is labelled against the ground truth
+    for row in metrics["loops"]:
+        assert row["true"] == bool(rtabmap_seq.gt[row["query"], row["match"]])
+
+
+def test_eval_corridor_compressed_mcap_matches_brute_force(tmp_path, corridor_seq, features, capsys):
+    feats, table = features
+    bag = B.write_bag(tmp_path / "corridor", corridor_seq.image_paths, corridor_seq.stamps_ns,
+                      storage="mcap", compressed=True)
+    metrics, _ = run_eval([str(bag), "--image-topic", "/camera/image_raw/compressed", "--gt-matrix",
+                           str(ROOT / "data/corridor/ground_truth.csv"), "--no-verify",
+                           "-o", str(tmp_path / "r")] + sum((["--set", s] for s in ALL_FRAMES), []),
+                          table, capsys)
+    assert table.misses == 0
+    desc = np.stack([f.descriptor for f in feats["corridor"]])
+    _check(metrics, brute_force(desc, corridor_seq.stamps_ns, corridor_seq.gt, 10.5))
+    assert metrics["metrics"]["n_positive"] == 111  # every query has its reference frames
+
+
+def test_eval_ground_truth_from_pose_topic(tmp_path, rtabmap_seq, features, capsys):
+    """A made-up trajectory that revisits like the rtabmap sequence: frames 41-80 retrace 1-40."""
+    _, table = features
+    n = 84
+    x = np.r_[np.arange(40), np.arange(40), np.arange(4)].astype(float)
+    poses = np.tile(np.eye(4), (n, 1, 1))
+    poses[:, 0, 3] = x
+    poses[:, 1, 3] = np.r_[np.zeros(40), np.full(40, 0.3), np.zeros(4)]
+    traj_file = tmp_path / "traj.tum"
+    write_trajectory_tum(traj_file, Trajectory(rtabmap_seq.stamps_ns, poses))
+    bag = tmp_path / "bag"
+    assert cli.main(["make-bag", "--dataset", "rtabmap", "-o", str(bag), "--poses", str(traj_file),
+                     "--quiet", "--compressed"]) == 0
+    capsys.readouterr()
+    metrics, printed = run_eval([str(bag), "--image-topic", "/camera/image_raw/compressed",
+                                 "--pose-topic", "/pose", "--gt-distance", "1.0", "--no-verify",
+                                 "-o", str(tmp_path / "r")] + sum((["--set", s] for s in ALL_FRAMES), []),
+                                table, capsys)
+    gt = gt_from_positions(poses[:, :3, 3], rtabmap_seq.stamps_ns, 1.0, 10.5)
+    assert metrics["metrics"]["gt_pairs"] == int(np.triu(gt).sum())
+    assert metrics["ground_truth"].startswith("pose topic /pose")
+    assert (tmp_path / "r" / "trajectory.png").stat().st_size > 1000
+    assert "trajectory.png" in (tmp_path / "r" / "report.html").read_text()
+
+
+def _cli(*argv):
+    return subprocess.run([str(ROOT / "tools/with_env.sh"), "megaloc-ros", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, rtabmap_seq):
+    good = B.write_bag(tmp_path / "good", rtabmap_seq.image_paths[:3], rtabmap_seq.stamps_ns[:3],
+                       storage="sqlite3")
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    (trunc / "metadata.yaml").write_bytes((good / "metadata.yaml").read_bytes())
+    db = next(good.glob("*.db3"))
+    (trunc / db.name).write_bytes(db.read_bytes()[:4096])
+    garbage = tmp_path / "garbage.mcap"
+    garbage.write_bytes(b"\x89MCAP0\r\n" + bytes(range(256)) * 8)
+    from test_bag import _bag_with_encoding
+    yuv = _bag_with_encoding(tmp_path / "yuv", "yuv422")
+    cases = [
+        ([str(trunc), "--image-topic", "/camera/image_raw"], "cannot open bag"),
+        ([str(garbage), "--image-topic", "/camera/image_raw"], "cannot open bag"),
+        ([str(good), "--image-topic", "/camera/missing"], "topic /camera/missing is not in bag"),
+        ([str(yuv), "--image-topic", "/cam"], "unsupported image encoding 'yuv422'"),
+        ([str(good), "--image-topic", "/camera/image_raw", "--gt-matrix", str(tmp_path / "no.bmp")],
+         "ground-truth file"),
+        ([str(good), "--image-topic", "/camera/image_raw", "--set", "detector.nope=1"], "unknown parameter"),
+    ]
+    for argv, msg in cases:
+        r = _cli("eval", *argv, "-o", str(tmp_path / "out"), "--no-verify")
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert len(lines) == 1 and lines[0].startswith("megaloc-ros eval: error:") and msg in lines[0], r.stderr
