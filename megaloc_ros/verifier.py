@@ -82,6 +82,7 @@ class VerifierParams:
     local_features: str = "sift"      # "sift" | "orb"
     max_keypoints: int = 500          # kept per keyframe (strongest)
     feature_max_side: int = 640       # detect at this longest side
+    sift_contrast: float = 0.02       # SIFT contrastThreshold (OpenCV default 0.04: too few indoors)
     ratio: float = 0.8                # Lowe ratio test
     mutual: bool = True               # keep mutual nearest neighbours only
     ransac_threshold_px: float = 2.0  # epipolar inlier threshold in pixels
@@ -182,7 +183,8 @@ class Verifier:
 
     def _add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures) -> None:
         p = self.params
-        local = geometry.extract(image_rgb, p.local_features, p.max_keypoints, p.feature_max_side)
+        local = geometry.extract(image_rgb, p.local_features, p.max_keypoints, p.feature_max_side,
+                                 p.sift_contrast)
         entry = _Entry((image_rgb.shape[1], image_rgb.shape[0]), local)
         pf = features.patch_features
         if pf is not None and np.asarray(pf).ndim == 3:
