@@ -76,6 +76,7 @@ class LoopClosureNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._after_set_parameters)
         self.stats = Stats()
         self.last_error = ""
+        self._logged: dict[str, float] = {}
         self._given_encoder = encoder
         self.encoder = None
         self.place_map = None
@@ -262,17 +263,27 @@ class LoopClosureNode(LifecycleNode):
             rgb = conv.image_msg_to_rgb(msg)
         except Exception as exc:  # ImageDecodeError, and anything else a malformed message causes
             self.stats.error("decode_errors", str(exc))
-            self.get_logger().error(f"frame dropped: {exc}", throttle_duration_sec=2.0)
+            self._log_error(f"frame dropped: {exc}")
             return
         frame = _Frame(rgb, conv.stamp_to_ns(msg.header.stamp), msg.header.frame_id, t)
         with self._cv:
             if len(self._queue) >= self._param("queue_size"):
                 self._queue.popleft()
                 self.stats.inc("frames_dropped")
-                self.get_logger().warn("encoder is behind: dropped the oldest queued frame "
+                self.get_logger().warning("encoder is behind: dropped the oldest queued frame "
                                        "(see /diagnostics frames_dropped)", throttle_duration_sec=5.0)
             self._queue.append(frame)
             self._cv.notify_all()
+
+    def _log_error(self, text: str, period: float = 5.0) -> None:
+        """Log each distinct error, repeats of the same one at most every ``period`` seconds
+        (a broken camera driver must not flood the log; /diagnostics counts every one)."""
+        now = time.monotonic()
+        if now - self._logged.get(text, -1e9) >= period:
+            self._logged[text] = now
+            if len(self._logged) > 100:
+                self._logged = {k: t for k, t in self._logged.items() if now - t < period}
+            self.get_logger().error(text)
 
     def _on_odom(self, msg: Odometry) -> None:
         try:

@@ -246,7 +246,7 @@ class VerifierNode(LifecycleNode):
                     ready.append(m)
                 elif now - t > wait:
                     self.stats.inc("candidates_expired", len(m.loops))
-                    self.get_logger().warn(f"candidates of keyframe {m.loops[0].query_id} dropped: the keyframe "
+                    self.get_logger().warning(f"candidates of keyframe {m.loops[0].query_id} dropped: the keyframe "
                                            f"did not arrive within {wait} s", throttle_duration_sec=5.0)
                 else:
                     keep.append((t, m))
