@@ -88,9 +88,8 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
         dt = (time.perf_counter() - t0) * 1e3 / len(cands)
         t_cand.extend([dt] * len(cands))
         for r in res:
-            key = r.reason.split(":")[0] + ": " + r.reason.split(":", 1)[1].split(",")[0].split("(")[0].strip()
-            key = "".join(ch for ch in key if not ch.isdigit() and ch != ".").replace("  ", " ")
-            reasons[key] = reasons.get(key, 0) + 1
+            kind = _reason_kind(r.reason)
+            reasons[kind] = reasons.get(kind, 0) + 1
         return [(frame_of[r.candidate.match.id], r.candidate.score) for r in res if r.accepted]
 
     for i in range(n):
@@ -133,6 +132,17 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
         "bytes_per_keyframe": verifier.bytes_per_keyframe(),
         "vocabulary": verifier.has_vocabulary, "reasons": reasons,
     }
+
+
+def _reason_kind(reason: str) -> str:
+    """'rejected: 12 inliers < 20 (31 matches); ...' -> 'rejected: inliers'."""
+    verdict, _, rest = reason.partition(": ")
+    if verdict == "accepted":
+        return "accepted"
+    for word in ("passed", "global", "segvlad", "inliers", "never added"):
+        if word in rest.split(";")[0]:
+            return f"rejected: {word}"
+    return verdict
 
 
 def print_table(r: dict) -> None:
