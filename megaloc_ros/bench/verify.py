@@ -43,7 +43,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="detector similarity_threshold (default: DetectorParams default)")
     p.add_argument("--exclude-s", type=float, default=None,
                    help="evaluation exclusion window in seconds (default: the detector's)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a VerifierParams field, e.g. --set min_inliers=30 (repeatable)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def parse_overrides(items: list[str]):
+    """['min_inliers=30', ...] -> VerifierParams with those fields replaced (typed by default)."""
+    import dataclasses
+    from ..errors import MegalocError
+    from ..verifier import VerifierParams
+    base = VerifierParams()
+    changes = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(base, name):
+            raise MegalocError(f"--set {item!r}: expected NAME=VALUE with NAME a VerifierParams field")
+        kind = type(getattr(base, name))
+        try:
+            changes[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise MegalocError(f"--set {item!r}: {name} takes a {kind.__name__}") from None
+    return dataclasses.replace(base, **changes)
 
 
 def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | None = None,
@@ -71,7 +92,9 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
         exclude_s = dp.exclude_recent_s
     dim = features[0].descriptor.shape[0]
     detector = LoopDetector(PlaceMap(dim, "bench"), dp)
-    verifier = Verifier(verifier_params or VerifierParams())
+    vp = verifier_params or VerifierParams()
+    verifier = Verifier(vp)
+    changed = {k: v for k, v in vars(vp).items() if getattr(VerifierParams(), k) != v}
 
     n = len(seq)
     frame_of: dict[int, int] = {}
@@ -131,6 +154,7 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
                             "n": int(a.size)},
         "bytes_per_keyframe": verifier.bytes_per_keyframe(),
         "vocabulary": verifier.has_vocabulary, "reasons": reasons,
+        "verifier_params": "defaults" + "".join(f", {k}={v}" for k, v in changed.items()),
     }
 
 
@@ -150,7 +174,7 @@ def print_table(r: dict) -> None:
           f"{r['n_positive']} queries with a true earlier match (exclusion {r['exclude_s']:g} s)")
     print(f"model: {r['model']}")
     print(f"detector similarity_threshold {r['similarity_threshold']:.2f}; "
-          f"verifier: default VerifierParams")
+          f"verifier: {r['verifier_params']}")
     v = r["verify_ms_per_candidate"]
     lat = "-" if v["median"] is None else f"{v['median']:.1f} / {v['p90']:.1f}"
     hdr = f"{'':24s} {'precision':>9s} {'recall':>7s} {'loops(false)':>12s} {'R@100%P':>8s} {'verify ms/cand med/p90':>23s}"
@@ -168,7 +192,8 @@ def print_table(r: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    r = run(args.sequence, args.model, args.threshold, args.exclude_s)
+    r = run(args.sequence, args.model, args.threshold, args.exclude_s,
+            verifier_params=parse_overrides(args.set))
     print_table(r)
     if args.json:
         with open(args.json, "w") as f:
