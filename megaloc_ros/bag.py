@@ -307,6 +307,20 @@ class BagReader:
             stamp = msg.header.stamp.sec * SECOND_NS + msg.header.stamp.nanosec
             yield BagImage(i, int(stamp) if stamp > 0 else int(t_bag), msg.header.frame_id, rgb, dt)
 
+    def raw_images(self, topic: str) -> Iterator[tuple[int, int, str, bytes]]:
+        """(index, header stamp ns, message type, CDR bytes) of every image on ``topic``: what a
+        player republishes. A zero header stamp is replaced by the bag's receive time (as
+        ``images`` does), so the receiver sees the same stamps."""
+        conns = self._connections(topic, IMAGE_TYPES, "image")
+        for i, (conn, t_bag, raw) in enumerate(self._messages(conns)):
+            msg = self._deserialize(raw, conn.msgtype, topic, i)
+            stamp = msg.header.stamp.sec * SECOND_NS + msg.header.stamp.nanosec
+            if stamp <= 0:
+                stamp = int(t_bag)
+                msg.header.stamp = _stamp(self._ts, stamp)
+                raw = self._ts.serialize_cdr(msg, conn.msgtype)
+            yield i, int(stamp), conn.msgtype, bytes(raw)
+
     def trajectory(self, topic: str):
         """All poses on ``topic`` (PoseStamped, PoseWithCovarianceStamped, Odometry or
         TransformStamped) as an evaluation.ground_truth.Trajectory."""

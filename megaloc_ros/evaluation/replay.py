@@ -51,6 +51,7 @@ class Replay:
     verifier: bool = False                       # whether a verifier ran
     params: dict = field(default_factory=dict)   # detector / verifier parameters used
     notes: list[str] = field(default_factory=list)
+    extra_timings: dict = field(default_factory=dict)  # stage -> [ms] not tied to a frame
 
     @property
     def stamps_ns(self) -> np.ndarray:
@@ -99,16 +100,23 @@ class Replay:
         return rows
 
     def timings(self) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
+        out: dict[str, list[float]] = {k: list(v) for k, v in self.extra_timings.items()}
         for f in self.frames:
             for k, v in f.timings_ms.items():
                 out.setdefault(k, []).append(v)
         return out
 
-    def similarity(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine similarity [M, M] of the kept descriptors, their frame indices)."""
-        d = self.descriptors.astype(np.float32)
-        return d @ d.T, self.descriptor_frames
+    def similarity(self) -> tuple[np.ndarray, int]:
+        """(cosine similarity on a grid of every ``stride``-th frame [G, G], NaN where a frame has
+        no descriptor (live mode: non-keyframes), stride)."""
+        stride = descriptor_stride(len(self.frames))
+        g = math.ceil(len(self.frames) / stride)
+        out = np.full((g, g), np.nan, np.float32)
+        if len(self.descriptors):
+            d = self.descriptors.astype(np.float32)
+            cells = self.descriptor_frames // stride
+            out[np.ix_(cells, cells)] = d @ d.T
+        return out, stride
 
 
 def descriptor_stride(n_frames: int) -> int:

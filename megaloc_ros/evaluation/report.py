@@ -101,7 +101,8 @@ def format_text(report: dict) -> str:
                      f"true loop at least {m['exclude_s']:g} s older (the recall denominator)")
         rows = metric_rows(report)
         w = max(len(a) for a, _, _ in rows)
-        lines.append(f"{'':{w}}  {'retrieval only':>16}  {'+ verification':>16}")
+        first = "retrieval only" if report["mode"] != "live" else "candidates"
+        lines.append(f"{'':{w}}  {first:>16}  {'+ verification':>16}")
         lines += [f"{a:{w}}  {b:>16}  {c:>16}" for a, b, c in rows]
     else:
         lines.append("no ground truth given: loops and latency only")
@@ -150,7 +151,8 @@ def _plt():
 def plot_pr(report: dict, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
-    styles = {"retrieval": ("retrieval only", "tab:blue"), "verified": ("+ verification", "tab:green")}
+    styles = {"retrieval": ("retrieval only" if report["mode"] != "live" else "published candidates",
+                            "tab:blue"), "verified": ("+ verification", "tab:green")}
     m = report["metrics"]
     for name, c in report["curves"].items():
         label, color = styles[name]
@@ -182,28 +184,33 @@ def plot_pr(report: dict, path: Path) -> None:
 
 def plot_similarity(replay: Replay, report: dict, gt: Optional[np.ndarray], path: Path) -> None:
     plt = _plt()
-    sim, idx = replay.similarity()
+    sim, step = replay.similarity()
     panels = 2 if gt is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 5.4), dpi=120, squeeze=False)
     ax = axes[0, 0]
     n = len(replay.frames)
-    extent = (-0.5, n - 0.5, n - 0.5, -0.5)
-    off = sim[~np.eye(len(sim), dtype=bool)] if len(sim) > 1 else np.ones(1)
+    extent = (-0.5, len(sim) * step - 0.5, len(sim) * step - 0.5, -0.5)
+    off = sim[~np.eye(len(sim), dtype=bool) & np.isfinite(sim)]
+    off = off if off.size else np.ones(1)
     # contrast from the off-diagonal range: descriptors of one run often span only 0.8-1.0
-    im = ax.imshow(sim, cmap="viridis", interpolation="nearest", extent=extent,
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("white")
+    im = ax.imshow(np.ma.masked_invalid(sim), cmap=cmap, interpolation="nearest", extent=extent,
                    vmin=float(np.percentile(off, 2)), vmax=float(np.percentile(off, 99.9)))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
-    step = int(idx[1] - idx[0]) if len(idx) > 1 else 1
     ax.set_title("Descriptor similarity" + (f" (every {step}th frame)" if step > 1 else "")
-                 + (", ground truth outlined" if gt is not None else ""))
+                 + (", ground truth outlined" if gt is not None else "")
+                 + ("\n(white: frames that are not keyframes)" if np.isnan(sim).any() else ""), fontsize=10)
     ax.set_xlabel("frame")
     ax.set_ylabel("frame")
     if gt is not None:
-        if gt.any():
-            ax.contour(np.arange(n), np.arange(n), gt.astype(float), levels=[0.5], colors="red",
-                       linewidths=0.8)
+        g = _pool(gt, step)
+        if g.any():
+            xs = np.arange(len(g)) * step + (step - 1) / 2
+            ax.contour(xs, xs, g.astype(float), levels=[0.5], colors="red", linewidths=0.8)
         ax2 = axes[0, 1]
-        ax2.imshow(np.tril(gt), cmap="Greys", interpolation="nearest", vmin=0, vmax=1.6)
+        ax2.imshow(np.tril(g), cmap="Greys", interpolation="nearest", vmin=0, vmax=1.6,
+                   extent=extent)
         ax2.set_title("Ground truth (grey) and published loops")
         ax2.set_xlabel("match frame")
         ax2.set_ylabel("query frame")
@@ -213,6 +220,17 @@ def plot_similarity(replay: Replay, report: dict, gt: Optional[np.ndarray], path
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _pool(gt: np.ndarray, step: int) -> np.ndarray:
+    """Max-pool a bool matrix by ``step`` so thin diagonals survive downsampling."""
+    if step == 1:
+        return np.asarray(gt, bool)
+    n = len(gt)
+    g = -(-n // step)
+    pad = np.zeros((g * step, g * step), bool)
+    pad[:n, :n] = gt
+    return pad.reshape(g, step, g, step).any(axis=(1, 3))
 
 
 def _loop_markers(ax, report: dict) -> None:
@@ -316,7 +334,8 @@ def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
         parts.append(f"<h2>Metrics</h2><p>{m['gt_pairs']} same-place pairs in the ground truth; "
                      f"{m['n_positive']} frames have a true loop at least {m['exclude_s']:g} s older "
                      "(recall denominator). Definitions: megaloc_ros/evaluation/metrics.py.</p>")
-        parts.append("<table><tr><th>metric</th><th>retrieval only</th><th>+ verification</th></tr>")
+        first = "retrieval only" if report["mode"] != "live" else "published candidates"
+        parts.append(f"<table><tr><th>metric</th><th>{first}</th><th>+ verification</th></tr>")
         parts += [f"<tr><td>{e(a.strip())}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in rows]
         parts.append("</table>")
     else:
