@@ -102,7 +102,9 @@ def segment_image(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()
     elif params.method == "sam":
         if sam is None:
             sam = SamSegmenter(params.sam_encoder, params.sam_decoder, params.sam_points_per_side)
-        labels = sam.labels(small)
+        # SAM resizes to 1024 itself: give it the full image, then bring the labels down
+        labels = cv2.resize(sam.labels(image_rgb).astype(np.int32), (small.shape[1], small.shape[0]),
+                            interpolation=cv2.INTER_NEAREST)
     else:
         raise ValueError(f"unknown segmentation method {params.method!r}; use one of {METHODS}")
     return merge_small(labels, max(1, int(params.min_size_frac * labels.size)))
