@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -55,7 +56,7 @@ from typing import Optional
 import numpy as np
 
 from . import geometry, segments, segvlad
-from .errors import MapFileError
+from .errors import MapFileError, MegalocError
 from .types import Candidate, ImageFeatures, Keyframe, KeyframeId, VerifiedLoop
 
 _BLAS = None
@@ -105,6 +106,21 @@ class VerifierParams:
     min_inliers: int = 20             # RANSAC inliers
     max_accepted_per_query: int = 1   # keep the N passing candidates with most inliers (0 = all)
 
+    def __post_init__(self) -> None:
+        bad = []
+        if self.segment_method not in segments.METHODS:
+            bad.append(f"segment_method {self.segment_method!r} (use one of {segments.METHODS})")
+        if self.local_features not in ("sift", "orb"):
+            bad.append(f"local_features {self.local_features!r} (use 'sift' or 'orb')")
+        if self.order < 0 or self.vocab_size < 2 or self.vocab_keyframes < 1 or self.pca_dim < 1:
+            bad.append("order >= 0, vocab_size >= 2, vocab_keyframes >= 1 and pca_dim >= 1 are required")
+        if self.max_supersegments < 1 or self.max_keypoints < 8 or self.vote_top_k < 1:
+            bad.append("max_supersegments >= 1, max_keypoints >= 8 and vote_top_k >= 1 are required")
+        if not 0.0 < self.ratio <= 1.0 or self.ransac_threshold_px <= 0:
+            bad.append("ratio in (0, 1] and ransac_threshold_px > 0 are required")
+        if bad:
+            raise MegalocError("VerifierParams: " + "; ".join(bad))
+
     @classmethod
     def from_dict(cls, d: dict) -> "VerifierParams":
         known = {f.name for f in fields(cls)}
@@ -148,6 +164,7 @@ class Verifier:
         self.centroids: Optional[np.ndarray] = None  # [K, C]
         self.pca: Optional[segvlad.Pca] = None
         self._entries: dict[KeyframeId, _Entry] = {}
+        self.last_candidate_ms: list[float] = []
         self._lock = threading.Lock()
         self._seg_params = segments.SegmentParams(
             method=params.segment_method, max_side=params.segment_max_side,
@@ -256,15 +273,18 @@ class Verifier:
             vocab_note = (None if self.has_vocabulary else
                           f"no segvlad yet (vocabulary after {p.vocab_keyframes} keyframes, "
                           f"{self._pending_count()} so far)")
-        out = []
+        out, ms = [], []
+        self.last_candidate_ms = ms  # wall time per decided candidate, for benchmarks
         for cand, m in zip(candidates, entries):
             if q is None or m is None:
                 which = qid if q is None else cand.match.id
                 out.append(VerifiedLoop(cand, False, reason=f"rejected: keyframe {which} was never "
                                         "added to the verifier"))
                 continue
+            t0 = time.perf_counter()
             with _one_blas_thread():
                 out.append(self._decide(cand, q, m, vocab_note))
+            ms.append((time.perf_counter() - t0) * 1e3)
         cap = p.max_accepted_per_query
         passed = sorted((r for r in out if r.accepted), key=lambda r: -r.inliers)
         if cap > 0 and len(passed) > cap:

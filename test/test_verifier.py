@@ -152,3 +152,11 @@ def test_rtabmap_verification_reaches_full_precision_and_more_recall(feats):
     assert topk["recall"] >= glob["recall"]  # full precision at (at least) the detector's recall
     assert topk["recall_at_100_precision"] >= glob["recall_at_100_precision"] + 0.1
     assert r["bytes_per_keyframe"] < 100_000
+
+
+def test_bad_parameters_are_refused_with_the_reason():
+    from megaloc_ros.errors import MegalocError
+    with pytest.raises(MegalocError, match="local_features 'surf'"):
+        VerifierParams(local_features="surf")
+    with pytest.raises(MegalocError, match="ratio"):
+        VerifierParams(ratio=1.5)
