@@ -78,6 +78,10 @@ VERSION = 1
 
 @dataclass
 class VerifierParams:
+    """Verifier settings. The decision thresholds were chosen on the rtabmap sequence with the
+    offline DINOv2 ViT-S/14 backbone (`megaloc-ros bench verify` shows the effect of changing
+    them with ``--set NAME=VALUE``); SegVLAD scores depend on the backbone, so re-check
+    ``min_segvlad_score`` with `megaloc-ros eval` on your own bag when using MegaLoc features."""
     # Segmentation (see megaloc_ros.segments.SegmentParams)
     segment_method: str = "slic"      # "slic" | "felzenszwalb" | "sam"
     segment_max_side: int = 160       # segment at this longest side (speed)
