@@ -193,8 +193,7 @@ def plot_similarity(replay: Replay, report: dict, gt: Optional[np.ndarray], path
     off = sim[~np.eye(len(sim), dtype=bool) & np.isfinite(sim)]
     off = off if off.size else np.ones(1)
     # contrast from the off-diagonal range: descriptors of one run often span only 0.8-1.0
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     im = ax.imshow(np.ma.masked_invalid(sim), cmap=cmap, interpolation="nearest", extent=extent,
                    vmin=float(np.percentile(off, 2)), vmax=float(np.percentile(off, 99.9)))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
