@@ -29,13 +29,12 @@ def _check_outputs(out: Path, rtabmap_seq):
     return report
 
 
-def test_demo_offline_path(tmp_path, rtabmap_seq, capsys):
+def test_demo_offline_path(tmp_path, rtabmap_seq, real_encoder, rtabmap_features, capsys):
     """Without the ROS nodes (as where rclpy is missing) the demo runs the same pipeline
     in-process and says so."""
     from test_eval import FeatureTable
-    from megaloc_ros.encoder import encode_files, load_encoder
-    enc = load_encoder()
-    table = FeatureTable(enc, [(rtabmap_seq, encode_files(enc, rtabmap_seq.image_paths))])
+    enc = real_encoder
+    table = FeatureTable(enc, [(rtabmap_seq, rtabmap_features)])
     report = demo.run(tmp_path / "demo_out", live=False, encoder=table, quiet=True)
     printed = capsys.readouterr().out
     assert table.misses == 0

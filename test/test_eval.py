@@ -60,16 +60,9 @@ class FeatureTable:
 
 
 @pytest.fixture(scope="session")
-def encoder():
-    from megaloc_ros.encoder import load_encoder
-    return load_encoder()
-
-
-@pytest.fixture(scope="session")
-def features(encoder, rtabmap_seq, corridor_seq):
-    from megaloc_ros.encoder import encode_files
-    feats = {s.name: encode_files(encoder, s.image_paths) for s in (rtabmap_seq, corridor_seq)}
-    table = FeatureTable(encoder, [(rtabmap_seq, feats["rtabmap"]), (corridor_seq, feats["corridor"])])
+def features(real_encoder, rtabmap_seq, corridor_seq, rtabmap_features, corridor_features):
+    feats = {"rtabmap": rtabmap_features, "corridor": corridor_features}
+    table = FeatureTable(real_encoder, [(rtabmap_seq, rtabmap_features), (corridor_seq, corridor_features)])
     return feats, table
 
 
@@ -240,6 +233,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, rtabmap_seq):
         assert len(lines) == 1 and lines[0].startswith("megaloc-ros eval: error:") and msg in lines[0], r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.ros
 def test_live_replay_through_the_nodes_matches_offline(tmp_path, rtabmap_seq, features):
     """The bag played over DDS into loop_closure_node + verifier_node publishes the candidates
