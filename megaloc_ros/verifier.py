@@ -89,6 +89,8 @@ class VerifierParams:
     sam_encoder: str = ""             # SAM/MobileSAM encoder ONNX (segment_method "sam")
     sam_decoder: str = ""             # SAM/MobileSAM prompt-decoder ONNX
     # SegVLAD
+    segvlad_model: str = ""           # a second backbone (exported .onnx + .json sidecar) whose
+                                      # patch features SegVLAD uses; "" = the keyframe's own
     order: int = 3                    # SuperSegment neighbourhood order o (graph hops)
     vocab_size: int = 32              # k-means clusters
     vocab_keyframes: int = 30         # fit the vocabulary once this many keyframes exist
@@ -174,6 +176,12 @@ class Verifier:
             method=params.segment_method, max_side=params.segment_max_side,
             n_segments=params.n_segments, sam_encoder=params.sam_encoder,
             sam_decoder=params.sam_decoder)
+        self._patch_encoder = None
+        if params.segvlad_model:
+            from .encoder import Encoder
+            self._patch_encoder = Encoder(params.segvlad_model)
+            if not self._patch_encoder.has_patch_features:
+                raise MegalocError(f"segvlad_model {params.segvlad_model} exports no patch features")
         self._sam = None
         if params.segment_method == "sam":
             self._sam = segments.SamSegmenter(params.sam_encoder, params.sam_decoder)
@@ -221,6 +229,8 @@ class Verifier:
                                  p.sift_contrast)
         entry = _Entry((image_rgb.shape[1], image_rgb.shape[0]), local)
         pf = features.patch_features
+        if self._patch_encoder is not None:
+            pf = self._patch_encoder.encode([image_rgb])[0].patch_features
         if pf is not None and np.asarray(pf).ndim == 3:
             pf = np.asarray(pf, np.float32)
             weights = self._supersegment_weights(image_rgb, pf.shape[:2])

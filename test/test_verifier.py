@@ -160,3 +160,14 @@ def test_bad_parameters_are_refused_with_the_reason():
         VerifierParams(local_features="surf")
     with pytest.raises(MegalocError, match="ratio"):
         VerifierParams(ratio=1.5)
+
+
+def test_a_second_backbone_supplies_patch_features(rtabmap_seq, feats):
+    """Keyframes without exported patch features still get SegVLAD from ``segvlad_model``."""
+    from megaloc_ros.encoder import offline_model_path
+    from megaloc_ros.types import ImageFeatures
+    v = Verifier(VerifierParams(segvlad_model=str(offline_model_path()), vocab_keyframes=3))
+    for i in (0, 1, 2):
+        v.add_keyframe(kf(i), rtabmap_seq.load_rgb(i), ImageFeatures(feats[i].descriptor, None))
+    assert v.has_vocabulary
+    assert all(e.supersegments is not None for e in v._entries.values())
