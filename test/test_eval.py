@@ -178,10 +178,12 @@ def test_eval_ground_truth_from_pose_topic(tmp_path, rtabmap_seq, features, caps
     """A made-up trajectory that revisits like the rtabmap sequence: frames 41-80 retrace 1-40."""
     _, table = features
     n = 84
-    x = np.r_[np.arange(40), np.arange(40), np.arange(4)].astype(float)
+    # a 10 m circle driven twice (the second lap 0.3 m further out), then the first 4 m again
+    step = np.r_[np.arange(40), np.arange(40), np.arange(4)]
+    radius = np.r_[np.full(40, 10.0), np.full(40, 10.3), np.full(4, 10.0)]
     poses = np.tile(np.eye(4), (n, 1, 1))
-    poses[:, 0, 3] = x
-    poses[:, 1, 3] = np.r_[np.zeros(40), np.full(40, 0.3), np.zeros(4)]
+    poses[:, 0, 3] = radius * np.cos(step * 2 * np.pi / 40)
+    poses[:, 1, 3] = radius * np.sin(step * 2 * np.pi / 40)
     traj_file = tmp_path / "traj.tum"
     write_trajectory_tum(traj_file, Trajectory(rtabmap_seq.stamps_ns, poses))
     bag = tmp_path / "bag"

@@ -267,11 +267,13 @@ def plot_trajectory(replay: Replay, report: dict, positions: np.ndarray, valid: 
         if m is None or not (ok[q] and ok[m]):
             continue
         if r["verified"] is False:
-            color, name = "0.6", "rejected by verifier"
+            color, name, z, lw = "0.75", "rejected by verifier", 2, 1.0
         else:
             color, name = {True: ("tab:green", "true loop"), False: ("tab:red", "false loop"),
                            None: ("tab:blue", "loop")}[r.get("true")]
-        ax.plot([p[q, 0], p[m, 0]], [p[q, 1], p[m, 1]], "-", color=color, lw=1.5, zorder=3,
+            # true loops join nearby points: short edges, drawn last and thick so they show
+            z, lw = (5, 3.0) if r.get("true") else (3, 1.2)
+        ax.plot([p[q, 0], p[m, 0]], [p[q, 1], p[m, 1]], "-", color=color, lw=lw, zorder=z,
                 label=None if name in seen else name)
         seen.add(name)
     ax.set_aspect("equal", adjustable="datalim")
