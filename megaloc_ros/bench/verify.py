@@ -188,6 +188,11 @@ def print_table(r: dict) -> None:
         l = "-" if name == "global only" else lat
         print(f"{name:24s} {row['precision']:9.3f} {row['recall']:7.3f} "
               f"{row['loops']:>7d} ({row['false_loops']:d}) {row['recall_at_100_precision']:8.3f} {l:>23s}")
+    rows = r["rows"]
+    g0, vk = rows["global only"], rows["top-k + verification"]
+    print(f"=> detector alone: precision {g0['precision']:.3f} at recall {g0['recall']:.3f}; with the "
+          f"verifier deciding on its top-k: precision {vk['precision']:.3f} at recall {vk['recall']:.3f}. "
+          f"Recall at 100% precision {g0['recall_at_100_precision']:.3f} -> {vk['recall_at_100_precision']:.3f}.")
     a, g = r["add_keyframe_ms"], r["geometry_checked_ms"]
     if g["n"]:
         print(f"candidates that reached RANSAC ({g['n']}): {g['median']:.1f} ms median, "
