@@ -275,3 +275,74 @@ def test_saved_map_finds_the_same_loops_after_restart(encoder, frames, rtabmap_s
     # Same pixels, same map: the same loops, up to the detector's short-term state (temporal
     # consistency needs consecutive keyframes) that starts empty at the restart point.
     assert len(common) >= 0.8 * len(before) and len(common) >= 0.8 * len(after)
+
+
+def test_parameters_are_validated_and_detector_ones_apply_live(encoder):
+    from rclpy.parameter import Parameter
+
+    from megaloc_ros.errors import MegalocError
+
+    with pytest.raises(MegalocError, match="queue_size"):
+        NodeSet(params(queue_size=0), domain_id=DOMAIN_ID, encoder=encoder).start()
+    with pytest.raises(MegalocError, match="image_transport"):
+        NodeSet(params(image_transport="theora"), domain_id=DOMAIN_ID, encoder=encoder).start()
+    with NodeSet(params(), domain_id=DOMAIN_ID, encoder=encoder) as ns:
+        lc, vn = ns.loop_closure, ns.verifier
+        bad = lc.set_parameters([Parameter("detector.similarity_threshold", value=2.0)])[0]
+        assert not bad.successful and "similarity_threshold" in bad.reason
+        ro = lc.set_parameters([Parameter("queue_size", value=8)])[0]
+        assert not ro.successful and "read-only" in ro.reason
+        ok = lc.set_parameters([Parameter("detector.similarity_threshold", value=0.8)])[0]
+        assert ok.successful and lc.detector.params.similarity_threshold == 0.8
+        ok = vn.set_parameters([Parameter("verifier.min_inliers", value=40)])[0]
+        assert ok.successful and vn.verifier.params.min_inliers == 40
+        ro = vn.set_parameters([Parameter("verifier.pca_dim", value=64)])[0]
+        assert not ro.successful  # shapes the stored keyframe data
+
+
+def test_lifecycle_autostart_off_waits_for_transitions(encoder, frames):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    with NodeSet(params(autostart=False), domain_id=DOMAIN_ID, encoder=encoder, use_verifier=False) as ns:
+        h = ns.helper_node
+        assert _call(h, GetState, "loop_closure_node/get_state", GetState.Request()).current_state.label == "unconfigured"
+        time.sleep(0.5)
+        assert h.count_subscribers("image_raw") == 0  # not configured: no camera subscription
+        for t in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            assert _call(h, ChangeState, "loop_closure_node/change_state",
+                         ChangeState.Request(transition=Transition(id=t))).success
+        assert _call(h, GetState, "loop_closure_node/get_state", GetState.Request()).current_state.label == "active"
+        _wait(lambda: h.count_subscribers("image_raw") == 1, 10, "the camera subscription")
+        rec = Recorder(ns)
+        replay(ns, frames, [0])
+        assert len(ns.loop_closure.place_map) == 1 and rec.keyframes == [0]
+
+
+def test_odometry_gives_keyframe_poses_and_markers(encoder, frames):
+    from nav_msgs.msg import Odometry
+    from visualization_msgs.msg import MarkerArray
+
+    with NodeSet(params(odom_topic="odom", **{"detector.min_travel_m": 0.5}), domain_id=DOMAIN_ID,
+                 encoder=encoder, use_verifier=False) as ns:
+        h = ns.helper_node
+        markers, poses = [], []
+        h.create_subscription(MarkerArray, "loop_closure_node/markers", markers.append, 10)
+        h.create_subscription(KeyframeMsg, "loop_closure_node/keyframes",
+                              lambda m: poses.append((m.id, m.has_pose, m.pose.position.x)), KEEP_ALL)
+        odom_pub = h.create_publisher(Odometry, "odom", RELIABLE)
+        _wait(lambda: odom_pub.get_subscription_count() > 0, 20, "odometry subscription")
+        xs = [0.0, 0.1, 1.0, 2.0]  # the robot stands still between the first two frames
+        for k, x in enumerate(xs):
+            od = Odometry()
+            od.header.frame_id, od.header.stamp = "odom", conv.ns_to_stamp(BASE_NS + k * conv.NS)
+            od.pose.pose.position.x, od.pose.pose.orientation.w = x, 1.0
+            odom_pub.publish(od)
+        time.sleep(0.3)
+        replay(ns, frames, [0, 1, 2, 3])  # stamps k seconds: odometry k
+        _wait(lambda: markers and len(markers[-1].markers[0].points) == len(poses), 10, "markers")
+    # frame 1 moved 0.1 m < min_travel_m: not a keyframe; the others carry their odometry pose
+    assert [(i, p) for i, p, _ in poses] == [(0, True), (1, True), (2, True)]
+    assert [x for _, _, x in poses] == pytest.approx([0.0, 1.0, 2.0])
+    kf_marker = markers[-1].markers[0]
+    assert kf_marker.header.frame_id == "odom" and [p.x for p in kf_marker.points] == pytest.approx([0.0, 1.0, 2.0])

@@ -94,10 +94,10 @@ class LoopClosureNode(LifecycleNode):
         self._edges: list[tuple[int, int]] = []
         self._markers_dirty = False
         self._dirty = False      # keyframes added since the last save
-        self._subs: list = []
-        self._pubs: list = []
-        self._services: list = []
-        self._timers: list = []
+        self._own_subs: list = []
+        self._own_pubs: list = []
+        self._own_services: list = []
+        self._own_timers: list = []
         self._prev_snapshot: dict[str, float] = {}
         self._configured = False
         if self._values["autostart"]:
@@ -155,14 +155,14 @@ class LoopClosureNode(LifecycleNode):
         self._pub_keyframes = self.create_lifecycle_publisher(KeyframeMsg, "~/keyframes", RELIABLE_KEEP_ALL)
         self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", LATCHED)
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._pubs = [self._pub_candidates, self._pub_keyframes, self._pub_markers, self._pub_diag]
+        self._own_pubs = [self._pub_candidates, self._pub_keyframes, self._pub_markers, self._pub_diag]
         group = MutuallyExclusiveCallbackGroup()
-        self._services = [
+        self._own_services = [
             self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=group),
             self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=group),
             self.create_service(QueryImage, "~/query_image", self._srv_query_image, callback_group=group),
         ]
-        self._timers = [self.create_timer(self._param("diagnostics_period"), self._publish_diagnostics,
+        self._own_timers = [self.create_timer(self._param("diagnostics_period"), self._publish_diagnostics,
                                           callback_group=MutuallyExclusiveCallbackGroup())]
         self._stop = False
         self._worker = threading.Thread(target=self._work, name=f"{self.get_name()}_worker", daemon=True)
@@ -189,13 +189,13 @@ class LoopClosureNode(LifecycleNode):
         if self._param("image_transport") == "compressed":
             if not topic.endswith("/compressed"):
                 topic = topic.rstrip("/") + "/compressed"
-            self._subs = [self.create_subscription(CompressedImage, topic, self._on_image, qos, callback_group=group)]
+            self._own_subs = [self.create_subscription(CompressedImage, topic, self._on_image, qos, callback_group=group)]
         else:
-            self._subs = [self.create_subscription(Image, topic, self._on_image, qos, callback_group=group)]
+            self._own_subs = [self.create_subscription(Image, topic, self._on_image, qos, callback_group=group)]
         if self._param("odom_topic"):
-            self._subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
+            self._own_subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
                                                        callback_group=MutuallyExclusiveCallbackGroup()))
-        self.get_logger().info(f"listening on {self._subs[0].topic_name}; map has {len(self.place_map)} keyframes, "
+        self.get_logger().info(f"listening on {self._own_subs[0].topic_name}; map has {len(self.place_map)} keyframes, "
                                f"new keyframes are session {self.session}")
         return super().on_activate(state)
 
@@ -223,13 +223,19 @@ class LoopClosureNode(LifecycleNode):
             self._save_if_dirty()
         self._release()
 
+    def stop_input(self) -> None:
+        """Stop taking frames and finish the queued ones (their results are published)."""
+        self._drop_subscriptions()
+        if self._configured:
+            self.wait_idle(timeout=30.0)
+
     def _drop_subscriptions(self) -> None:
-        for s in self._subs:
+        for s in self._own_subs:
             try:
                 self.destroy_subscription(s)
             except Exception:
                 pass
-        self._subs = []
+        self._own_subs = []
 
     def _release(self) -> None:
         with self._cv:
@@ -238,11 +244,11 @@ class LoopClosureNode(LifecycleNode):
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(timeout=30.0)
         self._worker = None
-        for t in self._timers:
+        for t in self._own_timers:
             self.destroy_timer(t)
-        for s in self._services:
+        for s in self._own_services:
             self.destroy_service(s)
-        for p in self._pubs:
+        for p in self._own_pubs:
             try:
                 if hasattr(p, "on_deactivate"):
                     self.destroy_lifecycle_publisher(p)
@@ -250,7 +256,7 @@ class LoopClosureNode(LifecycleNode):
                     self.destroy_publisher(p)
             except Exception:
                 pass
-        self._timers, self._services, self._pubs = [], [], []
+        self._own_timers, self._own_services, self._own_pubs = [], [], []
         with self._cv:
             self._queue.clear()
         self._configured = False

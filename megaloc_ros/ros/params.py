@@ -201,7 +201,7 @@ def detector_specs() -> list[ParamSpec]:
 # Verifier fields that change decisions only; the others shape the stored keyframe data (a
 # loaded verifier state keeps its own), so they are read-only here.
 VERIFIER_LIVE_FIELDS = ("min_global_score", "min_segvlad_score", "min_inliers", "ratio", "mutual",
-                        "ransac_threshold_px", "vote_top_k")
+                        "ransac_threshold_px", "vote_top_k", "max_accepted_per_query")
 
 
 def verifier_specs() -> list[ParamSpec]:

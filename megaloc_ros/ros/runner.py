@@ -89,7 +89,7 @@ class NodeSet:
         if unknown:
             raise MegalocError(f"unknown parameter(s) {', '.join(unknown)} (see config/loop_closure.yaml)")
         self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=self.domain_id, signal_handler_options=None)
+        rclpy.init(args=[], context=self.context, domain_id=self.domain_id, signal_handler_options=None)
         try:
             kw = dict(context=self.context, namespace=self.namespace)
             self.loop_closure = self._make(LoopClosureNode, P.loop_closure_specs(), encoder=self.encoder, **kw)
@@ -163,14 +163,25 @@ class NodeSet:
             self.verifier.load_map(path)
 
     def stop(self) -> None:
+        """Stop taking frames, let the queued ones reach the verifier, stop spinning, save, shut down."""
         import rclpy
+        lc = self.loop_closure
+        if lc is not None and self._executor is not None:
+            try:
+                lc.stop_input()
+                if self.verifier is not None:
+                    self.wait_idle(timeout=30.0, settle=0.0)
+            except Exception as exc:
+                print(f"megaloc-ros: draining {lc.get_name()}: {exc}")
+        if self._executor is not None:
+            self._executor.shutdown(timeout_sec=5.0)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
         for n in self.nodes():
             try:
                 n.close()
             except Exception as exc:  # keep stopping the others
                 print(f"megaloc-ros: stopping {n.get_name()}: {exc}")
-        if self._executor is not None:
-            self._executor.shutdown(timeout_sec=5.0)
         for n in self.nodes() + ([self.helper_node] if self.helper_node else []):
             try:
                 n.destroy_node()
@@ -178,8 +189,6 @@ class NodeSet:
                 pass
         if self.context is not None:
             rclpy.try_shutdown(context=self.context)
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
         self.loop_closure = self.verifier = self.helper_node = None
         self._executor = self._thread = None
 

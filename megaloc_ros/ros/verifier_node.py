@@ -66,10 +66,10 @@ class VerifierNode(LifecycleNode):
         self._keyframes: dict[int, object] = {}   # id -> Keyframe (with pose) received this run
         self._pending: list[tuple[float, LoopClosureArray]] = []
         self._dirty = False
-        self._subs: list = []
-        self._pubs: list = []
-        self._services: list = []
-        self._timers: list = []
+        self._own_subs: list = []
+        self._own_pubs: list = []
+        self._own_services: list = []
+        self._own_timers: list = []
         self._prev_snapshot: dict[str, float] = {}
         self._configured = False
         if self._values["autostart"]:
@@ -131,13 +131,13 @@ class VerifierNode(LifecycleNode):
         self._pub_loops = self.create_lifecycle_publisher(LoopClosureArray, "~/loop_closures", RELIABLE)
         self._pub_rejected = self.create_lifecycle_publisher(LoopClosureArray, "~/rejected", RELIABLE)
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._pubs = [self._pub_loops, self._pub_rejected, self._pub_diag]
+        self._own_pubs = [self._pub_loops, self._pub_rejected, self._pub_diag]
         group = MutuallyExclusiveCallbackGroup()
-        self._services = [
+        self._own_services = [
             self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=group),
             self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=group),
         ]
-        self._timers = [self.create_timer(self._param("diagnostics_period"), self._tick,
+        self._own_timers = [self.create_timer(self._param("diagnostics_period"), self._tick,
                                           callback_group=MutuallyExclusiveCallbackGroup())]
         self._configured = True
 
@@ -153,13 +153,13 @@ class VerifierNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         # One callback group: the Verifier sees keyframes and candidates in arrival order.
         group = MutuallyExclusiveCallbackGroup()
-        self._subs = [
+        self._own_subs = [
             self.create_subscription(KeyframeMsg, self._param("keyframes_topic"), self._on_keyframe,
                                      RELIABLE_KEEP_ALL, callback_group=group),
             self.create_subscription(LoopClosureArray, self._param("candidates_topic"), self._on_candidates,
                                      RELIABLE, callback_group=group),
         ]
-        self.get_logger().info(f"verifying {self._subs[1].topic_name} with keyframes from {self._subs[0].topic_name}")
+        self.get_logger().info(f"verifying {self._own_subs[1].topic_name} with keyframes from {self._own_subs[0].topic_name}")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -184,19 +184,19 @@ class VerifierNode(LifecycleNode):
         self._release()
 
     def _drop_subscriptions(self) -> None:
-        for s in self._subs:
+        for s in self._own_subs:
             try:
                 self.destroy_subscription(s)
             except Exception:
                 pass
-        self._subs = []
+        self._own_subs = []
 
     def _release(self) -> None:
-        for t in self._timers:
+        for t in self._own_timers:
             self.destroy_timer(t)
-        for s in self._services:
+        for s in self._own_services:
             self.destroy_service(s)
-        for p in self._pubs:
+        for p in self._own_pubs:
             try:
                 if hasattr(p, "on_deactivate"):
                     self.destroy_lifecycle_publisher(p)
@@ -204,7 +204,7 @@ class VerifierNode(LifecycleNode):
                     self.destroy_publisher(p)
             except Exception:
                 pass
-        self._timers, self._services, self._pubs = [], [], []
+        self._own_timers, self._own_services, self._own_pubs = [], [], []
         self._configured = False
 
     # ----------------------------------------------------------------- input
