@@ -34,11 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between an image and the nearest pose beyond which it has no pose")
     p.add_argument("--params", help="the nodes' parameters YAML (detector.* and verifier.* are used)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override one parameter, e.g. --set detector.similarity_threshold=0.8 (repeatable)")
+                   help="override one parameter, e.g. --set detector.similarity_threshold=0.8 "
+                        "(repeatable); with --live also node parameters, e.g. --set queue_size=100")
     p.add_argument("--model", help="exported model .onnx (default: MegaLoc if exported, else the "
                                    "offline DINOv2 ViT-S/14 backbone)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (offline mode)")
-    p.add_argument("--index", default="flat", help="place-map index kind (offline mode)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--index", default="flat", help="place-map index kind (flat, ivfpq, ivfsq8, hnsw, sq8)")
     p.add_argument("--no-verify", action="store_true", help="global retrieval only, no verifier")
     p.add_argument("--live", action="store_true",
                    help="play the bag into the ROS 2 nodes (started in this process) over DDS")
@@ -75,12 +76,16 @@ def detector_and_verifier_params(params_file=None, overrides=None, verify: bool 
     if verify:
         from ..verifier import VerifierParams
         classes["verifier"] = VerifierParams
+    node_names = _node_param_names()
     for key in over:
         prefix, _, name = key.partition(".")
         cls = classes.get(prefix)
+        if key in node_names and prefix not in ("detector", "verifier"):
+            continue  # a node parameter (live mode), see node_param_overrides
         if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
             known = ", ".join(f"{p}.<field>" for p in classes)
-            raise MegalocError(f"--set {key}: unknown parameter (known: {known}; see config/loop_closure.yaml)")
+            raise MegalocError(f"--set {key}: unknown parameter (known: {known}, and node parameters "
+                               "with --live; see config/loop_closure.yaml)")
     out = {}
     for prefix, cls in classes.items():
         node = LOOP_CLOSURE_NODE if prefix == "detector" else VERIFIER_NODE
@@ -91,6 +96,21 @@ def detector_and_verifier_params(params_file=None, overrides=None, verify: bool 
         except TypeError as exc:
             raise MegalocError(f"{prefix} parameters: {exc}") from None
     return out["detector"], out.get("verifier")
+
+
+def _node_param_names() -> set[str]:
+    from ..ros.params import all_node_specs
+    return {s.name for specs in all_node_specs().values() for s in specs
+            if not s.name.startswith(("detector.", "verifier."))}
+
+
+def node_param_overrides(overrides, live: bool) -> dict:
+    """``--set`` values for node parameters (queue_size, image_qos, ...): only with --live."""
+    names = _node_param_names()
+    out = {k: v for k, v in _overrides(overrides).items() if k in names}
+    if out and not live:
+        raise MegalocError(f"--set {next(iter(out))}: a node parameter, which only applies with --live")
+    return out
 
 
 def ground_truth_source(args, n_frames: int, reader):
@@ -132,6 +152,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
     from .report import evaluate, write_report
 
     dp, vp = detector_and_verifier_params(args.params, args.set, verify=not args.no_verify)
+    node_param_overrides(args.set, args.live)  # reject node parameters without --live, early
     exclude_s = dp.exclude_recent_s if args.gt_exclude_s is None else args.gt_exclude_s
     with BagReader(args.bag) as r:  # check everything cheap before the long part
         n = r.image_count(args.image_topic)
@@ -141,8 +162,14 @@ def run(args, encoder=None) -> tuple[dict, Path]:
         odometry, resolve_gt = ground_truth_source(args, n, r)
     if args.live:
         from ..ros.replay import replay_live
+        from ..encoder import load_encoder
+        node_params = node_param_overrides(args.set, True)
+        if args.index != "flat":
+            node_params.setdefault("map_index", args.index)
+        enc = encoder or (load_encoder(args.model, device=args.device) if args.model else None)
         replay = replay_live(args.bag, args.image_topic, dp, vp, params_file=args.params,
-                             rate=args.rate, quiet=args.quiet, trajectory=odometry)
+                             rate=args.rate, quiet=args.quiet, trajectory=odometry, encoder=enc,
+                             node_params=node_params)
     else:
         from ..encoder import load_encoder
         enc = encoder or load_encoder(args.model, device=args.device)

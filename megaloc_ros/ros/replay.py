@@ -177,6 +177,9 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
 
     notes.insert(0, f"live replay over DDS at rate x{rate:g} (namespace /{ns}): {len(stamps)} frames "
                     f"published, {processed} processed by loop_closure_node, {dropped} dropped by its queue")
+    if trajectory is not None:
+        notes.append("the bag's poses are used for the ground truth only: live mode does not replay "
+                     "them as odometry (offline mode gives them to keyframe selection)")
     if node_lat:
         notes.append(f"median stage latencies the nodes report (last 100 frames): {node_lat}")
     notes.append("live mode: the detector publishes only candidates above its similarity_threshold (after "
