@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import rclpy
 from geometry_msgs.msg import Point
 from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -74,6 +73,7 @@ class LoopClosureNode(LifecycleNode):
         self.add_on_set_parameters_callback(
             P.validator(self._specs, {"detector": DetectorParams}, lambda: self._values))
         self.add_post_set_parameters_callback(self._after_set_parameters)
+        P.build_dataclass(self._detector_cls, "detector", self._values)  # its own checks, before anything starts
         self.stats = Stats()
         self.last_error = ""
         self._logged: dict[str, float] = {}
@@ -492,16 +492,6 @@ class LoopClosureNode(LifecycleNode):
 
 
 def main(args=None) -> None:
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-    rclpy.init(args=args)
-    node = LoopClosureNode()
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.close()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """`ros2 run megaloc_ros loop_closure_node`: this node alone on a multi-threaded executor."""
+    from .runner import spin_single
+    spin_single(LoopClosureNode, args)

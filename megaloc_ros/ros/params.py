@@ -120,7 +120,15 @@ def _field_comments(cls) -> dict[str, str]:
             name = node.target.id
             line = lines[node.end_lineno - 1]
             if "#" in line:
-                out[name] = line.split("#", 1)[1].strip()
+                col = line.index("#")
+                text = [line[col + 1:].strip()]
+                # continuation lines: comments aligned with this one (section headers are not)
+                for nxt_line in lines[node.end_lineno:]:
+                    if nxt_line.find("#") == col and not nxt_line[:col].strip():
+                        text.append(nxt_line[col + 1:].strip())
+                    else:
+                        break
+                out[name] = " ".join(text)
             nxt = body[i + 1] if i + 1 < len(body) else None
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
                     and isinstance(nxt.value.value, str):

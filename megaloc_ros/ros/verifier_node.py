@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -59,6 +58,8 @@ class VerifierNode(LifecycleNode):
         self.add_on_set_parameters_callback(
             P.validator(self._specs, {"verifier": VerifierParams}, lambda: self._values))
         self.add_post_set_parameters_callback(self._after_set_parameters)
+        P.build_dataclass(self._params_cls, "verifier", self._values)  # its own checks, before anything starts
+        self._camera()
         self.stats = Stats()
         self.last_error = ""
         self.verifier = None
@@ -361,16 +362,6 @@ class VerifierNode(LifecycleNode):
 
 
 def main(args=None) -> None:
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-    rclpy.init(args=args)
-    node = VerifierNode()
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.close()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    """`ros2 run megaloc_ros verifier_node`: this node alone on a multi-threaded executor."""
+    from .runner import spin_single
+    spin_single(VerifierNode, args)
