@@ -300,23 +300,48 @@ def test_parameters_are_validated_and_detector_ones_apply_live(encoder):
         assert not ro.successful  # shapes the stored keyframe data
 
 
-def test_lifecycle_autostart_off_waits_for_transitions(encoder, frames):
+def test_lifecycle_transitions_start_save_and_reload_the_map(encoder, frames, tmp_path):
+    """autostart false: nothing runs until configure + activate; deactivate saves the map;
+    cleanup + configure loads it again and new keyframes start the next session."""
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
 
-    with NodeSet(params(autostart=False), domain_id=DOMAIN_ID, encoder=encoder, use_verifier=False) as ns:
+    map_path = str(tmp_path / "lc.map")
+    with NodeSet(params(autostart=False, map_path=map_path), domain_id=DOMAIN_ID, encoder=encoder,
+                 use_verifier=False) as ns:
         h = ns.helper_node
-        assert _call(h, GetState, "loop_closure_node/get_state", GetState.Request()).current_state.label == "unconfigured"
+
+        def state():
+            return _call(h, GetState, "loop_closure_node/get_state", GetState.Request()).current_state.label
+
+        def transition(t):
+            res = _call(h, ChangeState, "loop_closure_node/change_state", ChangeState.Request(transition=Transition(id=t)))
+            assert res.success
+
+        assert state() == "unconfigured"
         time.sleep(0.5)
         assert h.count_subscribers("image_raw") == 0  # not configured: no camera subscription
-        for t in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            assert _call(h, ChangeState, "loop_closure_node/change_state",
-                         ChangeState.Request(transition=Transition(id=t))).success
-        assert _call(h, GetState, "loop_closure_node/get_state", GetState.Request()).current_state.label == "active"
+        transition(Transition.TRANSITION_CONFIGURE)
+        transition(Transition.TRANSITION_ACTIVATE)
+        assert state() == "active"
         _wait(lambda: h.count_subscribers("image_raw") == 1, 10, "the camera subscription")
         rec = Recorder(ns)
         replay(ns, frames, [0])
         assert len(ns.loop_closure.place_map) == 1 and rec.keyframes == [0]
+        assert not os.path.exists(map_path)
+        transition(Transition.TRANSITION_DEACTIVATE)
+        assert os.path.exists(map_path), "deactivate did not save the map"
+        _wait(lambda: h.count_subscribers("image_raw") == 0, 10, "the camera subscription to go")
+        transition(Transition.TRANSITION_CLEANUP)
+        assert state() == "unconfigured"
+        transition(Transition.TRANSITION_CONFIGURE)
+        transition(Transition.TRANSITION_ACTIVATE)
+        lc = ns.loop_closure
+        assert len(lc.place_map) == 1 and lc.session == 1  # reloaded; a new session
+        _wait(lambda: h.count_subscribers("image_raw") == 1, 10, "the camera subscription")
+        replay(ns, frames, [50])
+        kfs = list(lc.place_map.keyframes())
+        assert [(k.id, k.session) for k in kfs] == [(0, 0), (1, 1)]
 
 
 def test_odometry_gives_keyframe_poses_and_markers(encoder, frames):
