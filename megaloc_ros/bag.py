@@ -122,7 +122,7 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     msgtype = COMPRESSED_TYPE if compressed else IMAGE_TYPE
     out.parent.mkdir(parents=True, exist_ok=True)
-    bar = _progress(len(image_paths), "make-bag", disable=not progress)
+    bar = progress_bar(len(image_paths), "make-bag", quiet=not progress)
     try:
         with Writer(out, version=Writer.VERSION_LATEST, storage_plugin=plugin) as w:
             conn = w.add_connection(topic, msgtype, typestore=ts)
@@ -158,11 +158,11 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
     return out
 
 
-def _progress(total: int, desc: str, disable: bool = False):
-    """tqdm on stderr, only on a terminal."""
+def progress_bar(total: int, desc: str, quiet: bool = False):
+    """tqdm on stderr; off with ``quiet`` or when stderr is not a terminal."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr,
-                disable=disable or not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, dynamic_ncols=True,
+                disable=quiet or not sys.stderr.isatty(), leave=False)
 
 
 @dataclass

@@ -73,9 +73,8 @@ def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, e
     dp, vp = detector_and_verifier_params(None, None, verify=True)
     replay = None
     if live:
-        try:
-            import rclpy  # noqa: F401
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("rclpy") is None:  # the core never imports rclpy itself
             _say("ROS 2 (rclpy) is not available here: running the same pipeline in-process "
                  "(offline replay, no DDS) instead of the ROS nodes.")
             live = False

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from megaloc_ros import demo

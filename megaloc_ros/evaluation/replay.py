@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..bag import progress_bar
 from ..types import Candidate, VerifiedLoop
 
 log = logging.getLogger("megaloc_ros.evaluation")
@@ -121,13 +121,6 @@ class Replay:
 
 def descriptor_stride(n_frames: int) -> int:
     return max(1, math.ceil(n_frames / MAX_SIMILARITY_FRAMES))
-
-
-def progress_bar(total: int, desc: str, quiet: bool = False):
-    """tqdm on stderr; off with ``quiet`` or when stderr is not a terminal."""
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, dynamic_ncols=True,
-                disable=quiet or not sys.stderr.isatty())
 
 
 def build_pipeline(encoder, detector_params=None, verifier_params=None, verify: bool = True,

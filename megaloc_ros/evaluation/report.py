@@ -19,6 +19,13 @@ import numpy as np
 from . import metrics as M
 from .replay import Replay, _jsonable
 
+LATENCY_NOTE = ("Stages: decode = deserialise + decode the bag message; encode = the model; search = "
+                "LoopDetector.process (keyframe test, map search, decisions, insertion); verify = "
+                "Verifier.add_keyframe + verify of the frame's candidates (what the verifier node does "
+                "per keyframe). Live mode: image_to_keyframe = publishing the image to receiving its "
+                "~/keyframes message (DDS, queueing, encode, search); candidates_to_verdict = receiving "
+                "~/candidates to receiving the verifier's verdicts.")
+
 
 # ---------------------------------------------------------------- the numbers
 
@@ -347,7 +354,7 @@ def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
                      "<th>p99 ms</th><th>max ms</th><th>frames</th></tr>")
         parts += [f"<tr><td>{e(k)}</td><td>{v['median_ms']:.2f}</td><td>{v['p99_ms']:.2f}</td>"
                   f"<td>{v['max_ms']:.2f}</td><td>{v['n']}</td></tr>" for k, v in lat.items()]
-        parts.append("</table>")
+        parts.append("</table><p>" + e(LATENCY_NOTE) + "</p>")
     for name, caption in images:
         parts.append(f"<h2>{e(caption)}</h2><img src='{e(name)}' alt='{e(caption)}'>")
     loops = report.get("loops", [])

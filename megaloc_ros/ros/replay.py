@@ -23,7 +23,8 @@ from typing import Optional
 import numpy as np
 
 from ..errors import MegalocError
-from ..evaluation.replay import FrameRecord, Replay, descriptor_stride, progress_bar
+from ..bag import progress_bar
+from ..evaluation.replay import FrameRecord, Replay, descriptor_stride
 
 
 class TimedEncoder:
