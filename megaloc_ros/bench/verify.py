@@ -186,10 +186,13 @@ def print_table(r: dict) -> None:
     print(hdr)
     for name, row in r["rows"].items():
         l = "-" if name == "global only" else lat
-        print(f"{name:24s} {row['precision']:9.3f} {row['recall']:7.3f} "
+        prec = f"{row['precision']:9.3f}" if row["loops"] else f"{'- (none)':>9s}"  # no loops: no precision
+        print(f"{name:24s} {prec} {row['recall']:7.3f} "
               f"{row['loops']:>7d} ({row['false_loops']:d}) {row['recall_at_100_precision']:8.3f} {l:>23s}")
     rows = r["rows"]
     g0, vk = rows["global only"], rows["top-k + verification"]
+    if not vk["loops"]:
+        print("=> the verifier accepted no loop on this sequence (nothing confirmed, nothing false)")
     print(f"=> detector alone: precision {g0['precision']:.3f} at recall {g0['recall']:.3f}; with the "
           f"verifier deciding on its top-k: precision {vk['precision']:.3f} at recall {vk['recall']:.3f}. "
           f"Recall at 100% precision {g0['recall_at_100_precision']:.3f} -> {vk['recall_at_100_precision']:.3f}.")
