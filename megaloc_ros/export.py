@@ -205,17 +205,18 @@ def download_official(dest: Path) -> Path:
     """The official ``model.safetensors`` from Hugging Face, or a WeightsError saying what to do."""
     if dest.is_file():
         return dest
+    url = os.environ.get("MEGALOC_WEIGHTS_URL", OFFICIAL_URL)  # e.g. a local mirror
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(".part")
-    print(f"downloading the official MegaLoc weights from {OFFICIAL_URL}", file=sys.stderr)
+    print(f"downloading the official MegaLoc weights from {url}", file=sys.stderr)
     try:
-        with urllib.request.urlopen(OFFICIAL_URL, timeout=30) as r, open(part, "wb") as f:
+        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
             while block := r.read(1 << 22):
                 f.write(block)
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise WeightsError(
-            f"cannot download the MegaLoc weights ({exc}). On a machine with internet, fetch "
+            f"cannot download the MegaLoc weights from {url} ({exc}). On a machine with internet, fetch "
             f"{OFFICIAL_URL} (Hugging Face repo gberton/MegaLoc, file model.safetensors), copy it here "
             f"and run `megaloc-ros export --weights model.safetensors --output megaloc.onnx`; or "
             f"export the offline DINOv2 backbone: `megaloc-ros export --weights .cache/weights/vit_s_focus.onnx "

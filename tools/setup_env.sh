@@ -107,4 +107,10 @@ os.replace(os.path.join(w, "vit_s_focus.onnx.part"), os.path.join(w, "vit_s_focu
 PYEOF
   rm -rf "$W/dl"
 fi
+# --- 6. offline encoder: the backbone above exported once to ONNX (NOT MegaLoc) ---
+# load_encoder() would build it lazily; building it here keeps the first test/demo run fast.
+if ! ls "$ROOT"/.cache/models/dinov2-vits14-offline-*-224x224-v*.json >/dev/null 2>&1; then
+  say "building the offline DINOv2 ViT-S/14 encoder (ONNX, cached under .cache/models/)"
+  "$ROOT/tools/with_env.sh" python -c 'from megaloc_ros.encoder import offline_model_path; print(offline_model_path())'
+fi
 say "ready"
