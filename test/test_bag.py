@@ -47,6 +47,8 @@ def test_raw_bag_round_trip_with_poses(tmp_path, rtabmap_seq, storage, capsys):
         assert {t.name: t.count for t in r.topics} == {"/camera/image_raw": n, "/pose": n}
         frames = list(r.images("/camera/image_raw"))
         traj = r.trajectory("/pose")
+        with pytest.raises(BagError, match="topic /pose .* has type geometry_msgs/msg/PoseStamped, expected"):
+            next(r.images("/pose"))
     assert [f.stamp_ns for f in frames] == [i * S // 2 for i in range(n)]
     for f, p in zip(frames, rtabmap_seq.image_paths[:n]):
         assert np.array_equal(f.rgb, read_image_file(p))
@@ -142,3 +144,19 @@ def test_read_trajectory_from_kitti_matches_frames(tmp_path):
     k.write_text("\n".join("1 0 0 %d 0 1 0 0 0 0 1 0" % i for i in range(3)))
     tr = read_trajectory(k, frame_stamps_ns=[0, S, 2 * S])
     assert tr.positions[:, 0].tolist() == [0, 1, 2]
+
+
+def test_garbage_message_inside_a_bag(tmp_path, rtabmap_seq):
+    """A bag that opens fine but holds one damaged message fails on that message, clearly."""
+    import sqlite3
+    bag = B.write_bag(tmp_path / "b", rtabmap_seq.image_paths[:3], [0, S, 2 * S], storage="sqlite3",
+                      compressed=True)
+    db = next(bag.glob("*.db3"))
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE messages SET data = ? WHERE id = 2", (b"\x00\x01\x00\x00" + b"\xff" * 40,))
+    with B.BagReader(bag) as r:
+        it = r.images("/camera/image_raw/compressed")
+        assert next(it).index == 0
+        with pytest.raises(BagError, match="message 1 on /camera/image_raw/compressed .* cannot be "
+                                           "deserialised as sensor_msgs/msg/CompressedImage"):
+            next(it)
