@@ -193,9 +193,10 @@ def print_table(r: dict) -> None:
     g0, vk = rows["global only"], rows["top-k + verification"]
     if not vk["loops"]:
         print("=> the verifier accepted no loop on this sequence (nothing confirmed, nothing false)")
-    print(f"=> detector alone: precision {g0['precision']:.3f} at recall {g0['recall']:.3f}; with the "
-          f"verifier deciding on its top-k: precision {vk['precision']:.3f} at recall {vk['recall']:.3f}. "
-          f"Recall at 100% precision {g0['recall_at_100_precision']:.3f} -> {vk['recall_at_100_precision']:.3f}.")
+    else:
+        print(f"=> detector alone: precision {g0['precision']:.3f} at recall {g0['recall']:.3f}; with the "
+              f"verifier deciding on its top-k: precision {vk['precision']:.3f} at recall {vk['recall']:.3f}. "
+              f"Recall at 100% precision {g0['recall_at_100_precision']:.3f} -> {vk['recall_at_100_precision']:.3f}.")
     a, g = r["add_keyframe_ms"], r["geometry_checked_ms"]
     if g["n"]:
         print(f"candidates that reached RANSAC ({g['n']}): {g['median']:.1f} ms median, "
