@@ -371,3 +371,28 @@ def test_odometry_gives_keyframe_poses_and_markers(encoder, frames):
     assert [x for _, _, x in poses] == pytest.approx([0.0, 1.0, 2.0])
     kf_marker = markers[-1].markers[0]
     assert kf_marker.header.frame_id == "odom" and [p.x for p in kf_marker.points] == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_camera_info_gives_loop_transforms(encoder, frames, rtabmap_seq):
+    """With intrinsics (here from sensor_msgs/CameraInfo) verified loops carry the relative pose."""
+    from sensor_msgs.msg import CameraInfo
+
+    near = {"detector.exclude_recent_s": 0.0, "detector.exclude_recent_keyframes": 0}
+    with NodeSet(params(camera_info_topic="camera_info", **near), domain_id=DOMAIN_ID, encoder=encoder) as ns:
+        h = ns.helper_node
+        info_pub = h.create_publisher(CameraInfo, "camera_info", 10)
+        _wait(lambda: info_pub.get_subscription_count() > 0, 20, "camera_info subscription")
+        w, hgt = frames[0].shape[1], frames[0].shape[0]
+        f = 0.9 * w  # a plausible focal length for this camera (no calibration is shipped)
+        info_pub.publish(CameraInfo(width=w, height=hgt, k=[f, 0.0, w / 2, 0.0, f, hgt / 2, 0.0, 0.0, 1.0]))
+        _wait(lambda: ns.verifier.verifier.camera_matrix is not None, 10, "intrinsics at the verifier")
+        rec = Recorder(ns)
+        replay(ns, frames, [0, 1, 2, 3, 40, 41, 42, 43])  # 40-43 revisit 0-3
+    pairs = check_loops(rec, rtabmap_seq.gt, min_loops=1)
+    with rec.lock:
+        assert all(lc.has_transform for lc in rec.loops)
+        for lc in rec.loops:
+            t = lc.transform.translation
+            assert np.linalg.norm([t.x, t.y, t.z]) == pytest.approx(1.0, abs=1e-6)  # a direction
+            assert not lc.metric_scale and any(lc.covariance)
+    print(f"\nloops with transforms: {sorted(pairs)}")

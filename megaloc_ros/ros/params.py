@@ -98,9 +98,11 @@ VERIFIER = COMMON + [
           read_only=True),
     _spec("candidate_wait", 5.0, "seconds a candidate waits for its query keyframe before it is "
           "dropped (counted)", range=(0.0, 600.0)),
-    _spec("camera_matrix", [0.0], "fx, fy, cx, cy of the camera at its full resolution width x "
-          "height, as [fx, fy, cx, cy, width, height]; [0.0]: unknown (no metric transform)",
-          read_only=True),
+    _spec("camera_matrix", [0.0], "camera intrinsics as [fx, fy, cx, cy, width, height] (valid for "
+          "width x height images; rescaled to the keyframe images); [0.0]: from camera_info_topic, "
+          "else unknown (loops without transform)", read_only=True),
+    _spec("camera_info_topic", "", "sensor_msgs/CameraInfo giving the intrinsics when camera_matrix "
+          "is not set (the first valid message is used); empty: none", read_only=True),
 ]
 
 

@@ -26,7 +26,8 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo
 
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
@@ -160,6 +161,10 @@ class VerifierNode(LifecycleNode):
             self.create_subscription(LoopClosureArray, self._param("candidates_topic"), self._on_candidates,
                                      RELIABLE, callback_group=group),
         ]
+        if self._param("camera_info_topic") and self._camera()[0] is None and self.verifier.camera_matrix is None:
+            self._own_subs.append(self.create_subscription(
+                CameraInfo, self._param("camera_info_topic"), self._on_camera_info, qos_profile_sensor_data,
+                callback_group=group))
         self.get_logger().info(f"verifying {self._own_subs[1].topic_name} with keyframes from {self._own_subs[0].topic_name}")
         return super().on_activate(state)
 
@@ -226,6 +231,19 @@ class VerifierNode(LifecycleNode):
             self.get_logger().error(f"keyframe {msg.id} not added: {exc}", throttle_duration_sec=2.0)
             return
         self._flush_pending()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        k = np.array(msg.k, np.float64).reshape(3, 3)
+        if self.verifier.camera_matrix is not None:
+            return
+        if k[0, 0] <= 0 or k[1, 1] <= 0 or msg.width == 0 or msg.height == 0:
+            self.get_logger().warning(f"ignoring CameraInfo without intrinsics on {self._param('camera_info_topic')}",
+                                      throttle_duration_sec=10.0)
+            return
+        with self._lock:
+            self.verifier.camera_matrix, self.verifier.camera_size = k, (int(msg.width), int(msg.height))
+        self.get_logger().info(f"camera intrinsics from CameraInfo: fx={k[0, 0]:.1f} fy={k[1, 1]:.1f} "
+                               f"for {msg.width}x{msg.height} images")
 
     def _on_candidates(self, msg: LoopClosureArray) -> None:
         self.stats.inc("candidate_arrays_received")
