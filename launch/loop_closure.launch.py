@@ -21,6 +21,8 @@ def _nodes(context):
     verifier_params = {}
     if arg("model_path"):
         loop_closure_params["model_path"] = arg("model_path")
+    if arg("camera_info_topic"):
+        verifier_params["camera_info_topic"] = arg("camera_info_topic")
     if arg("map_path"):
         loop_closure_params["map_path"] = arg("map_path")
         verifier_params["map_path"] = arg("map_path")
@@ -51,5 +53,7 @@ def generate_launch_description():
                               description="false: the back end consumes loop_closure_node/candidates"),
         DeclareLaunchArgument("map_path", default_value="",
                               description="map file: loaded at start when it exists, saved on shutdown"),
+        DeclareLaunchArgument("camera_info_topic", default_value="",
+                              description="sensor_msgs/CameraInfo: intrinsics, so verified loops carry a transform"),
         OpaqueFunction(function=_nodes),
     ])

@@ -88,7 +88,7 @@ class LoopClosureNode(LifecycleNode):
         self._busy = False
         self._stop = False
         self._worker: Optional[threading.Thread] = None
-        self._odom: deque = deque(maxlen=2000)  # (stamp_ns, 4x4, frame_id), in arrival order
+        self._odom: deque = deque(maxlen=2000)  # (stamp_ns, 4x4 pose), in arrival order
         self._odom_frame = ""
         self._positions: dict[int, np.ndarray] = {}
         self._edges: list[tuple[int, int]] = []
