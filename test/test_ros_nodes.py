@@ -91,7 +91,8 @@ def _wait(cond, timeout=60.0, what="condition"):
 
 
 def _publisher(ns, compressed=False):
-    topic, typ = ("image_raw/compressed", CompressedImage) if compressed else ("image_raw", Image)
+    topic, typ = ("/image_raw/compressed", CompressedImage) if compressed else ("/image_raw", Image)
+    assert ns.image_topic == topic
     pub = ns.helper_node.create_publisher(typ, topic, RELIABLE)
     _wait(lambda: pub.get_subscription_count() > 0, 20, "the node's image subscription")
     return pub

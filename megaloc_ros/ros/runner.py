@@ -17,7 +17,9 @@ Python API (stable; used by the evaluation's live replay and the demo)::
 is a flat ``{name: value}`` dict given to both nodes (each takes the names it declares; see
 config/loop_closure.yaml); ``domain_id`` a ROS domain of its own (default: ROS_DOMAIN_ID);
 ``encoder`` an already loaded encoder to share. Attributes: ``loop_closure``, ``verifier``
-(None without verifier), ``helper_node`` (a plain node in the same context), ``context``.
+(None without verifier), ``helper_node`` (a plain node in the same context), ``context``,
+``image_topic`` (the resolved camera topic, raw or ``.../compressed``). Counters of each node:
+``nodes.loop_closure.stats.snapshot()`` (the values /diagnostics reports).
 Leaving the ``with`` block stops the nodes (finishing queued frames), saves the maps when
 ``map_path`` is set, and shuts the context down.
 """
@@ -125,6 +127,12 @@ class NodeSet:
             self._executor.spin()
         except ExternalShutdownException:
             pass
+
+    @property
+    def image_topic(self) -> str:
+        """The fully resolved camera topic loop_closure_node listens on (once active)."""
+        subs = self.loop_closure._own_subs if self.loop_closure is not None else []
+        return subs[0].topic_name if subs else ""
 
     def nodes(self) -> list:
         return [n for n in (self.loop_closure, self.verifier) if n is not None]
