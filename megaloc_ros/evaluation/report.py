@@ -250,7 +250,8 @@ def _loop_markers(ax, report: dict) -> None:
     for (truth, verified), pts in sorted(groups.items(), key=str):
         color, tname = style[truth]
         marker = "o" if verified is not False else "x"
-        vname = {True: "accepted", False: "rejected", None: "candidate"}[verified]
+        vname = {True: "accepted", False: "rejected",
+                 None: "no verdict" if report.get("verifier") else "candidate"}[verified]
         x, y = zip(*pts)
         style_kw = ({"facecolors": "none", "edgecolors": color} if marker == "o" else {"c": color})
         ax.scatter(x, y, s=28, marker=marker, linewidths=1.5, label=f"{tname} {vname} ({len(pts)})".strip(),

@@ -152,6 +152,13 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
         if not nodes.wait_idle(timeout=timeout_s):
             notes.append(f"the nodes were still busy {timeout_s:g} s after the last frame; results are partial")
         lc, vn = nodes.loop_closure, nodes.verifier
+        if vn is not None:
+            # NodeSet.wait_idle can return while the verifier is inside its last verification
+            # (nothing pending any more, verdict not yet counted): wait for every verdict.
+            deadline = time.monotonic() + min(timeout_s, 30.0)  # a failed verification never counts
+            while (time.monotonic() < deadline and vn.stats.count("candidates_verified")
+                   + vn.stats.count("candidates_expired") < lc.stats.count("candidates")):
+                time.sleep(0.05)
         want = (lc.stats.count("keyframes"), lc.stats.count("candidates"),
                 vn.stats.count("candidates_verified") if vn is not None else 0)
         deadline = time.monotonic() + 10.0
@@ -164,6 +171,10 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
                                           if vn is not None else {})}
         node_lat = ", ".join(f"{k[:-len('_ms_median')].replace('verifier_', '')} {v:.1f} ms"
                              for k, v in snap.items() if k.endswith("_ms_median"))
+        expired = vn.stats.count("candidates_expired") if vn is not None else 0
+        if expired:
+            notes.append(f"{expired} candidates got no verdict: verifier_node dropped them because their "
+                         "query keyframe did not arrive within candidate_wait (it was behind)")
         dropped = lc.stats.count("frames_dropped")
         processed = lc.stats.count("frames_processed")
         pm = lc.place_map
