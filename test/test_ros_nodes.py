@@ -397,3 +397,42 @@ def test_camera_info_gives_loop_transforms(encoder, frames, rtabmap_seq):
             assert np.linalg.norm([t.x, t.y, t.z]) == pytest.approx(1.0, abs=1e-6)  # a direction
             assert not lc.metric_scale and any(lc.covariance)
     print(f"\nloops with transforms: {sorted(pairs)}")
+
+
+def test_megaloc_ros_run_command_processes_frames_and_saves_on_ctrl_c(frames, tmp_path):
+    """`megaloc-ros run --params config/loop_closure.yaml` as a process: frames in, Ctrl-C, maps saved."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    map_path = tmp_path / "run.map"
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID + 1))  # away from this process's nodes
+    t_start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "megaloc_ros.cli", "run", "--params", str(root / "config/loop_closure.yaml"),
+                             "--map-path", str(map_path), "--image-topic", "/cam/image",
+                             "-p", "image_qos:=reliable"],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID + 1)
+    node = rclpy.create_node("camera", context=ctx)
+    try:
+        pub = node.create_publisher(Image, "/cam/image", RELIABLE)
+        _wait(lambda: pub.get_subscription_count() > 0 or proc.poll() is not None, 60, "megaloc-ros run")
+        assert proc.poll() is None, proc.stdout.read()
+        for k, i in enumerate((0, 20)):
+            pub.publish(conv.rgb_to_image_msg(frames[i], BASE_NS + k * 5 * conv.NS))
+        time.sleep(1.0)  # delivery; the command finishes queued frames on Ctrl-C
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        print(f"\nstartup+frames {t0 - t_start:.1f} s, stop {time.monotonic() - t0:.1f} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    assert proc.returncode == 0, out
+    assert "saved map with 2 keyframes" in out, out
+    assert map_path.exists() and Path(str(map_path) + ".verifier").exists()
