@@ -125,8 +125,9 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     notes = []
     with NodeSet(params, namespace=ns, use_verifier=verifier_params is not None, encoder=timed) as nodes:
         h = nodes.helper_node
-        pub = h.create_publisher(CompressedImage if compressed else Image,
-                                 "image_raw/compressed" if compressed else "image_raw", reliable)
+        # exactly the topic the node subscribed to (namespace and /compressed resolved)
+        image_topic = getattr(nodes, "image_topic", "") or ("image_raw/compressed" if compressed else "image_raw")
+        pub = h.create_publisher(CompressedImage if compressed else Image, image_topic, reliable)
         subs = [h.create_subscription(KeyframeMsg, "loop_closure_node/keyframes", rec.on("keyframes"), reliable),
                 h.create_subscription(LoopClosureArray, "loop_closure_node/candidates", rec.on("candidates"), reliable)]
         if nodes.verifier is not None:
