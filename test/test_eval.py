@@ -163,7 +163,7 @@ def test_eval_corridor_compressed_mcap_matches_brute_force(tmp_path, corridor_se
     feats, table = features
     bag = B.write_bag(tmp_path / "corridor", corridor_seq.image_paths, corridor_seq.stamps_ns,
                       storage="mcap", compressed=True)
-    metrics, _ = run_eval([str(bag), "--image-topic", "/camera/image_raw/compressed", "--gt-matrix",
+    metrics, _ = run_eval([str(bag), "--gt-matrix",  # the only image topic is picked by itself
                            str(ROOT / "data/corridor/ground_truth.csv"), "--no-verify",
                            "-o", str(tmp_path / "r")] + sum((["--set", s] for s in ALL_FRAMES), []),
                           table, capsys)
@@ -171,6 +171,7 @@ def test_eval_corridor_compressed_mcap_matches_brute_force(tmp_path, corridor_se
     desc = np.stack([f.descriptor for f in feats["corridor"]])
     _check(metrics, brute_force(desc, corridor_seq.stamps_ns, corridor_seq.gt, 10.5))
     assert metrics["metrics"]["n_positive"] == 111  # every query has its reference frames
+    assert metrics["topic"] == "/camera/image_raw/compressed"
 
 
 def test_eval_ground_truth_from_pose_topic(tmp_path, rtabmap_seq, features, capsys):
@@ -225,6 +226,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, rtabmap_seq):
         ([str(good), "--image-topic", "/camera/image_raw", "--gt-matrix", str(tmp_path / "no.bmp")],
          "ground-truth file"),
         ([str(good), "--image-topic", "/camera/image_raw", "--set", "detector.nope=1"], "unknown parameter"),
+        ([str(good), "--set", "queue_size=3"], "only applies with --live"),
+        ([str(tmp_path / "no_such_bag")], "bag " + str(tmp_path / "no_such_bag") + " not found"),
     ]
     for argv, msg in cases:
         r = _cli("eval", *argv, "-o", str(tmp_path / "out"), "--no-verify")

@@ -18,8 +18,9 @@ from ..errors import MegalocError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bag", help="rosbag2 directory (sqlite3 or mcap), or a bare .db3/.mcap file")
-    p.add_argument("--image-topic", required=True,
-                   help="sensor_msgs/Image or sensor_msgs/CompressedImage topic")
+    p.add_argument("--image-topic",
+                   help="sensor_msgs/Image or sensor_msgs/CompressedImage topic "
+                        "(default: the bag's only image topic)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pose-topic", help="ground truth from a pose topic in the bag "
                                         "(PoseStamped, PoseWithCovarianceStamped, Odometry, TransformStamped)")
@@ -155,6 +156,13 @@ def run(args, encoder=None) -> tuple[dict, Path]:
     node_param_overrides(args.set, args.live)  # reject node parameters without --live, early
     exclude_s = dp.exclude_recent_s if args.gt_exclude_s is None else args.gt_exclude_s
     with BagReader(args.bag) as r:  # check everything cheap before the long part
+        if not args.image_topic:
+            from ..bag import IMAGE_TYPES
+            found = [t.name for t in r.topics if t.msgtype in IMAGE_TYPES]
+            if len(found) != 1:
+                raise MegalocError(f"bag {args.bag} has {len(found)} image topics"
+                                   + (f" ({', '.join(found)})" if found else "") + "; pick one with --image-topic")
+            args.image_topic = found[0]
         n = r.image_count(args.image_topic)
         if n == 0:
             raise MegalocError(f"topic {args.image_topic} in {args.bag} has no messages")
