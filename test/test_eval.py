@@ -165,6 +165,7 @@ def test_eval_corridor_compressed_mcap_matches_brute_force(tmp_path, corridor_se
                       storage="mcap", compressed=True)
     metrics, _ = run_eval([str(bag), "--gt-matrix",  # the only image topic is picked by itself
                            str(ROOT / "data/corridor/ground_truth.csv"), "--no-verify",
+                           "--params", str(ROOT / "config/loop_closure.yaml"),  # --set wins over it
                            "-o", str(tmp_path / "r")] + sum((["--set", s] for s in ALL_FRAMES), []),
                           table, capsys)
     assert table.misses == 0
@@ -172,6 +173,7 @@ def test_eval_corridor_compressed_mcap_matches_brute_force(tmp_path, corridor_se
     _check(metrics, brute_force(desc, corridor_seq.stamps_ns, corridor_seq.gt, 10.5))
     assert metrics["metrics"]["n_positive"] == 111  # every query has its reference frames
     assert metrics["topic"] == "/camera/image_raw/compressed"
+    assert metrics["params"]["detector"]["exclude_recent_s"] == 10.5
 
 
 def test_eval_ground_truth_from_pose_topic(tmp_path, rtabmap_seq, features, capsys):
@@ -261,3 +263,16 @@ def test_live_replay_through_the_nodes_matches_offline(tmp_path, rtabmap_seq, fe
     verdicts = lambda r: sorted((row["query"], row["match"], row["verified"]) for row in r.loop_table())
     assert verdicts(live) == verdicts(offline)
     assert live.map_size == offline.map_size
+
+
+def test_parameters_from_the_nodes_yaml_and_set(tmp_path):
+    y = tmp_path / "p.yaml"
+    y.write_text("loop_closure_node:\n  ros__parameters:\n    detector:\n      top_k: 3\n"
+                 "      similarity_threshold: 0.7\n"
+                 "verifier_node:\n  ros__parameters:\n    verifier.min_inliers: 40\n")
+    dp, vp = eval_cli.detector_and_verifier_params(str(y), ["detector.similarity_threshold=0.9"])
+    assert (dp.top_k, dp.similarity_threshold, vp.min_inliers) == (3, 0.9, 40)
+    dp, vp = eval_cli.detector_and_verifier_params(None, None, verify=False)
+    from megaloc_ros.detector import DetectorParams
+    assert vp is None and dp == DetectorParams()
+    assert eval_cli.node_param_overrides(["queue_size=50", "detector.top_k=2"], live=True) == {"queue_size": 50}
