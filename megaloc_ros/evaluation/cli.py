@@ -174,6 +174,8 @@ def run(args, encoder=None) -> tuple[dict, Path]:
         node_params = node_param_overrides(args.set, True)
         if args.index != "flat":
             node_params.setdefault("map_index", args.index)
+        if odometry is not None:
+            node_params.setdefault("odom_max_dt", min(args.pose_max_gap, 10.0))
         enc = encoder or (load_encoder(args.model, device=args.device) if args.model else None)
         replay = replay_live(args.bag, args.image_topic, dp, vp, params_file=args.params,
                              rate=args.rate, quiet=args.quiet, trajectory=odometry, encoder=enc,

@@ -83,6 +83,8 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     ``detector_params`` / ``verifier_params`` (dataclasses; ``verifier_params`` None runs no
     verifier) override ``params_file``; ``node_params`` overrides node parameters such as
     ``image_qos`` or ``queue_size``. ``rate`` scales the bag's timing (2.0 = twice as fast).
+    ``trajectory`` (evaluation.ground_truth.Trajectory) is played as nav_msgs/Odometry on
+    ``<ns>/odom``, interleaved with the images by stamp, and the node is told to use it.
     """
     try:
         from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -91,6 +93,7 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
                            "or drop --live for the offline replay") from None
     from megaloc_ros.msg import Keyframe as KeyframeMsg
     from megaloc_ros.msg import LoopClosureArray
+    from nav_msgs.msg import Odometry
     from sensor_msgs.msg import CompressedImage, Image
 
     from ..bag import COMPRESSED_TYPE, BagReader
@@ -111,7 +114,7 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     if verifier_params is not None:
         params.update(_dataclass_params(verifier_params, "verifier", known))
     params.update({"image_topic": "image_raw", "image_transport": "compressed" if compressed else "raw",
-                   "map_path": "", "autostart": True, "odom_topic": ""})
+                   "map_path": "", "autostart": True, "odom_topic": "odom" if trajectory is not None else ""})
     params.update(node_params or {})
     ns = namespace if namespace is not None else f"megaloc_replay_{os.getpid()}"
     if encoder is None:
@@ -133,14 +136,23 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
         if nodes.verifier is not None:
             subs += [h.create_subscription(LoopClosureArray, f"verifier_node/{t}", rec.on("verdicts"), reliable)
                      for t in ("loop_closures", "rejected")]
-        _wait_discovery(pub, subs)
+        odom_pub = None
+        if trajectory is not None:
+            odom_pub = h.create_publisher(Odometry, "odom", reliable)
+        _wait_discovery(pub, subs, extra_pubs=[odom_pub] if odom_pub else [])
+        odom_msgs = _odometry(trajectory, conv, Odometry) if odom_pub is not None else []
         bar = progress_bar(n_frames, f"live x{rate:g}", quiet)
         try:
             with BagReader(bag_path) as r:
                 t0 = first = None
+                k = 0  # next odometry message
                 for i, stamp, _, raw in r.raw_images(topic):
                     if t0 is None:
                         t0, first = time.monotonic(), stamp
+                    # odometry up to this image's stamp goes first, as a recorded bag would play it
+                    while k < len(odom_msgs) and odom_msgs[k][0] <= stamp:
+                        odom_pub.publish(odom_msgs[k][1])
+                        k += 1
                     wait = t0 + (stamp - first) / 1e9 / rate - time.monotonic()
                     if wait > 0:
                         time.sleep(wait)
@@ -191,8 +203,8 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     notes.insert(0, f"live replay over DDS at rate x{rate:g} (namespace /{ns}): {len(stamps)} frames "
                     f"published, {processed} processed by loop_closure_node, {dropped} dropped by its queue")
     if trajectory is not None:
-        notes.append("the bag's poses are used for the ground truth only: live mode does not replay "
-                     "them as odometry (offline mode gives them to keyframe selection)")
+        notes.append("the bag's poses were replayed as nav_msgs/Odometry on odom (keyframe selection "
+                     "uses them, like the offline replay)")
     if node_lat:
         notes.append(f"median stage latencies the nodes report (last 100 frames): {node_lat}")
     notes.append("live mode: the detector publishes only candidates above its similarity_threshold (after "
@@ -202,10 +214,23 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
                       vn_used=verifier_params is not None, params=used, notes=notes)
 
 
-def _wait_discovery(pub, subs, timeout: float = 15.0) -> None:
+def _odometry(trajectory, conv, Odometry) -> list:
+    """(stamp_ns, nav_msgs/Odometry) for every pose of ``trajectory``."""
+    out = []
+    for t, m in zip(trajectory.stamps_ns, trajectory.poses):
+        msg = Odometry()
+        msg.header = conv.make_header(int(t), "odom")
+        msg.child_frame_id = "camera"
+        msg.pose.pose = conv.matrix_to_pose(m)
+        out.append((int(t), msg))
+    return out
+
+
+def _wait_discovery(pub, subs, timeout: float = 15.0, extra_pubs=()) -> None:
     deadline = time.monotonic() + timeout
+    pubs = [pub, *extra_pubs]
     while time.monotonic() < deadline:
-        if pub.get_subscription_count() >= 1 and all(s.get_publisher_count() >= 1 for s in subs):
+        if all(p.get_subscription_count() >= 1 for p in pubs) and all(s.get_publisher_count() >= 1 for s in subs):
             time.sleep(0.2)  # let the matched endpoints finish their handshake
             return
         time.sleep(0.05)
