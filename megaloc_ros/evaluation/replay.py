@@ -7,8 +7,8 @@ both are scored and reported by the same code.
 """
 from __future__ import annotations
 
-import logging
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,8 +17,6 @@ import numpy as np
 
 from ..bag import progress_bar
 from ..types import Candidate, VerifiedLoop
-
-log = logging.getLogger("megaloc_ros.evaluation")
 
 MAX_SIMILARITY_FRAMES = 1500  # descriptors kept for the similarity-matrix plot (evenly spaced)
 
@@ -156,6 +154,7 @@ def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
         n = reader.image_count(topic)
         stride = descriptor_stride(n)
         bar = progress_bar(n, "eval", quiet)
+        n_candidates = n_accepted = 0
         try:
             for img in reader.images(topic):
                 pose = None
@@ -171,14 +170,14 @@ def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
                 if img.index % stride == 0:
                     descs.append(res.features.descriptor.astype(np.float32))
                     desc_frames.append(img.index)
+                n_candidates += len(det.candidates)
+                n_accepted += sum(l.accepted for l in res.loops)
+                bar.set_postfix(candidates=n_candidates, verified=n_accepted, refresh=False)
                 bar.update(1)
-                if frames[-1].candidates:
-                    bar.set_postfix(loops=sum(len(f.candidates) for f in frames), refresh=False)
         finally:
             bar.close()
     pm = pipeline.detector.map
     dim = enc.descriptor_dim
-    import dataclasses
     params = {"detector": dataclasses.asdict(pipeline.detector.params)}
     if pipeline.verifier is not None and dataclasses.is_dataclass(getattr(pipeline.verifier, "params", None)):
         params["verifier"] = dataclasses.asdict(pipeline.verifier.params)
