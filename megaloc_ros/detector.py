@@ -13,8 +13,8 @@ Per frame (``LoopDetector.process``):
      (matches within ``island_radius`` keyframe ids of each other are one place); kept when the
      last ``consistency_k`` keyframes (including this one) all had an accepted candidate
      on neighbouring places (DBoW2 / iBoW-LCD temporal consistency); a match keyframe already
-     reported in the last ``duplicate_window_s`` is not reported again. That is
-     ``Detection.candidates``.
+     reported in the last ``duplicate_window_s`` is not reported again; at most
+     ``max_candidates``. That is ``Detection.candidates``.
 """
 from __future__ import annotations
 
@@ -53,10 +53,12 @@ class DetectorParams:
     island_radius: int = 3                  # matches within this many ids are one place
     consistency_max_gap_s: float = 5.0      # a longer pause between keyframes breaks agreement
     duplicate_window_s: float = 2.0         # a match reported this recently is not repeated
+    max_candidates: int = 3                 # published per keyframe (best islands first)
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.consistency_k < 1 or self.island_radius < 0:
-            raise MegalocError("DetectorParams: top_k and consistency_k must be >= 1, island_radius >= 0")
+        if self.top_k < 1 or self.consistency_k < 1 or self.island_radius < 0 or self.max_candidates < 1:
+            raise MegalocError("DetectorParams: top_k, consistency_k and max_candidates must be >= 1, "
+                               "island_radius >= 0")
         if not -1.0 <= self.similarity_threshold <= 1.0:
             raise MegalocError(f"DetectorParams: similarity_threshold {self.similarity_threshold} is not a cosine")
 
@@ -175,7 +177,7 @@ class LoopDetector:
         self._reported = {m: t for m, t in self._reported.items() if t >= horizon}
         out = []
         for c, (_, _, streak) in zip(accepted, streaks):
-            if streak < p.consistency_k or c.match.id in self._reported:
+            if streak < p.consistency_k or c.match.id in self._reported or len(out) >= p.max_candidates:
                 continue
             self._reported[c.match.id] = kf.stamp_ns
             out.append(Candidate(c.query, c.match, c.score, len(out)))
