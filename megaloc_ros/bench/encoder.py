@@ -1,0 +1,214 @@
+"""`megaloc-ros bench encoder`: encoder speed per runtime/precision, and what precision costs.
+
+Variants, measured in one run on the same images: PyTorch eager fp32, ONNX Runtime fp32 (CPU),
+ONNX Runtime int8 (dynamic quantisation of the MatMul weights, CPU) and, where a CUDA GPU is
+present, ONNX Runtime CUDA fp32 and TensorRT fp16. Speed: ``--warmup`` then ``--images`` timed
+single-image calls (preprocessing included), ms/image and images/s. Agreement with ORT fp32 on
+the real shipped sets (rtabmap, corridor): descriptor cosine (mean, min) and top-1 retrieval
+agreement (same nearest database frame for every query), plus recall@1 against ground truth
+(PyTorch eager, fp32 like the reference and slow, is compared on the timed images only).
+
+Models: by default the one `load_encoder()` would use (MegaLoc when exported, else the offline
+DINOv2 ViT-S/14 backbone), exported at --height x --width. ``--arch megaloc-synthetic`` times the
+full MegaLoc architecture (ViT-B/14 + SALAD, 8448-D) with random weights: speed only; its
+agreement figures describe random weights, not MegaLoc.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARCHES = ("auto", "megaloc-synthetic")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="an exported fp32 .onnx (with sidecar); default: see --arch")
+    p.add_argument("--arch", choices=ARCHES, default="auto",
+                   help="auto: MegaLoc if exported, else the offline DINOv2 ViT-S/14; "
+                        "megaloc-synthetic: the MegaLoc architecture with random weights (speed only)")
+    p.add_argument("--height", type=int, default=322)
+    p.add_argument("--width", type=int, default=322)
+    p.add_argument("--images", type=int, default=10, help="timed images per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--agreement-images", type=int, default=0,
+                   help="frames per real set for the agreement figures (0: all; -1: skip agreement)")
+    p.add_argument("--skip-torch", action="store_true", help="leave out PyTorch eager")
+    p.add_argument("--json", help="also write the results here")
+
+
+def _recall_and_top1(desc: np.ndarray, seq, idx: np.ndarray) -> tuple[np.ndarray, float]:
+    """Top-1 database index per query and recall@1 (rtabmap: +-5 frames excluded; corridor:
+    queries of session 1 against the references of session 0)."""
+    sim = desc @ desc.T
+    gt = seq.gt[np.ix_(idx, idx)]
+    sessions = seq.sessions[idx]
+    top, hits = [], []
+    for q in range(len(idx)):
+        s = sim[q].copy()
+        if sessions.max() > 0:
+            if sessions[q] == 0:
+                continue
+            s[sessions != 0] = -np.inf
+        else:
+            s[max(0, q - 5):q + 6] = -np.inf
+        t = int(np.argmax(s))
+        top.append(t)
+        if gt[q].any():
+            hits.append(bool(gt[q, t]))
+    return np.array(top), (float(np.mean(hits)) if hits else float("nan"))
+
+
+def _time_interleaved(encoders: list, images, warmup: int, n: int) -> list[float]:
+    """ms/image per encoder, single-image calls taken round-robin so that load from other
+    processes on the machine hits every variant alike (the ratios are what matter)."""
+    for enc in encoders:
+        for i in range(warmup):
+            enc.encode([images[i % len(images)]])
+    total = [0.0] * len(encoders)
+    for i in range(n):
+        for j, enc in enumerate(encoders):
+            t0 = time.perf_counter()
+            enc.encode([images[i % len(images)]])
+            total[j] += time.perf_counter() - t0
+    return [t / n * 1e3 for t in total]
+
+
+def _prepare_models(args, log) -> tuple[Path, str]:
+    from ..encoder import cache_root, find_megaloc_model, offline_model_path
+    from ..export import export_model, read_sidecar
+    size = (args.height, args.width)
+    if args.model:
+        return Path(args.model), "given model"
+    if args.arch == "megaloc-synthetic":
+        import torch
+        from ..model import MegaLoc
+        out = cache_root() / "models" / f"bench-megaloc-synthetic-{size[0]}x{size[1]}.onnx"
+        if not out.is_file():
+            log(f"exporting the MegaLoc architecture with random weights to {out} (once)")
+            torch.manual_seed(0)
+            model = MegaLoc().eval()
+            with torch.no_grad():  # LayerScale at 1e-5 would make the blocks near-identity
+                for b in model.backbone.blocks:
+                    b.ls1.gamma.fill_(0.1)
+                    b.ls2.gamma.fill_(0.1)
+            export_model(model, out, height=size[0], width=size[1], model_name="megaloc-synthetic-weights",
+                         kind="synthetic", check_images=0, log=log)
+        return out, "MegaLoc architecture (ViT-B/14 + SALAD), RANDOM weights: speed only"
+    found = find_megaloc_model()
+    if found is not None and tuple(read_sidecar(found)["input"][k] for k in ("height", "width")) == size:
+        return found, "MegaLoc"
+    if found is not None:
+        log(f"note: {found} is exported at another size; benchmarking the offline backbone at {size}")
+    return offline_model_path(size=size), "offline DINOv2 ViT-S/14 backbone (NOT MegaLoc), real weights"
+
+
+def _int8_model(fp32: Path, log) -> Path:
+    from ..export import convert_precision
+    out = fp32.with_name(fp32.stem + "-int8.onnx")
+    if not (out.is_file() and out.with_suffix(".json").is_file()):
+        log(f"quantising {fp32.name} to int8 (dynamic, MatMul weights) -> {out.name}")
+        convert_precision(fp32, out, "int8")
+        meta = json.loads(fp32.with_suffix(".json").read_text())
+        meta["precision"] = "int8"
+        meta["check_vs_pytorch"] = {}
+        out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def main(args) -> int:
+    import onnxruntime as ort
+    import torch
+    from .. import datasets
+    from ..encoder import Encoder
+
+    log = print
+    fp32_path, what = _prepare_models(args, log)
+    base = Encoder(fp32_path, device="cpu")
+    variants: list[tuple[str, Encoder]] = []
+    if not args.skip_torch:
+        try:
+            variants.append(("pytorch eager fp32", Encoder(fp32_path, backend="torch", device="cpu")))
+        except Exception as exc:  # no source weights for this export
+            log(f"(PyTorch eager left out: {exc})")
+    variants.append(("onnxruntime fp32 CPU", base))
+    variants.append(("onnxruntime int8 CPU", Encoder(_int8_model(fp32_path, log), device="cpu")))
+    gpu = set(ort.get_available_providers())
+    if "CUDAExecutionProvider" in gpu:
+        variants.append(("onnxruntime fp32 CUDA", Encoder(fp32_path, device="cuda")))
+    if "TensorrtExecutionProvider" in gpu:
+        variants.append(("onnxruntime TensorRT fp16", Encoder(fp32_path, device="tensorrt")))
+
+    seqs = [datasets.rtabmap(), datasets.corridor()]
+    timing_images = [seqs[0].load_rgb(i) for i in range(0, len(seqs[0]), 7)][: max(args.images, 1)]
+    print(f"bench encoder: {base.model_name} -- {what}")
+    print(f"  input {args.height}x{args.width}, {base.descriptor_dim}-D descriptor, patch grid {base.patch_grid}; "
+          f"{args.warmup} warm-up + {args.images} timed single-image calls per variant, round-robin "
+          f"(preprocessing included); "
+          f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"onnxruntime {ort.__version__}, providers {', '.join(sorted(gpu))}")
+
+    # agreement sets: every frame of both real sequences (or the first N of each)
+    agree = []
+    if args.agreement_images >= 0:
+        for s in seqs:
+            n = len(s) if args.agreement_images == 0 else min(args.agreement_images, len(s))
+            idx = np.arange(n) if s.sessions.max() == 0 or n == len(s) else \
+                np.concatenate([np.arange(n // 2), np.flatnonzero(s.sessions == 1)[: n - n // 2]])
+            agree.append((s, idx, [s.load_rgb(int(i)) for i in idx]))
+
+    times = dict(zip([n for n, _ in variants],
+                     _time_interleaved([e for _, e in variants], timing_images, args.warmup, args.images)))
+    results, ref_desc, ref_top = [], None, None
+    for name, enc in [v for v in variants if v[1] is base] + [v for v in variants if v[1] is not base]:
+        ms = times[name]
+        row = {"variant": name, "providers": enc.providers[0], "ms_per_image": ms, "images_per_s": 1e3 / ms}
+        if agree and enc.backend == "torch":
+            # fp32 like the reference and slow: compared on the timed images only
+            a = np.stack([f.descriptor for f in enc.encode(timing_images)])
+            b = np.stack([f.descriptor for f in base.encode(timing_images)])
+            cos = (a * b).sum(1)
+            row.update(cos_mean=float(cos.mean()), cos_min=float(cos.min()))
+        elif agree:
+            descs = [np.stack([f.descriptor for f in enc.encode(imgs)]) for _, _, imgs in agree]
+            tops = [_recall_and_top1(d, s, idx) for d, (s, idx, _) in zip(descs, agree)]
+            if ref_desc is None:
+                ref_desc, ref_top = descs, [t for t, _ in tops]
+            cos = np.concatenate([(d * r).sum(1) for d, r in zip(descs, ref_desc)])
+            same = [t == r for (t, _), r in zip(tops, ref_top)]
+            row.update(cos_mean=float(cos.mean()), cos_min=float(cos.min()),
+                       top1_queries=int(sum(x.size for x in same)),
+                       **{f"top1 same {s.name}": float(x.mean()) for (s, _, _), x in zip(agree, same)},
+                       **{f"recall@1 {s.name}": r for (s, _, _), (_, r) in zip(agree, tops)})
+        results.append(row)
+    order = {n: i for i, (n, _) in enumerate(variants)}
+    results.sort(key=lambda r: order[r["variant"]])
+    fp32_ms = next(r["ms_per_image"] for r in results if r["variant"] == "onnxruntime fp32 CPU")
+
+    def cell(r, key, spec, scale=1.0, suffix=""):
+        v = r.get(key)
+        return f"{'-':>11}" if v is None else f"{format(scale * v, spec)}{suffix}".rjust(11)
+
+    cols = ["variant", "ms/img", "img/s", "x ORT fp32"]
+    if agree:
+        cols += ["cos mean", "cos min"] + [f"top1={s.name}"[:11] for s, _, _ in agree] + \
+                [f"R@1 {s.name}"[:11] for s, _, _ in agree]
+    print("  " + " | ".join(f"{c:>22}" if i == 0 else f"{c[:11]:>11}" for i, c in enumerate(cols)))
+    for r in results:
+        cells = [f"{r['variant']:>22}", f"{r['ms_per_image']:11.1f}", f"{r['images_per_s']:11.2f}",
+                 f"{fp32_ms / r['ms_per_image']:11.2f}"]
+        if agree:
+            cells += [cell(r, "cos_mean", ".5f"), cell(r, "cos_min", ".5f")]
+            cells += [cell(r, f"top1 same {s.name}", ".1f", 100, "%") for s, _, _ in agree]
+            cells += [cell(r, f"recall@1 {s.name}", ".3f") for s, _, _ in agree]
+        print("  " + " | ".join(cells))
+    if agree:
+        print(f"  agreement vs ORT fp32 over {next(r['top1_queries'] for r in results if 'top1_queries' in r)} retrieval queries on "
+              + ", ".join(f"{s.name} ({len(idx)} frames)" for s, idx, _ in agree))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": base.model_name, "what": what, "input": [args.height, args.width],
+                                               "results": results}, indent=2))
+    return 0
