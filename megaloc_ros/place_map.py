@@ -37,9 +37,9 @@ DEFAULT_OPTIONS = {
     "pca_dim": 1024,         # projected dimension (compressed kinds)
     "whiten": False,         # whitening equalises components; it changes the ranking vs exact IP
     "nlist": 0,              # IVF lists; 0 = 4*sqrt(train_size) rounded to a power of two
-    "nprobe": 16,            # IVF lists visited per query
+    "nprobe": 32,            # IVF lists visited per query
     "pq_m": 64,              # PQ sub-quantisers (bytes per code), must divide pca_dim
-    "refine_factor": 32,     # ivfpq: re-rank refine_factor*k shortlisted codes with SQ8
+    "refine_factor": 100,    # ivfpq: re-rank refine_factor*k shortlisted codes with SQ8
     "hnsw_m": 32,            # HNSW graph degree
     "ef_search": 128,        # HNSW search breadth
     "train_size": 20000,     # keyframes needed before a compressed index is trained
@@ -352,6 +352,10 @@ class PlaceMap:
         base = faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
         if isinstance(base, faiss.IndexIVFPQ):
             base.do_polysemous_training = False  # slow, and polysemous search is not used
+        if isinstance(base, faiss.IndexIVF):
+            # unit-norm centroids: max-inner-product assignment to plain k-means centroids
+            # favours large clusters and costs a lot of recall
+            base.cp.spherical = True
         self._configure(index)
         return index
 

@@ -180,3 +180,22 @@ def test_add_many_matches_add():
         assert [k.id for k, _ in a.search(x[i], 5)] == [k.id for k, _ in b.search(x[i], 5)]
     with pytest.raises(DuplicateId):
         b.add_many([Keyframe(5, 0)], x[:1])
+
+
+def test_bench_map_runs_small_and_prints_the_columns(capsys, tmp_path):
+    from megaloc_ros.cli import main
+    rc = main(["bench", "map", "--sizes", "2000,4000", "--chunk", "1000", "--dim", "256",
+               "--pca-dim", "64", "--pq-m", "8", "--nlist", "16", "--queries", "30",
+               "--train-max", "2000", "--adds", "10", "--flat-queries", "5",
+               "--json", str(tmp_path / "m.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    header = [line for line in out.splitlines() if "query_ms_p50" in line][0]
+    for col in ("query_ms_p50", "query_ms_p99", "add_ms_p50", "add_ms_p99", "recall@1", "B/kf_index", "B/kf_meta"):
+        assert col in header
+    import json
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [(r["keyframes"], r["kind"]) for r in rows] == [(2000, "flat"), (2000, "ivfpq"), (4000, "ivfpq")]
+    for r in rows[1:]:
+        assert 0.5 <= r["recall_at_1"] <= 1.0 and r["add_ms_p50"] is not None
+        assert r["index_bytes_per_kf"] < 256 * 4  # compressed: below the raw float32 size
