@@ -84,7 +84,9 @@ def export_onnx(model: nn.Module, output: str | Path, height: int, width: int,
     names = ["descriptor", "patch_features"] if with_patches else ["descriptor"]
     example = torch.zeros(2, 3, height, width)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    with torch.no_grad():
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecations
         program = torch.onnx.export(head, (example,), dynamo=True, opset_version=opset,
                                     input_names=["image"], output_names=names,
                                     dynamic_shapes=({0: batch},), verbose=False)
