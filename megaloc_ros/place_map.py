@@ -461,7 +461,8 @@ class PlaceMap:
 
     # ----------------------------------------------------------------- persistence
     def save(self, path) -> None:
-        """Write the map atomically (temporary file, fsync, rename). See ``map_file``."""
+        """Write the map atomically (temporary file, fsync, rename); waits for a background
+        training to finish first. See ``map_file``."""
         from . import map_file
         self.wait_trained()
         with self._lock:
