@@ -30,7 +30,7 @@ def _nodes(context):
                   namespace=namespace, output="screen", emulate_tty=True,
                   parameters=[params_file, loop_closure_params])]
     if arg("use_verifier").lower() in ("true", "1", "yes"):
-        # verifier_node reads loop_closure_node/keyframes and loop_closure_node/candidates
+        # verifier_node reads loop_closure_node/keyframes and loop_closure_node/retrieved
         # (relative names, so both stay inside the namespace).
         nodes.append(Node(package="megaloc_ros", executable="verifier_node", name="verifier_node",
                           namespace=namespace, output="screen", emulate_tty=True,

@@ -110,7 +110,8 @@ def _check(metrics, expected):
 
 
 def verified_by_hand(loops, n_positive):
-    """From the published loops and their verdicts only: best accepted loop per query, swept."""
+    """From the loop table (published candidates and accepted loops with their verdicts) only:
+    best accepted loop per query, swept."""
     best = {}
     for r in loops:
         if r["verified"] and (r["query"] not in best or r["score"] > best[r["query"]]["score"]):

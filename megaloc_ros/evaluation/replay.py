@@ -82,15 +82,23 @@ class Replay:
         return out
 
     def loop_table(self) -> list[dict]:
-        """Every candidate the detector published, with the verifier's verdict when one ran."""
+        """Every loop the system output: the detector's published candidates, and every loop the
+        verifier accepted (it checks the raw top-k, so some were never published), each with the
+        verifier's verdict when one ran."""
         frame_of = self._frame_of()
         rows = []
         for f in self.frames:
             verdicts = {l.candidate.match.id: l for l in f.loops}
-            for c in f.candidates:
-                v = verdicts.get(c.match.id)
+            shown = {c.match.id: c for c in f.candidates}
+            published = set(shown)
+            for l in f.loops:
+                if l.accepted:
+                    shown.setdefault(l.candidate.match.id, l.candidate)
+            for mid, c in shown.items():
+                v = verdicts.get(mid)
                 rows.append({"query": f.index, "match": frame_of(c.match), "query_id": c.query.id,
                              "match_id": c.match.id, "score": float(c.score),
+                             "published": mid in published,
                              "verified": None if v is None else bool(v.accepted),
                              "verification_score": None if v is None else float(v.verification_score),
                              "inliers": None if v is None else int(v.inliers),

@@ -4,7 +4,11 @@ A lifecycle node that configures and activates itself when ``autostart`` is true
 
 Subscribes   <image_topic> (sensor_msgs/Image) or <image_topic>/compressed (CompressedImage),
              <odom_topic> (nav_msgs/Odometry, optional: keyframe selection and poses)
-Publishes    ~/candidates  megaloc_ros/LoopClosureArray, unverified (score, rank)
+Publishes    ~/candidates  megaloc_ros/LoopClosureArray, the detector's decisions (threshold,
+                           temporal consistency, duplicate suppression): for a back end
+                           without verifier_node
+             ~/retrieved   megaloc_ros/LoopClosureArray, the raw top-k of every keyframe, what
+                           verifier_node checks (see megaloc_ros/pipeline.py for why)
              ~/keyframes   megaloc_ros/Keyframe, every accepted keyframe with its (downscaled)
                            image and features, for verifier_node (reliable, keep-all)
              ~/markers     visualization_msgs/MarkerArray: keyframes and candidate edges (with poses)
@@ -152,10 +156,11 @@ class LoopClosureNode(LifecycleNode):
                                       index=self._param("map_index"))
         self._new_detector()
         self._pub_candidates = self.create_lifecycle_publisher(LoopClosureArray, "~/candidates", RELIABLE)
+        self._pub_retrieved = self.create_lifecycle_publisher(LoopClosureArray, "~/retrieved", RELIABLE)
         self._pub_keyframes = self.create_lifecycle_publisher(KeyframeMsg, "~/keyframes", RELIABLE_KEEP_ALL)
         self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", LATCHED)
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._own_pubs = [self._pub_candidates, self._pub_keyframes, self._pub_markers, self._pub_diag]
+        self._own_pubs = [self._pub_candidates, self._pub_retrieved, self._pub_keyframes, self._pub_markers, self._pub_diag]
         group = MutuallyExclusiveCallbackGroup()
         self._own_services = [
             self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=group),
@@ -362,6 +367,9 @@ class LoopClosureNode(LifecycleNode):
         if not self._param("publish_patch_features"):
             feats = type(feats)(feats.descriptor, None)
         self._pub_keyframes.publish(conv.keyframe_to_msg(kf, f.rgb, feats, self._param("keyframe_image_max_side")))
+        if det.retrieved:
+            self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id))
+            self.stats.inc("retrieved", len(det.retrieved))
         if det.candidates:
             self._pub_candidates.publish(conv.loops_to_array(det.candidates, kf.stamp_ns, kf.frame_id))
             self.stats.inc("candidates", len(det.candidates))

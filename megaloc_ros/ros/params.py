@@ -94,7 +94,8 @@ LOOP_CLOSURE = COMMON + [
 
 VERIFIER = COMMON + [
     _spec("keyframes_topic", "loop_closure_node/keyframes", "megaloc_ros/Keyframe input", read_only=True),
-    _spec("candidates_topic", "loop_closure_node/candidates", "megaloc_ros/LoopClosureArray input",
+    _spec("candidates_topic", "loop_closure_node/retrieved", "megaloc_ros/LoopClosureArray input: "
+          "the raw top-k (loop_closure_node/candidates verifies only the detector's decisions)",
           read_only=True),
     _spec("candidate_wait", 5.0, "seconds a candidate waits for its query keyframe before it is "
           "dropped (counted)", range=(0.0, 600.0)),

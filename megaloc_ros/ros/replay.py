@@ -5,7 +5,7 @@ The nodes run in this process (``runner.NodeSet``: loop_closure_node + verifier_
 own executor thread) under a namespace of their own; a helper node in the same context
 publishes the bag's image messages unchanged (serialised CDR) on ``<ns>/image_raw`` (or
 ``image_raw/compressed``) and subscribes to ``loop_closure_node/keyframes``,
-``loop_closure_node/candidates``, ``verifier_node/loop_closures`` and ``verifier_node/rejected``.
+``loop_closure_node/candidates``, ``loop_closure_node/retrieved``, ``verifier_node/loop_closures`` and ``verifier_node/rejected``.
 Frames are matched back to the bag by their header stamps. The result is the same
 ``evaluation.replay.Replay`` the offline mode produces, so both are scored alike; what the
 wire does not carry (the raw top-k below the detector's threshold, per-stage timings inside
@@ -60,6 +60,7 @@ class _Recorder:
         self.lock = threading.Lock()
         self.keyframes: list[tuple[float, object]] = []
         self.candidates: list[tuple[float, object]] = []
+        self.retrieved: list[tuple[float, object]] = []
         self.verdicts: list[tuple[float, object]] = []
 
     def on(self, name):
@@ -68,10 +69,10 @@ class _Recorder:
                 getattr(self, name).append((time.monotonic(), msg))
         return cb
 
-    def counts(self) -> tuple[int, int, int]:
+    def counts(self) -> tuple[int, int, int, int]:
         with self.lock:
             return (len(self.keyframes), sum(len(m.loops) for _, m in self.candidates),
-                    sum(len(m.loops) for _, m in self.verdicts))
+                    sum(len(m.loops) for _, m in self.retrieved), sum(len(m.loops) for _, m in self.verdicts))
 
 
 def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier_params=None, *,
@@ -132,7 +133,8 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
         image_topic = getattr(nodes, "image_topic", "") or ("image_raw/compressed" if compressed else "image_raw")
         pub = h.create_publisher(CompressedImage if compressed else Image, image_topic, reliable)
         subs = [h.create_subscription(KeyframeMsg, "loop_closure_node/keyframes", rec.on("keyframes"), reliable),
-                h.create_subscription(LoopClosureArray, "loop_closure_node/candidates", rec.on("candidates"), reliable)]
+                h.create_subscription(LoopClosureArray, "loop_closure_node/candidates", rec.on("candidates"), reliable),
+                h.create_subscription(LoopClosureArray, "loop_closure_node/retrieved", rec.on("retrieved"), reliable)]
         if nodes.verifier is not None:
             subs += [h.create_subscription(LoopClosureArray, f"verifier_node/{t}", rec.on("verdicts"), reliable)
                      for t in ("loop_closures", "rejected")]
@@ -165,21 +167,14 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
         if not nodes.wait_idle(timeout=timeout_s):
             notes.append(f"the nodes were still busy {timeout_s:g} s after the last frame; results are partial")
         lc, vn = nodes.loop_closure, nodes.verifier
-        if vn is not None:
-            # NodeSet.wait_idle can return while the verifier is inside its last verification
-            # (nothing pending any more, verdict not yet counted): wait for every verdict.
-            deadline = time.monotonic() + min(timeout_s, 30.0)  # a failed verification never counts
-            while (time.monotonic() < deadline and vn.stats.count("candidates_verified")
-                   + vn.stats.count("candidates_expired") < lc.stats.count("candidates")):
-                time.sleep(0.05)
-        want = (lc.stats.count("keyframes"), lc.stats.count("candidates"),
+        want = (lc.stats.count("keyframes"), lc.stats.count("candidates"), lc.stats.count("retrieved"),
                 vn.stats.count("candidates_verified") if vn is not None else 0)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and any(g < w for g, w in zip(rec.counts(), want)):
             time.sleep(0.05)
         got = rec.counts()
         if any(g < w for g, w in zip(got, want)):
-            notes.append(f"recorded {got} of {want} (keyframes, candidates, verdicts) the nodes published")
+            notes.append(f"recorded {got} of {want} (keyframes, candidates, retrieved, verdicts) the nodes published")
         snap = {**lc.stats.snapshot(), **({f"verifier_{k}": v for k, v in vn.stats.snapshot().items()}
                                           if vn is not None else {})}
         node_lat = ", ".join(f"{k[:-len('_ms_median')].replace('verifier_', '')} {v:.1f} ms"
@@ -265,9 +260,13 @@ def _to_replay(bag, topic, stamps, published_at, rec: _Recorder, timed: TimedEnc
             i = frame_of_stamp.get(conv.stamp_to_ns(lc.query_stamp))
             if i is None:
                 continue
-            c = conv.msg_to_candidate(lc)
-            frames[i].candidates.append(c)
-            frames[i].retrieved.append(c)
+            frames[i].candidates.append(conv.msg_to_candidate(lc))
+    for t, arr in rec.retrieved:
+        for lc in arr.loops:
+            i = frame_of_stamp.get(conv.stamp_to_ns(lc.query_stamp))
+            if i is None:
+                continue
+            frames[i].retrieved.append(conv.msg_to_candidate(lc))
             cand_arrival.setdefault(i, t)
     verdict_arrival: dict[int, float] = {}
     for t, arr in rec.verdicts:

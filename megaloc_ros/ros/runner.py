@@ -148,9 +148,12 @@ class NodeSet:
             done = True
             if vn is not None:
                 kf_sent = lc.stats.count("keyframes")
-                c_sent = lc.stats.count("candidates")
-                done = (vn.stats.count("keyframes_received") >= kf_sent
-                        and vn.stats.count("candidates_received") >= c_sent and vn.pending_count() == 0)
+                c_sent = lc.stats.count("retrieved")
+                c_got = vn.stats.count("candidates_received")
+                # verified + expired catches up with received only after the last verdict is out
+                c_done = vn.stats.count("candidates_verified") + vn.stats.count("candidates_expired")
+                done = (vn.stats.count("keyframes_received") >= kf_sent and c_got >= c_sent
+                        and c_done >= c_got and vn.pending_count() == 0)
             if done:
                 time.sleep(settle)  # a callback that is counting may still be publishing
                 if lc.wait_idle(0) and (vn is None or vn.pending_count() == 0):
