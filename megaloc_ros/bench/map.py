@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pca-dim", type=int, default=1024)
     p.add_argument("--pq-m", type=int, default=64)
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4*sqrt(training keyframes))")
-    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--nprobe", default="32",
+                   help="IVF lists visited per query; a comma list measures each (default: %(default)s)")
     p.add_argument("--refine-factor", type=int, default=100)
     p.add_argument("--whiten", action="store_true")
     p.add_argument("--train-max", type=int, default=100000,
@@ -126,7 +127,8 @@ def main(args) -> int:
     queries = {n: st.revisits(targets(n), i) for i, n in enumerate(sizes)}
     best = {n: np.full(args.queries, -np.inf, np.float32) for n in sizes}
     best_id = {n: np.full(args.queries, -1, np.int64) for n in sizes}
-    opts = dict(pca_dim=args.pca_dim, pq_m=args.pq_m, nlist=args.nlist, nprobe=args.nprobe,
+    nprobes = [int(v) for v in str(args.nprobe).split(",")]
+    opts = dict(pca_dim=args.pca_dim, pq_m=args.pq_m, nlist=args.nlist, nprobe=nprobes[0],
                 refine_factor=args.refine_factor, whiten=args.whiten, train_size=1 << 62)
     # maps: sizes up to --train-max get their own map trained on all of them; larger sizes
     # share one map trained at --train-max keyframes
@@ -186,23 +188,29 @@ def main(args) -> int:
                         m.search(q, args.k)
                         lat.append((time.perf_counter() - t0) * 1e3)
                     rows.append(_row(n, "flat", owner[n], lat, 1.0, mem, None))
+                    print(f"  {n} keyframes: exact query p50 {rows[-1]['query_ms_p50']:.1f} ms", flush=True)
                 t0 = time.perf_counter()
                 m.train_now()
                 print(f"  trained {args.index} on {len(m)} keyframes in {time.perf_counter() - t0:.1f} s",
                       flush=True)
-            lat, hit = [], 0
-            for q, gt in zip(queries[n], best_id[n]):
-                t0 = time.perf_counter()
-                res = m.search(q, args.k)
-                lat.append((time.perf_counter() - t0) * 1e3)
-                hit += bool(res) and res[0][0].id == gt
-            row = _row(n, args.index, owner[n], lat, hit / len(lat), m.memory_bytes(), None)
-            row["trained_on"] = owner[n]
-            rows.append(row)
-            print(f"  {n} keyframes: {args.index} query p50 {row['query_ms_p50']:.2f} ms, recall@1 "
-                  f"{row['recall_at_1']:.3f}, {row['index_bytes_per_kf']:.0f} B/kf"
-                  + (f"; exact query p50 {rows[-2]['query_ms_p50']:.1f} ms" if len(rows) > 1 and
-                     rows[-2]['kind'] == 'flat' and rows[-2]['keyframes'] == n else ""), flush=True)
+            mem = m.memory_bytes()
+            for nprobe in nprobes:
+                if args.index in ("ivfpq", "ivfsq8"):
+                    m.set_search_options(nprobe=nprobe)
+                lat, hit = [], 0
+                for q, gt in zip(queries[n], best_id[n]):
+                    t0 = time.perf_counter()
+                    res = m.search(q, args.k)
+                    lat.append((time.perf_counter() - t0) * 1e3)
+                    hit += bool(res) and res[0][0].id == gt
+                kind = args.index + (f"/np{nprobe}" if len(nprobes) > 1 else "")
+                row = _row(n, kind, owner[n], lat, hit / len(lat), mem, None)
+                row["trained_on"], row["nprobe"] = owner[n], nprobe
+                rows.append(row)
+                print(f"  {n} keyframes: {kind} query p50 {row['query_ms_p50']:.2f} ms, recall@1 "
+                      f"{row['recall_at_1']:.3f}, {row['index_bytes_per_kf']:.0f} B/kf", flush=True)
+            if args.index in ("ivfpq", "ivfsq8"):
+                m.set_search_options(nprobe=nprobes[0])
             pending_adds[owner[n]] = args.adds
             print(f"  {n} keyframes measured ({time.perf_counter() - t_start:.0f} s elapsed)", flush=True)
     _print(rows, sizes)
