@@ -21,10 +21,10 @@ from .replay import Replay, _jsonable
 
 LATENCY_NOTE = ("Stages: decode = deserialise + decode the bag message; encode = the model; search = "
                 "LoopDetector.process (keyframe test, map search, decisions, insertion); verify = "
-                "Verifier.add_keyframe + verify of the frame's candidates (what the verifier node does "
+                "Verifier.add_keyframe + verify of the frame's raw top-k (what the verifier node does "
                 "per keyframe). Live mode: image_to_keyframe = publishing the image to receiving its "
                 "~/keyframes message (DDS, queueing, encode, search); candidates_to_verdict = receiving "
-                "~/candidates to receiving the verifier's verdicts.")
+                "~/retrieved to receiving the verifier's verdicts.")
 
 
 # ---------------------------------------------------------------- the numbers
@@ -49,9 +49,6 @@ def evaluate(replay: Replay, gt: Optional[np.ndarray], exclude_s: float) -> dict
         m, curves = M.summarize(retrieved, published, accepted, gt, replay.stamps_ns, exclude_s)
         if not replay.verifier:
             m.pop("verified")
-        if replay.mode == "live":
-            m["retrieval"]["note"] = ("live mode: only published candidates are seen, so the sweep "
-                                      "starts at the detector's similarity_threshold")
         out["metrics"] = m
         valid = M.valid_pairs(gt, replay.stamps_ns, exclude_s)
         for row in loops:
@@ -108,8 +105,7 @@ def format_text(report: dict) -> str:
                      f"true loop at least {m['exclude_s']:g} s older (the recall denominator)")
         rows = metric_rows(report)
         w = max(len(a) for a, _, _ in rows)
-        first = "retrieval only" if report["mode"] != "live" else "candidates"
-        lines.append(f"{'':{w}}  {first:>16}  {'+ verification':>16}")
+        lines.append(f"{'':{w}}  {'retrieval only':>16}  {'+ verification':>16}")
         lines += [f"{a:{w}}  {b:>16}  {c:>16}" for a, b, c in rows]
     else:
         lines.append("no ground truth given: loops and latency only")
@@ -158,7 +154,7 @@ def _plt():
 def plot_pr(report: dict, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
-    styles = {"retrieval": ("retrieval only" if report["mode"] != "live" else "published candidates",
+    styles = {"retrieval": ("retrieval only",
                             "tab:blue"), "verified": ("+ verification", "tab:green")}
     m = report["metrics"]
     for name, c in report["curves"].items():
@@ -343,8 +339,7 @@ def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
         parts.append(f"<h2>Metrics</h2><p>{m['gt_pairs']} same-place pairs in the ground truth; "
                      f"{m['n_positive']} frames have a true loop at least {m['exclude_s']:g} s older "
                      "(recall denominator). Definitions: megaloc_ros/evaluation/metrics.py.</p>")
-        first = "retrieval only" if report["mode"] != "live" else "published candidates"
-        parts.append(f"<table><tr><th>metric</th><th>{first}</th><th>+ verification</th></tr>")
+        parts.append("<table><tr><th>metric</th><th>retrieval only</th><th>+ verification</th></tr>")
         parts += [f"<tr><td>{e(a.strip())}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in rows]
         parts.append("</table>")
     else:

@@ -164,9 +164,13 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
                     bar.update(1)
         finally:
             bar.close()
+        lc, vn = nodes.loop_closure, nodes.verifier
+        # wait_idle sees only frames the node has received: the last ones may still be in transit
+        deadline = time.monotonic() + min(timeout_s, 30.0)
+        while time.monotonic() < deadline and lc.stats.count("frames_received") < len(published_at):
+            time.sleep(0.02)
         if not nodes.wait_idle(timeout=timeout_s):
             notes.append(f"the nodes were still busy {timeout_s:g} s after the last frame; results are partial")
-        lc, vn = nodes.loop_closure, nodes.verifier
         want = (lc.stats.count("keyframes"), lc.stats.count("candidates"), lc.stats.count("retrieved"),
                 vn.stats.count("candidates_verified") if vn is not None else 0)
         deadline = time.monotonic() + 10.0
@@ -202,9 +206,9 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
                      "uses them, like the offline replay)")
     if node_lat:
         notes.append(f"median stage latencies the nodes report (last 100 frames): {node_lat}")
-    notes.append("live mode: the detector publishes only candidates above its similarity_threshold (after "
-                 "its consistency checks), so the first column scores those; image_to_keyframe includes "
-                 "DDS transport and queueing; offline mode times decode/encode/search/verify per frame")
+    notes.append("live mode: the sweep scores the raw top-k the node publishes on ~/retrieved; "
+                 "image_to_keyframe includes DDS transport and queueing; offline mode times "
+                 "decode/encode/search/verify per frame")
     return _to_replay(str(bag_path), topic, stamps, published_at, rec, timed, conv, map_size, map_bytes,
                       vn_used=verifier_params is not None, params=used, notes=notes)
 
