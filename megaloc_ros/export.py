@@ -106,12 +106,16 @@ INT8_METHOD = {
 }
 
 
+CPU_FUSIONS_VERSION = 2  # bump when fuse_for_cpu changes what it writes (bench caches its outputs)
+
+
 def fuse_for_cpu(model) -> dict:
     """Rewrite the exported ViT graph in place for ONNX Runtime's CPU kernels; returns counts.
 
     - attention: qkv MatMul -> reshape/permute/unbind -> QK^T*scale -> softmax -> @V -> merge
-      heads becomes MatMul + Split + com.microsoft.MultiHeadAttention (one fused kernel instead of
-      ~17 small ops and 5-D transposes), and the qkv MatMul stays a plain weight MatMul for int8;
+      heads becomes three weight MatMuls (q, k, v: what int8 quantises) feeding
+      com.microsoft.MultiHeadAttention (one fused kernel instead of ~17 small ops and 5-D
+      transposes);
     - gelu: the exported erf formula (Div, Erf, Add, Mul, Mul) becomes com.microsoft.Gelu (exact erf);
     - layer_scale: MatMul -> Add(bias) -> Mul(gamma) folds gamma into the weight and bias columns.
     All three are exact rewrites (ONNX Runtime's own optimiser and onnxruntime.transformers do
@@ -140,7 +144,7 @@ def fuse_for_cpu(model) -> dict:
     def perm(n):
         return [list(a.ints) for a in n.attribute if a.name == "perm"][0]
 
-    replace, drop = {}, set()
+    replace, drop, new_inits = {}, set(), []
     counts = {"attention": 0, "gelu": 0, "layer_scale": 0}
     for sm in [n for n in g.node if n.op_type == "Softmax"]:
         mul = made_by(sm.input[0], "Mul")
@@ -175,16 +179,20 @@ def fuse_for_cpu(model) -> dict:
         merge = sole_user(merge_t.output[0], "Reshape") if merge_t is not None and perm(merge_t) == [0, 2, 1, 3] else None
         if merge is None:
             continue
-        k = counts["attention"]
-        t = f"fused_qkv_{k}"
-        replace[id(qkv)] = [
-            helper.make_node("MatMul", [qkv.input[0], qkv.input[1]], [t], name=f"fused_qkv_matmul_{k}"),
-            helper.make_node("Split", [t], [t + "_q", t + "_k", t + "_v"], axis=-1, num_outputs=3,
-                             name=f"fused_qkv_split_{k}"),
-            # the qkv bias goes in as MultiHeadAttention's bias input ([3 * hidden])
-            helper.make_node("MultiHeadAttention", [t + "_q", t + "_k", t + "_v", bias_add.input[1]],
-                             [merge.output[0]], name=f"fused_attention_{k}", domain="com.microsoft",
-                             num_heads=heads, scale=float(scale.ravel()[0]))]
+        k, c = counts["attention"], heads * head_dim
+        qkv_out = []
+        for j, part in enumerate("qkv"):
+            name = f"fused_attention_{k}_{part}"
+            # one MatMul each (not one + Split): int8 then quantises the input once for all three
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w[:, j * c:(j + 1) * c]), name + "_weight"))
+            replace.setdefault(id(qkv), []).append(
+                helper.make_node("MatMul", [qkv.input[0], name + "_weight"], [name], name=name))
+            qkv_out.append(name)
+        # the qkv bias goes in as MultiHeadAttention's bias input ([3 * hidden])
+        replace[id(qkv)].append(
+            helper.make_node("MultiHeadAttention", [*qkv_out, bias_add.input[1]], [merge.output[0]],
+                             name=f"fused_attention_{k}", domain="com.microsoft",
+                             num_heads=heads, scale=float(scale.ravel()[0])))
         drop.update(id(n) for n in (qkv, bias_add, rs, heads_first, *slices, sq_q, sq_k, sq_v, kt, qk, mul,
                                     sm, av, merge_t, merge))
         counts["attention"] += 1
@@ -225,7 +233,7 @@ def fuse_for_cpu(model) -> dict:
     del g.node[:]
     g.node.extend(nodes)
     used = {i for n in nodes for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
+    keep = [i for i in [*g.initializer, *new_inits] if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
     if counts["attention"] or counts["gelu"]:
@@ -261,7 +269,7 @@ def convert_precision(fp32_path: Path, output: Path, precision: str) -> dict:
         finally:
             root.setLevel(level)
             fused.unlink(missing_ok=True)
-        return {**INT8_METHOD, "graph_fusions": fusions}
+        return {**INT8_METHOD, "graph_fusions": fusions, "fusions_version": CPU_FUSIONS_VERSION}
     raise ValueError(precision)
 
 

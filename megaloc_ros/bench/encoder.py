@@ -119,11 +119,12 @@ def _derived_model(fp32: Path, precision: str, log) -> Path:
     """``precision`` "int8" (`export.convert_precision`) or "fp32-fused" (the same graph fusions,
     no quantisation: shows how much of the int8 gain is fusion) next to ``fp32``, cached."""
     import onnx
-    from ..export import INT8_METHOD, convert_precision, fuse_for_cpu
+    from ..export import CPU_FUSIONS_VERSION, INT8_METHOD, convert_precision, fuse_for_cpu
     out = fp32.with_name(f"{fp32.stem}-{precision}.onnx")
     meta = json.loads(fp32.with_suffix(".json").read_text())
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
-    recipe = f"{precision}: {INT8_METHOD['method']}" if precision == "int8" else "fp32: fuse_for_cpu"
+    recipe = (f"{precision}: {INT8_METHOD['method']}" if precision == "int8" else "fp32: fuse_for_cpu") + \
+        f" v{CPU_FUSIONS_VERSION}"
     if out.is_file() and old.get("derived") == recipe:
         return out
     log(f"building {out.name} from {fp32.name} ({precision})")
