@@ -35,24 +35,20 @@ import numpy as np
 from geometry_msgs.msg import Point
 from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
-                       qos_profile_sensor_data)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
-from diagnostic_msgs.msg import DiagnosticArray
 from visualization_msgs.msg import Marker, MarkerArray
 
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
-from megaloc_ros.srv import LoadMap, QueryImage, SaveMap
+from megaloc_ros.srv import QueryImage
 
 from ..errors import MegalocError
 from . import conversions as conv
 from . import params as P
-from .diagnostics import Stats, level_of, status_array
+from .managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
+from .runner import spin_single
 
-RELIABLE_KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
-RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
@@ -64,22 +60,17 @@ class _Frame:
     received: float  # time.monotonic()
 
 
-class LoopClosureNode(LifecycleNode):
+class LoopClosureNode(ManagedNode):
     """See the module docstring. ``encoder``: an already loaded encoder to use instead of
     loading ``model_path`` (tests and in-process callers share one)."""
 
+    DIAG_ERRORS = ("decode_errors", "processing_errors", "odom_errors")
+    DIAG_ERROR_TEXT = "bad frames"
+    DIAG_WARNING = ("frames_dropped", "frames dropped")
+
     def __init__(self, node_name: str = P.LOOP_CLOSURE_NODE, *, encoder=None, **kwargs):
-        super().__init__(node_name, **kwargs)
         from ..detector import DetectorParams
-        self._detector_cls = DetectorParams
-        self._specs = P.loop_closure_specs()
-        self._values = P.declare(self, self._specs)
-        self.add_on_set_parameters_callback(
-            P.validator(self._specs, {"detector": DetectorParams}, lambda: self._values))
-        self.add_post_set_parameters_callback(self._after_set_parameters)
-        P.build_dataclass(self._detector_cls, "detector", self._values)  # its own checks, before anything starts
-        self.stats = Stats()
-        self.last_error = ""
+        super().__init__(node_name, P.loop_closure_specs(), "detector", DetectorParams, **kwargs)
         self._logged: dict[str, float] = {}
         self._given_encoder = encoder
         self.encoder = None
@@ -97,48 +88,15 @@ class LoopClosureNode(LifecycleNode):
         self._positions: dict[int, np.ndarray] = {}
         self._edges: list[tuple[int, int]] = []
         self._markers_dirty = False
-        self._dirty = False      # keyframes added since the last save
-        self._own_subs: list = []
-        self._own_pubs: list = []
-        self._own_services: list = []
-        self._own_timers: list = []
-        self._prev_snapshot: dict[str, float] = {}
-        self._configured = False
-        if self._values["autostart"]:
-            self.start()
+        self._autostart()
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> bool:
-        """Configure and activate (what ``autostart`` does); False with ``last_error`` set on failure."""
-        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            return False
-        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
-
-    def _param(self, name: str):
-        return self._values[name]
-
-    def _after_set_parameters(self, params) -> None:
-        for p in params:
-            v = p.value
-            if isinstance(self._values.get(p.name), float) and isinstance(v, int):
-                v = float(v)
-            self._values[p.name] = v
-        if any(p.name.startswith("detector.") for p in params) and self.detector is not None:
-            self.detector.params = P.build_dataclass(self._detector_cls, "detector", self._values)
+    def _apply_params(self) -> None:
+        if self.detector is not None:
+            self.detector.params = self._build_params()
             self.get_logger().info("detector parameters updated")
 
-    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        try:
-            self._configure()
-        except Exception as exc:  # rclpy swallows exceptions of transition callbacks: say it here
-            self.last_error = str(exc)
-            self.get_logger().error(f"configure failed: {exc}")
-            self._release()
-            return TransitionCallbackReturn.FAILURE
-        return super().on_configure(state)
-
     def _configure(self) -> None:
-        from ..detector import LoopDetector
         from ..place_map import PlaceMap
         if self._given_encoder is not None:
             self.encoder = self._given_encoder
@@ -159,24 +117,17 @@ class LoopClosureNode(LifecycleNode):
         self._pub_retrieved = self.create_lifecycle_publisher(LoopClosureArray, "~/retrieved", RELIABLE)
         self._pub_keyframes = self.create_lifecycle_publisher(KeyframeMsg, "~/keyframes", RELIABLE_KEEP_ALL)
         self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", LATCHED)
-        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._own_pubs = [self._pub_candidates, self._pub_retrieved, self._pub_keyframes, self._pub_markers, self._pub_diag]
-        group = MutuallyExclusiveCallbackGroup()
-        self._own_services = [
-            self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=group),
-            self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=group),
-            self.create_service(QueryImage, "~/query_image", self._srv_query_image, callback_group=group),
-        ]
-        self._own_timers = [self.create_timer(self._param("diagnostics_period"), self._publish_diagnostics,
-                                          callback_group=MutuallyExclusiveCallbackGroup())]
+        self._own_pubs = [self._pub_candidates, self._pub_retrieved, self._pub_keyframes, self._pub_markers]
         self._stop = False
         self._worker = threading.Thread(target=self._work, name=f"{self.get_name()}_worker", daemon=True)
         self._worker.start()
-        self._configured = True
+
+    def _extra_services(self) -> list:
+        return [(QueryImage, "~/query_image", self._srv_query_image)]
 
     def _new_detector(self) -> None:
         from ..detector import LoopDetector
-        self.detector = LoopDetector(self.place_map, P.build_dataclass(self._detector_cls, "detector", self._values))
+        self.detector = LoopDetector(self.place_map, self._build_params())
         s = int(self._param("session"))
         if s < 0:
             s = max((kf.session for kf in self.place_map.keyframes()), default=-1) + 1
@@ -185,7 +136,7 @@ class LoopClosureNode(LifecycleNode):
         self._edges = []
         self._markers_dirty = True
 
-    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _activate(self) -> None:
         qos = qos_profile_sensor_data if self._param("image_qos") == "sensor_data" else RELIABLE
         qos = QoSProfile(depth=self._param("image_qos_depth"), reliability=qos.reliability,
                          durability=qos.durability, history=HistoryPolicy.KEEP_LAST)
@@ -202,69 +153,19 @@ class LoopClosureNode(LifecycleNode):
                                                        callback_group=MutuallyExclusiveCallbackGroup()))
         self.get_logger().info(f"listening on {self._own_subs[0].topic_name}; map has {len(self.place_map)} keyframes, "
                                f"new keyframes are session {self.session}")
-        return super().on_activate(state)
 
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._drop_subscriptions()
+    def _drain(self) -> None:
         self.wait_idle(timeout=30.0)
-        self._save_if_dirty()
-        return super().on_deactivate(state)
 
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._save_if_dirty()
-        self._release()
-        return super().on_cleanup(state)
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.close()
-        return super().on_shutdown(state)
-
-    def close(self) -> None:
-        """Stop taking frames, finish the queued ones, save the map (``save_map_on_shutdown``) and
-        release everything. Safe to call more than once and after rclpy shut down."""
-        self._drop_subscriptions()
-        if self._configured:
-            self.wait_idle(timeout=30.0)
-            self._save_if_dirty()
-        self._release()
-
-    def stop_input(self) -> None:
-        """Stop taking frames and finish the queued ones (their results are published)."""
-        self._drop_subscriptions()
-        if self._configured:
-            self.wait_idle(timeout=30.0)
-
-    def _drop_subscriptions(self) -> None:
-        for s in self._own_subs:
-            try:
-                self.destroy_subscription(s)
-            except Exception:
-                pass
-        self._own_subs = []
-
-    def _release(self) -> None:
+    def _stop_work(self) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(timeout=30.0)
         self._worker = None
-        for t in self._own_timers:
-            self.destroy_timer(t)
-        for s in self._own_services:
-            self.destroy_service(s)
-        for p in self._own_pubs:
-            try:
-                if hasattr(p, "on_deactivate"):
-                    self.destroy_lifecycle_publisher(p)
-                else:
-                    self.destroy_publisher(p)
-            except Exception:
-                pass
-        self._own_timers, self._own_services, self._own_pubs = [], [], []
         with self._cv:
             self._queue.clear()
-        self._configured = False
 
     # ----------------------------------------------------------------- input
     def _on_image(self, msg) -> None:
@@ -380,26 +281,16 @@ class LoopClosureNode(LifecycleNode):
         self.stats.latency("total", (time.monotonic() - f.received) * 1e3)
 
     # ----------------------------------------------------------------- output
-    def _publish_diagnostics(self) -> None:
+    def _tick(self) -> None:
         with self._cv:
             qlen = len(self._queue)
         self.stats.set("queue_length", qlen)
         self.stats.set("queue_size", self._param("queue_size"))
-        self.stats.set("map_size", len(self.place_map) if self.place_map is not None else 0)
+        self.stats.set("map_size", self._keyframe_count() or 0)
         self.stats.set("session", self.session)
         self.stats.set("frame_rate_hz", self.stats.rate("frames_received"))
-        snap = self.stats.snapshot()
-        prev, self._prev_snapshot = self._prev_snapshot, snap
-        delta = lambda k: int(snap.get(k, 0) - prev.get(k, 0))  # noqa: E731
-        errors = delta("decode_errors") + delta("processing_errors") + delta("odom_errors")
         dead = None if self._worker is not None and self._worker.is_alive() else "worker not running"
-        level = level_of(errors, delta("frames_dropped"), dead)
-        msg = dead or (f"{errors} bad frames" if errors else
-                       f"{delta('frames_dropped')} frames dropped" if delta("frames_dropped") else "ok")
-        if errors and self.stats.last_error:
-            msg += f"; last: {self.stats.last_error}"
-        self._pub_diag.publish(status_array(self.get_clock().now().to_msg(), f"megaloc_ros: {self.get_name()}",
-                                            self.encoder.model_name if self.encoder else "", snap, level, msg))
+        self._publish_diagnostics(self.encoder.model_name if self.encoder else "", dead)
         if self._markers_dirty:
             self._markers_dirty = False
             self._publish_markers()
@@ -425,36 +316,21 @@ class LoopClosureNode(LifecycleNode):
         self._pub_markers.publish(MarkerArray(markers=[kfm, edges]))
 
     # ----------------------------------------------------------------- map files
-    def _save_if_dirty(self) -> None:
-        path = self._param("map_path")
-        if not (path and self._param("save_map_on_shutdown") and self._dirty and self.place_map is not None):
-            return
-        try:
-            self.save_map(path)
-        except Exception as exc:
-            self.get_logger().error(f"saving the map to {path} failed: {exc}")
+    def _keyframe_count(self) -> Optional[int]:
+        return len(self.place_map) if self.place_map is not None else None
 
     def save_map(self, path: str = "") -> str:
         """Save the map to ``path`` (default ``map_path``); returns the path written."""
-        path = path or self._param("map_path")
-        if not path:
-            raise MegalocError("no path given and the map_path parameter is empty")
+        path = self._map_path(path)
         if self.place_map is None:
             raise MegalocError("the node is not configured: no map to save")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with self._map_lock:
-            self.place_map.save(path)
-            self._dirty = False
-        self.get_logger().info(f"saved map with {len(self.place_map)} keyframes to {path}")
-        return path
+        return self._write_state(path, self._map_lock, lambda out: self.place_map.save(out))
 
     def load_map(self, path: str = "") -> str:
         """Replace the map by the one at ``path`` (default ``map_path``); new keyframes continue
         its ids in a new session (unless the ``session`` parameter fixes one)."""
         from ..place_map import PlaceMap
-        path = path or self._param("map_path")
-        if not path:
-            raise MegalocError("no path given and the map_path parameter is empty")
+        path = self._map_path(path)
         if not os.path.exists(path):
             raise MegalocError(f"map file {path} does not exist")
         m = PlaceMap.load(path, expected_model=self.encoder.model_name, expected_dim=self.encoder.descriptor_dim)
@@ -465,23 +341,6 @@ class LoopClosureNode(LifecycleNode):
             self._dirty = False
         self.get_logger().info(f"loaded map {path}: {len(m)} keyframes, new keyframes are session {self.session}")
         return path
-
-    def _srv_save_map(self, req, res):
-        try:
-            path = self.save_map(req.path)
-            res.success, res.message = True, f"saved {len(self.place_map)} keyframes to {path}"
-        except Exception as exc:
-            res.success, res.message = False, str(exc)
-        return res
-
-    def _srv_load_map(self, req, res):
-        try:
-            path = self.load_map(req.path)
-            res.success, res.message = True, f"loaded {len(self.place_map)} keyframes from {path}"
-        except Exception as exc:
-            res.success, res.message = False, str(exc)
-            self.get_logger().error(f"load_map: {exc}")
-        return res
 
     def _srv_query_image(self, req, res):
         try:
@@ -501,5 +360,4 @@ class LoopClosureNode(LifecycleNode):
 
 def main(args=None) -> None:
     """`ros2 run megaloc_ros loop_closure_node`: this node alone on a multi-threaded executor."""
-    from .runner import spin_single
     spin_single(LoopClosureNode, args)

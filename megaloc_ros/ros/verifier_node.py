@@ -23,23 +23,19 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo
 
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
-from megaloc_ros.srv import LoadMap, SaveMap
 
 from ..errors import MegalocError
 from . import conversions as conv
 from . import params as P
-from .diagnostics import Stats, level_of, status_array
+from .managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
+from .runner import spin_single
 
-RELIABLE_KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
-RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 SUFFIX = ".verifier"
 
 
@@ -47,59 +43,33 @@ def verifier_state_path(map_path: str) -> str:
     return map_path + SUFFIX
 
 
-class VerifierNode(LifecycleNode):
+class VerifierNode(ManagedNode):
     """See the module docstring."""
 
+    STATE_NAME = "verifier state"
+    DIAG_ERRORS = ("keyframe_errors", "verify_errors")
+    DIAG_WARNING = ("candidates_expired", "candidates expired")
+
     def __init__(self, node_name: str = P.VERIFIER_NODE, **kwargs):
-        super().__init__(node_name, **kwargs)
         from ..verifier import VerifierParams
-        self._params_cls = VerifierParams
-        self._specs = P.verifier_node_specs()
-        self._values = P.declare(self, self._specs)
-        self.add_on_set_parameters_callback(
-            P.validator(self._specs, {"verifier": VerifierParams}, lambda: self._values))
-        self.add_post_set_parameters_callback(self._after_set_parameters)
-        P.build_dataclass(self._params_cls, "verifier", self._values)  # its own checks, before anything starts
+        super().__init__(node_name, P.verifier_node_specs(), "verifier", VerifierParams, **kwargs)
         self._camera()
-        self.stats = Stats()
-        self.last_error = ""
         self.verifier = None
         self._lock = threading.RLock()   # the Verifier and the pending candidates
         self._keyframes: dict[int, object] = {}   # id -> Keyframe (with pose) received this run
         self._pending: list[tuple[float, LoopClosureArray]] = []
-        self._dirty = False
-        self._own_subs: list = []
-        self._own_pubs: list = []
-        self._own_services: list = []
-        self._own_timers: list = []
-        self._prev_snapshot: dict[str, float] = {}
-        self._configured = False
-        if self._values["autostart"]:
-            self.start()
+        self._autostart()
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> bool:
-        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            return False
-        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
-
-    def _param(self, name: str):
-        return self._values[name]
-
-    def _after_set_parameters(self, params) -> None:
-        for p in params:
-            v = p.value
-            if isinstance(self._values.get(p.name), float) and isinstance(v, int):
-                v = float(v)
-            self._values[p.name] = v
-        if any(p.name.startswith("verifier.") for p in params) and self.verifier is not None:
+    def _apply_params(self) -> None:
+        if self.verifier is not None:
             with self._lock:
                 self.verifier.params = self._live_params(self.verifier.params)
 
     def _live_params(self, base):
         """``base`` with the node's values of the fields that only change decisions."""
         import dataclasses
-        new = P.build_dataclass(self._params_cls, "verifier", self._values)
+        new = self._build_params()
         return dataclasses.replace(base, **{f: getattr(new, f) for f in P.VERIFIER_LIVE_FIELDS})
 
     def _camera(self):
@@ -112,16 +82,6 @@ class VerifierNode(LifecycleNode):
         k = np.array([[c[0], 0, c[2]], [0, c[1], c[3]], [0, 0, 1]], np.float64)
         return k, (int(c[4]), int(c[5]))
 
-    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        try:
-            self._configure()
-        except Exception as exc:
-            self.last_error = str(exc)
-            self.get_logger().error(f"configure failed: {exc}")
-            self._release()
-            return TransitionCallbackReturn.FAILURE
-        return super().on_configure(state)
-
     def _configure(self) -> None:
         from ..verifier import Verifier
         k, size = self._camera()
@@ -129,19 +89,10 @@ class VerifierNode(LifecycleNode):
         if path and Path(verifier_state_path(path)).exists():
             self.verifier = self._load(verifier_state_path(path), k, size)
         else:
-            self.verifier = Verifier(P.build_dataclass(self._params_cls, "verifier", self._values), k, size)
+            self.verifier = Verifier(self._build_params(), k, size)
         self._pub_loops = self.create_lifecycle_publisher(LoopClosureArray, "~/loop_closures", RELIABLE)
         self._pub_rejected = self.create_lifecycle_publisher(LoopClosureArray, "~/rejected", RELIABLE)
-        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._own_pubs = [self._pub_loops, self._pub_rejected, self._pub_diag]
-        group = MutuallyExclusiveCallbackGroup()
-        self._own_services = [
-            self.create_service(SaveMap, "~/save_map", self._srv_save_map, callback_group=group),
-            self.create_service(LoadMap, "~/load_map", self._srv_load_map, callback_group=group),
-        ]
-        self._own_timers = [self.create_timer(self._param("diagnostics_period"), self._tick,
-                                          callback_group=MutuallyExclusiveCallbackGroup())]
-        self._configured = True
+        self._own_pubs = [self._pub_loops, self._pub_rejected]
 
     def _load(self, path: str, k, size):
         from ..verifier import Verifier
@@ -152,7 +103,7 @@ class VerifierNode(LifecycleNode):
         self.get_logger().info(f"loaded verifier state {path}: {len(v)} keyframes")
         return v
 
-    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _activate(self) -> None:
         # One callback group: the Verifier sees keyframes and candidates in arrival order.
         group = MutuallyExclusiveCallbackGroup()
         self._own_subs = [
@@ -166,52 +117,6 @@ class VerifierNode(LifecycleNode):
                 CameraInfo, self._param("camera_info_topic"), self._on_camera_info, qos_profile_sensor_data,
                 callback_group=group))
         self.get_logger().info(f"verifying {self._own_subs[1].topic_name} with keyframes from {self._own_subs[0].topic_name}")
-        return super().on_activate(state)
-
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._drop_subscriptions()
-        self._save_if_dirty()
-        return super().on_deactivate(state)
-
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._save_if_dirty()
-        self._release()
-        return super().on_cleanup(state)
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.close()
-        return super().on_shutdown(state)
-
-    def close(self) -> None:
-        """Stop, save the state (``save_map_on_shutdown``) and release; safe to repeat."""
-        self._drop_subscriptions()
-        if self._configured:
-            self._save_if_dirty()
-        self._release()
-
-    def _drop_subscriptions(self) -> None:
-        for s in self._own_subs:
-            try:
-                self.destroy_subscription(s)
-            except Exception:
-                pass
-        self._own_subs = []
-
-    def _release(self) -> None:
-        for t in self._own_timers:
-            self.destroy_timer(t)
-        for s in self._own_services:
-            self.destroy_service(s)
-        for p in self._own_pubs:
-            try:
-                if hasattr(p, "on_deactivate"):
-                    self.destroy_lifecycle_publisher(p)
-                else:
-                    self.destroy_publisher(p)
-            except Exception:
-                pass
-        self._own_timers, self._own_services, self._own_pubs = [], [], []
-        self._configured = False
 
     # ----------------------------------------------------------------- input
     def _on_keyframe(self, msg: KeyframeMsg) -> None:
@@ -314,44 +219,22 @@ class VerifierNode(LifecycleNode):
 
     def _tick(self) -> None:
         self._flush_pending()
-        self.stats.set("keyframes_stored", len(self.verifier) if self.verifier is not None else 0)
+        self.stats.set("keyframes_stored", self._keyframe_count() or 0)
         self.stats.set("candidates_pending", self.pending_count())
-        snap = self.stats.snapshot()
-        prev, self._prev_snapshot = self._prev_snapshot, snap
-        delta = lambda k: int(snap.get(k, 0) - prev.get(k, 0))  # noqa: E731
-        errors = delta("keyframe_errors") + delta("verify_errors")
-        level = level_of(errors, delta("candidates_expired"))
-        msg = f"{errors} errors; last: {self.stats.last_error}" if errors else \
-            f"{delta('candidates_expired')} candidates expired" if delta("candidates_expired") else "ok"
-        self._pub_diag.publish(status_array(self.get_clock().now().to_msg(), f"megaloc_ros: {self.get_name()}",
-                                            "verifier", snap, level, msg))
+        self._publish_diagnostics("verifier")
 
     # ----------------------------------------------------------------- state files
-    def _save_if_dirty(self) -> None:
-        path = self._param("map_path")
-        if path and self._param("save_map_on_shutdown") and self._dirty and self.verifier is not None:
-            try:
-                self.save_map(path)
-            except Exception as exc:
-                self.get_logger().error(f"saving the verifier state failed: {exc}")
+    def _keyframe_count(self) -> Optional[int]:
+        return len(self.verifier) if self.verifier is not None else None
 
     def save_map(self, path: str = "") -> str:
         """Save the state to ``<path>.verifier`` (default path: ``map_path``); returns the file."""
-        path = path or self._param("map_path")
-        if not path:
-            raise MegalocError("no path given and the map_path parameter is empty")
-        out = verifier_state_path(path)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            self.verifier.save(out)
-            self._dirty = False
-        self.get_logger().info(f"saved verifier state with {len(self.verifier)} keyframes to {out}")
-        return out
+        return self._write_state(verifier_state_path(self._map_path(path)), self._lock,
+                                 lambda out: self.verifier.save(out))
 
     def load_map(self, path: str = "") -> str:
-        path = path or self._param("map_path")
-        if not path:
-            raise MegalocError("no path given and the map_path parameter is empty")
+        """Replace the state by ``<path>.verifier`` (default path: ``map_path``); returns the file."""
+        path = self._map_path(path)
         k, size = self._camera()
         v = self._load(verifier_state_path(path), k, size)
         with self._lock:
@@ -361,25 +244,7 @@ class VerifierNode(LifecycleNode):
             self._dirty = False
         return verifier_state_path(path)
 
-    def _srv_save_map(self, req, res):
-        try:
-            out = self.save_map(req.path)
-            res.success, res.message = True, f"saved {len(self.verifier)} keyframes to {out}"
-        except Exception as exc:
-            res.success, res.message = False, str(exc)
-        return res
-
-    def _srv_load_map(self, req, res):
-        try:
-            out = self.load_map(req.path)
-            res.success, res.message = True, f"loaded {len(self.verifier)} keyframes from {out}"
-        except Exception as exc:
-            res.success, res.message = False, str(exc)
-            self.get_logger().error(f"load_map: {exc}")
-        return res
-
 
 def main(args=None) -> None:
     """`ros2 run megaloc_ros verifier_node`: this node alone on a multi-threaded executor."""
-    from .runner import spin_single
     spin_single(VerifierNode, args)
