@@ -102,7 +102,8 @@ INT8_METHOD = {
     "weights": "int8, per output channel (every MatMul with a constant weight)",
     "activations": "uint8, per tensor, range taken at run time for each image",
     "kept_fp32": "attention softmax and score/value products (com.microsoft MultiHeadAttention), "
-                 "GELU, LayerNorm, patch embedding, pooling and normalisation of the descriptor",
+                 "GELU, LayerNorm, the patch-embedding convolution, the aggregation arithmetic "
+                 "(SALAD's Sinkhorn, L2 normalisations); linear layers of SALAD and the head are int8",
 }
 
 
