@@ -149,19 +149,22 @@ def fuse_for_cpu(model) -> dict:
     counts = {"attention": 0, "gelu": 0, "layer_scale": 0}
     for sm in [n for n in g.node if n.op_type == "Softmax"]:
         mul = made_by(sm.input[0], "Mul")
-        qk = made_by(mul.input[0], "MatMul") if mul else None
-        scale = const(mul.input[1]) if mul else None
+        qk = made_by(mul.input[0], "MatMul") if mul is not None else None
+        scale = const(mul.input[1]) if mul is not None else None
         if qk is None or scale is None or scale.size != 1:
             continue
         sq_q, kt = made_by(qk.input[0], "Squeeze"), made_by(qk.input[1], "Transpose")
         sq_k = made_by(kt.input[0], "Squeeze") if kt is not None and perm(kt) == [0, 1, 3, 2] else None
         av = sole_user(sm.output[0], "MatMul")
         sq_v = made_by(av.input[1], "Squeeze") if av is not None else None
-        if None in (sq_q, sq_k, sq_v):
+        if sq_q is None or sq_k is None or sq_v is None:
             continue
         slices = [made_by(s.input[0], "Slice") for s in (sq_q, sq_k, sq_v)]
-        if None in slices or len({s.input[0] for s in slices}) != 1 or any(
-                const(s.input[1]) is None or int(const(s.input[1]).ravel()[0]) != i for i, s in enumerate(slices)):
+        # q, k, v = the 3-axis (axis 0 after the permute) taken at 0, 1, 2
+        if any(s is None for s in slices) or len({s.input[0] for s in slices}) != 1 or any(
+                len(s.input) < 4 or const(s.input[1]) is None or int(const(s.input[1]).ravel()[0]) != i
+                or const(s.input[3]) is None or int(const(s.input[3]).ravel()[0]) != 0
+                for i, s in enumerate(slices)):
             continue
         heads_first = made_by(slices[0].input[0], "Transpose")
         rs = made_by(heads_first.input[0], "Reshape") if heads_first is not None and \
