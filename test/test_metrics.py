@@ -182,7 +182,7 @@ def test_gt_matrix_files(tmp_path, rtabmap_seq, corridor_seq):
         assert set(zip(*np.nonzero(g))) == {(2, 0), (0, 2)}, name
     with pytest.raises(MegalocError, match="4x4 but the bag has 5 frames"):
         G.read_gt_matrix(tmp_path / "m.npy", 5)
-    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))  # an object array: needs pickle to read
     with pytest.raises(MegalocError, match="not a plain .npy"):
         G.read_gt_matrix(tmp_path / "obj.npy", 1)
     # the VPR-Bench table shipped with the corridor set: references first, then queries
