@@ -115,7 +115,10 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     if verifier_params is not None:
         params.update(_dataclass_params(verifier_params, "verifier", known))
     params.update({"image_topic": "image_raw", "image_transport": "compressed" if compressed else "raw",
-                   "map_path": "", "autostart": True, "odom_topic": "odom" if trajectory is not None else ""})
+                   "map_path": "", "autostart": True, "odom_topic": "odom" if trajectory is not None else "",
+                   # a replay must lose no frame: reliable with a history deep enough for the whole
+                   # burst (KEEP_LAST overwrites unread frames even when reliable) and no queue drops
+                   "image_qos": "reliable", "image_qos_depth": 1000, "queue_size": 1000})
     params.update(node_params or {})
     ns = namespace if namespace is not None else f"megaloc_replay_{os.getpid()}"
     if encoder is None:
@@ -166,9 +169,13 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
             bar.close()
         lc, vn = nodes.loop_closure, nodes.verifier
         # wait_idle sees only frames the node has received: the last ones may still be in transit
-        deadline = time.monotonic() + min(timeout_s, 30.0)
+        # (reliable QoS loses none; under load the executor takes them late)
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and lc.stats.count("frames_received") < len(published_at):
             time.sleep(0.02)
+        if lc.stats.count("frames_received") < len(published_at):
+            notes.append(f"loop_closure_node received {lc.stats.count('frames_received')} of "
+                         f"{len(published_at)} frames within {timeout_s:g} s")
         if not nodes.wait_idle(timeout=timeout_s):
             notes.append(f"the nodes were still busy {timeout_s:g} s after the last frame; results are partial")
         want = (lc.stats.count("keyframes"), lc.stats.count("candidates"), lc.stats.count("retrieved"),
@@ -258,28 +265,24 @@ def _to_replay(bag, topic, stamps, published_at, rec: _Recorder, timed: TimedEnc
         if i % stride == 0 and len(m.descriptor):
             descs.append(np.asarray(m.descriptor, dtype=np.float32))
             desc_frames.append(i)
+    def by_frame(arrays):
+        """(arrival time, frame index, LoopClosure) of every loop whose query is a frame of the bag."""
+        for t, arr in arrays:
+            for lc in arr.loops:
+                i = frame_of_stamp.get(conv.stamp_to_ns(lc.query_stamp))
+                if i is not None:
+                    yield t, i, lc
+
+    for _, i, lc in by_frame(rec.candidates):
+        frames[i].candidates.append(conv.msg_to_candidate(lc))
     cand_arrival: dict[int, float] = {}
-    for t, arr in rec.candidates:
-        for lc in arr.loops:
-            i = frame_of_stamp.get(conv.stamp_to_ns(lc.query_stamp))
-            if i is None:
-                continue
-            frames[i].candidates.append(conv.msg_to_candidate(lc))
-    for t, arr in rec.retrieved:
-        for lc in arr.loops:
-            i = frame_of_stamp.get(conv.stamp_to_ns(lc.query_stamp))
-            if i is None:
-                continue
-            frames[i].retrieved.append(conv.msg_to_candidate(lc))
-            cand_arrival.setdefault(i, t)
+    for t, i, lc in by_frame(rec.retrieved):
+        frames[i].retrieved.append(conv.msg_to_candidate(lc))
+        cand_arrival.setdefault(i, t)
     verdict_arrival: dict[int, float] = {}
-    for t, arr in rec.verdicts:
-        for lc in arr.loops:
-            i = frame_of_stamp.get(conv.stamp_to_ns(lc.query_stamp))
-            if i is None:
-                continue
-            frames[i].loops.append(conv.msg_to_verified_loop(lc))
-            verdict_arrival[i] = max(t, verdict_arrival.get(i, t))
+    for t, i, lc in by_frame(rec.verdicts):
+        frames[i].loops.append(conv.msg_to_verified_loop(lc))
+        verdict_arrival[i] = max(t, verdict_arrival.get(i, t))
     for i, t in verdict_arrival.items():
         if i in cand_arrival:
             frames[i].timings_ms["candidates_to_verdict"] = (t - cand_arrival[i]) * 1e3
