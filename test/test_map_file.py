@@ -12,19 +12,9 @@ from megaloc_ros.detector import DetectorParams, LoopDetector
 from megaloc_ros.errors import MapFileError
 from megaloc_ros.place_map import PlaceMap
 from megaloc_ros.types import Keyframe
+from synthetic import trajectory
 
 S = 1_000_000_000
-
-
-def trajectory(n, dim, seed=0, rho=0.9):
-    rng = np.random.default_rng(seed)
-    scale = (np.arange(dim) + 1.0) ** -0.75
-    p = rng.standard_normal(dim)
-    out = np.zeros((n, dim), np.float32)
-    for t in range(n):
-        p = rho * p + np.sqrt(1 - rho ** 2) * rng.standard_normal(dim)
-        out[t] = scale * p
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def built(kind="flat", n=300, dim=64, **opts):

@@ -9,6 +9,7 @@ import pytest
 from megaloc_ros.errors import DescriptorSizeError, MegalocError
 from megaloc_ros.place_map import DuplicateId, PlaceMap
 from megaloc_ros.types import Keyframe
+from synthetic import trajectory
 
 S = 1_000_000_000
 
@@ -98,18 +99,6 @@ def compressed(**kw):
     opts = dict(pca_dim=64, nlist=8, nprobe=8, pq_m=16, train_size=400)
     opts.update(kw)
     return PlaceMap(128, "test", opts.pop("index", "ivfpq"), **opts)
-
-
-def trajectory(n, dim, seed=0, rho=0.9):
-    """Keyframes along a smooth walk: neighbours are similar, like a robot's."""
-    rng = np.random.default_rng(seed)
-    scale = (np.arange(dim) + 1.0) ** -0.75
-    p = rng.standard_normal(dim)
-    out = np.zeros((n, dim), np.float32)
-    for t in range(n):
-        p = rho * p + np.sqrt(1 - rho ** 2) * rng.standard_normal(dim)
-        out[t] = scale * p
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 @pytest.mark.parametrize("kind", ["ivfpq", "ivfsq8", "hnsw", "sq8"])
