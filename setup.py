@@ -27,6 +27,8 @@ setup(
     extras_require={
         # Export and the PyTorch fallback; pick the torch build for your machine yourself.
         "export": ["torch>=2.5", "safetensors>=0.4", "onnx>=1.17", "onnxscript>=0.2"],
+        # The fastest CPU variant (an OpenVINO IR, static int8): runtime, and NNCF to quantise it.
+        "openvino": ["openvino>=2025.0", "nncf>=2.16"],
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["megaloc-ros = megaloc_ros.cli:main"]},

@@ -10,7 +10,8 @@
 ``<cache>`` is ``$MEGALOC_CACHE``, else the repository's ``.cache/``.
 
 Inference runs the exported graph with ONNX Runtime, preferring TensorRT (fp16, engine cache
-under ``<cache>/trt/``) -> CUDA -> CPU; ``backend="torch"`` (or a missing onnxruntime) runs the
+under ``<cache>/trt/``) -> CUDA -> CPU; an OpenVINO IR (``.xml``, e.g. the static int8 CPU
+variant) runs with OpenVINO on the CPU; ``backend="torch"`` (or a missing onnxruntime) runs the
 PyTorch model instead. Preprocessing is the official evaluation's (megaloc_ros/preprocess.py).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -151,6 +153,8 @@ class Encoder:
         self.batch_size = max(1, int(batch_size))
         # Identifies the exact model (weights, size, precision) for feature caches.
         self.model_id = hashlib.sha256(self.model_path.with_suffix(".json").read_bytes()).hexdigest()[:16]
+        if backend == "auto" and self.model_path.suffix == ".xml":
+            backend = "openvino"
         if backend == "auto":
             try:
                 import onnxruntime  # noqa: F401
@@ -168,11 +172,36 @@ class Encoder:
             self.providers = self._session.get_providers()
             self._outputs = [outs["descriptor"]["name"]] + ([outs["patch_features"]["name"]]
                                                              if self.has_patch_features else [])
+        elif backend == "openvino":
+            self._init_openvino(device, threads)
         elif backend == "torch":
             self._torch_model = self._load_torch_model(device)
             self.providers = [f"torch:{self._torch_device}"]
         else:
-            raise WeightsError(f"unknown backend {backend!r}: use auto, onnxruntime or torch")
+            raise WeightsError(f"unknown backend {backend!r}: use auto, onnxruntime, openvino or torch")
+
+    def _init_openvino(self, device: str, threads: int | None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise WeightsError(f"{self.model_path} is an OpenVINO IR: `pip install openvino` ({exc})") from exc
+        if self.model_path.suffix != ".xml" or not self.model_path.with_suffix(".bin").is_file():
+            raise WeightsError(f"{self.model_path}: an OpenVINO IR is FILE.xml with FILE.bin next to it")
+        if device not in ("auto", "cpu"):
+            log.warning("device %r requested for an OpenVINO IR: it runs on the CPU", device)
+        # Latency mode: one image at a time through all cores, as a camera node feeds it.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self._compiled = ov.Core().compile_model(str(self.model_path), "CPU", config)
+        except RuntimeError as exc:
+            raise WeightsError(f"OpenVINO cannot load {self.model_path}: {str(exc).splitlines()[0]}") from exc
+        self._request = self._compiled.create_infer_request()
+        self._request_lock = threading.Lock()  # an infer request serves one caller at a time
+        self._ov_outputs = [self._compiled.output(self.meta["outputs"]["descriptor"]["name"])] + (
+            [self._compiled.output(self.meta["outputs"]["patch_features"]["name"])] if self.has_patch_features else [])
+        self.providers = ["OpenVINO:CPU"]
 
     def _load_torch_model(self, device: str):
         import torch
@@ -197,6 +226,12 @@ class Encoder:
         if self.backend == "onnxruntime":
             res = self._session.run(self._outputs, {self.input_name: batch})
             return res[0], (res[1] if self.has_patch_features else None)
+        if self.backend == "openvino":
+            with self._request_lock:
+                res = self._request.infer({self.input_name: batch})
+                # copies: the request reuses its output buffers on the next call
+                out = [np.array(res[o]) for o in self._ov_outputs]
+            return out[0], (out[1] if self.has_patch_features else None)
         import torch
         with torch.no_grad():
             d, p = self._torch_model.forward_features(torch.from_numpy(batch).to(self._torch_device))

@@ -7,6 +7,11 @@ Next to ``FILE.onnx`` a ``FILE.json`` sidecar records input size, normalisation,
 sizes, the weights hash and the error measured against PyTorch on real images; the Encoder
 reads it.
 
+The output's suffix picks the runtime: ``.onnx`` for ONNX Runtime (TensorRT, CUDA, CPU; int8 is
+dynamic quantisation), ``.xml`` for OpenVINO on x86 CPUs (an IR ``FILE.xml`` + ``FILE.bin``;
+int8 is static post-training quantisation with NNCF, calibrated on real images: the fastest
+CPU variant, see `megaloc-ros bench encoder`).
+
 Export uses the dynamo exporter at opset 18 (the TorchScript exporter cannot trace the
 resize-to-multiple-of-14 branch); torch.export specialises a batch of 1, so the example batch is 2.
 """
@@ -106,6 +111,18 @@ INT8_METHOD = {
                  "(SALAD's Sinkhorn, L2 normalisations); linear layers of SALAD and the head are int8",
 }
 
+
+OPENVINO_INT8_METHOD = {
+    "method": "NNCF post-training static quantisation of the OpenVINO IR (transformer preset)",
+    "weights": "int8, symmetric, per output channel (MatMul and convolution weights)",
+    "activations": "int8, per tensor, ranges measured on the calibration images (also the "
+                   "attention score/value products)",
+    "smooth_quant": "off: on the DINOv2 ViT-S/14 it lowered the descriptor cosine to fp32 from "
+                    "0.993 to 0.936 (min over the shipped real frames)",
+    "kept_fp32": "softmax, GELU, LayerNorm, the aggregation arithmetic (SALAD's Sinkhorn, L2 "
+                 "normalisations): OpenVINO runs them in fp32",
+}
+OPENVINO_VERSION = 1  # bump when quantize_openvino changes what it writes (bench caches its outputs)
 
 CPU_FUSIONS_VERSION = 2  # bump when fuse_for_cpu changes what it writes (bench caches its outputs)
 
@@ -277,6 +294,89 @@ def convert_precision(fp32_path: Path, output: Path, precision: str) -> dict:
     raise ValueError(precision)
 
 
+def calibration_images(source: str | Path | None = None, limit: int = 128) -> list[np.ndarray]:
+    """Images for static int8 calibration: every image file under ``source`` (your robot's
+    frames calibrate best), else the shipped corridor reference session (111 real frames; the
+    rtabmap sequence and the corridor query session stay held out for the agreement figures)."""
+    from . import datasets
+    from .images import read_image_file
+    if source is None:
+        seq = datasets.corridor()
+        picks = np.flatnonzero(seq.sessions == 0)
+        return [seq.load_rgb(int(i)) for i in picks[:: max(1, len(picks) // limit)][:limit]]
+    root = Path(source)
+    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root])
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm"))
+    if not files:
+        raise WeightsError(f"no calibration images (.jpg/.png/.bmp/.pgm/.ppm) under {root}")
+    return [read_image_file(p) for p in files[:: max(1, len(files) // limit)][:limit]]
+
+
+def quantize_openvino(fp32_onnx: Path, output_xml: Path, calibration: np.ndarray) -> dict:
+    """fp32 ONNX -> OpenVINO IR with static int8 (NNCF), calibrated on ``calibration``
+    (preprocessed [N, 3, H, W]). Returns the sidecar's ``quantization`` entry."""
+    try:
+        import nncf
+        import openvino as ov
+        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                           AdvancedSmoothQuantParameters)
+    except ImportError as exc:
+        raise WeightsError(f"OpenVINO int8 needs `pip install openvino nncf` ({exc})") from exc
+    import logging
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)  # one INFO line per node otherwise
+    try:
+        model = ov.Core().read_model(str(fp32_onnx))
+        data = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+        quantized = nncf.quantize(
+            model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
+            advanced_parameters=AdvancedQuantizationParameters(
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+    finally:
+        nncf_log.setLevel(level)
+    ov.save_model(quantized, str(output_xml), compress_to_fp16=False)
+    return {**OPENVINO_INT8_METHOD, "calibration_images": int(len(calibration)),
+            "openvino": ov.__version__, "nncf": nncf.__version__, "recipe_version": OPENVINO_VERSION}
+
+
+def convert_openvino(fp32_onnx: Path, output_xml: Path, precision: str,
+                     calibration: np.ndarray | None = None) -> dict:
+    """fp32 ONNX -> OpenVINO IR (``output_xml`` + its ``.bin``): fp32 as is, or int8."""
+    if precision == "int8":
+        if calibration is None or not len(calibration):
+            raise WeightsError("OpenVINO int8 needs calibration images")
+        return quantize_openvino(fp32_onnx, output_xml, calibration)
+    if precision != "fp32":
+        raise WeightsError(f"OpenVINO export supports fp32 and int8, not {precision} "
+                           "(fp16 is for GPUs: export .onnx and run it with TensorRT)")
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise WeightsError(f"an OpenVINO export needs `pip install openvino` ({exc})") from exc
+    ov.save_model(ov.Core().read_model(str(fp32_onnx)), str(output_xml), compress_to_fp16=False)
+    return {}
+
+
+def install_model(src: Path, output: Path) -> None:
+    """Move a built model into place (an OpenVINO IR's .bin before its .xml, so a reader that
+    sees the .xml finds its weights)."""
+    if src.suffix == ".xml":
+        os.replace(src.with_suffix(".bin"), output.with_suffix(".bin"))
+    os.replace(src, output)
+
+
+def run_model(path: Path):
+    """A plain CPU runner for an exported file: ``f(batch) -> list of outputs`` (checks, tests)."""
+    if Path(path).suffix == ".xml":
+        import openvino as ov
+        compiled = ov.Core().compile_model(str(path), "CPU")
+        return lambda x: [v.copy() for v in compiled(x).values()]
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})
+
+
 def real_check_images(n: int = 4) -> list[np.ndarray]:
     """A few real frames from the shipped data sets (both sequences)."""
     from . import datasets
@@ -287,10 +387,8 @@ def real_check_images(n: int = 4) -> list[np.ndarray]:
 
 def compare_with_torch(model: nn.Module, onnx_path: Path, images: np.ndarray,
                        with_patches: bool) -> dict:
-    """Max abs difference and min cosine of ONNX Runtime (CPU) vs PyTorch on ``images``."""
-    import onnxruntime as ort
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"image": images})
+    """Max abs difference and min cosine of the exported model (CPU) vs PyTorch on ``images``."""
+    got = run_model(onnx_path)(images)
     with torch.no_grad():
         desc, patches = model.forward_features(torch.from_numpy(images))
     ref = [desc.numpy()] + ([patches.numpy()] if with_patches else [])
@@ -306,14 +404,20 @@ def compare_with_torch(model: nn.Module, onnx_path: Path, images: np.ndarray,
 def export_model(model: nn.Module, output: str | Path, *, height: int = 322, width: int = 322,
                  precision: str = "fp32", with_patches: bool = True, model_name: str = "megaloc",
                  kind: str = "megaloc", weights_path: str | Path | None = None,
-                 weights_sha256: str | None = None, check_images: int = 4, log=print) -> dict:
-    """Export, convert precision, check ONNX Runtime against PyTorch on real images, write the
-    sidecar; returns the sidecar dict."""
+                 weights_sha256: str | None = None, check_images: int = 4,
+                 calibration: str | Path | None = None, log=print) -> dict:
+    """Export, convert precision, check the result against PyTorch on real images, write the
+    sidecar; returns the sidecar dict. ``output`` ending in .xml gives an OpenVINO IR
+    (``calibration``: images for its int8, see `calibration_images`)."""
     if precision not in PRECISIONS:
         raise WeightsError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     output = Path(output)
-    if output.suffix != ".onnx":
-        raise WeightsError(f"output {output} must end in .onnx")
+    if output.suffix not in (".onnx", ".xml"):
+        raise WeightsError(f"output {output} must end in .onnx (ONNX Runtime) or .xml (OpenVINO IR)")
+    runtime = "openvino" if output.suffix == ".xml" else "onnxruntime"
+    if runtime == "openvino" and precision not in ("fp32", "int8"):
+        raise WeightsError(f"OpenVINO export supports fp32 and int8, not {precision} "
+                           "(fp16 is for GPUs: export .onnx and run it with TensorRT)")
     output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # Build next to the target and rename at the end, so a reader never sees half a model.
@@ -321,7 +425,12 @@ def export_model(model: nn.Module, output: str | Path, *, height: int = 322, wid
         fp32 = Path(tmp) / "model_fp32.onnx"
         names = export_onnx(model, fp32, height, width, with_patches)
         final, quant = fp32, {}
-        if precision != "fp32":
+        if runtime == "openvino":
+            final = Path(tmp) / f"model_{precision}.xml"
+            calib = (preprocess(calibration_images(calibration), (height, width))
+                     if precision == "int8" else None)
+            quant = convert_openvino(fp32, final, precision, calib)
+        elif precision != "fp32":
             final = Path(tmp) / f"model_{precision}.onnx"
             quant = convert_precision(fp32, final, precision)
         export_s = time.perf_counter() - t0
@@ -335,6 +444,7 @@ def export_model(model: nn.Module, output: str | Path, *, height: int = 322, wid
             "kind": kind,
             "architecture": _architecture(model),
             "precision": precision,
+            "runtime": runtime,
             "input": {"name": "image", "height": height, "width": width, "layout": "NCHW", "channels": "RGB",
                       "scale": 1.0 / 255.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                       "resize": "bilinear, antialiased, to height x width"},
@@ -347,12 +457,12 @@ def export_model(model: nn.Module, output: str | Path, *, height: int = 322, wid
         }
         if with_patches:
             meta["outputs"]["patch_features"] = {"name": names[1], "shape": list(patches.shape[1:])}
-        os.replace(final, output)
+        install_model(final, output)
     with open(sidecar_path(output).with_suffix(".json.part"), "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(sidecar_path(output).with_suffix(".json.part"), sidecar_path(output))
     if check:
-        log(f"checked ONNX Runtime vs PyTorch on {check['images']} real images: descriptor max |diff| "
+        log(f"checked {runtime} vs PyTorch on {check['images']} real images: descriptor max |diff| "
             f"{check['descriptor_max_abs_diff']:.2e}, min cosine {check['descriptor_min_cosine']:.6f}")
     return meta
 
@@ -401,7 +511,11 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--no-patch-features", action="store_true", help="export the global descriptor only")
     p.add_argument("--check-images", type=int, default=4, help="real images for the PyTorch comparison (0: skip)")
-    p.add_argument("--output", required=True, help="FILE.onnx (a FILE.json sidecar is written next to it)")
+    p.add_argument("--calibration", help="images (a directory) for OpenVINO int8 calibration, ideally "
+                   "frames of your own robot; default: the shipped corridor reference frames")
+    p.add_argument("--output", required=True, help="FILE.onnx for ONNX Runtime (TensorRT/CUDA/CPU) or FILE.xml "
+                   "for OpenVINO (x86 CPUs; int8 is the fastest CPU variant); a FILE.json sidecar is "
+                   "written next to it")
 
 
 def main(args) -> int:
@@ -413,7 +527,8 @@ def main(args) -> int:
               f"offline descriptor ({name})", file=sys.stderr)
     meta = export_model(model, args.output, height=args.height, width=args.width, precision=args.precision,
                         with_patches=not args.no_patch_features, model_name=name, kind=kind,
-                        weights_path=weights, check_images=args.check_images)
+                        weights_path=weights, check_images=args.check_images,
+                        calibration=args.calibration)
     outs = ", ".join(f"{k} {v.get('dim', v.get('shape'))}" for k, v in meta["outputs"].items())
     print(f"wrote {args.output} ({name}, {args.precision}, {args.height}x{args.width}; outputs: {outs}) "
           f"and {sidecar_path(args.output)}")
