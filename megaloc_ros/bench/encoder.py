@@ -4,11 +4,15 @@ Variants, measured in one run on the same images: PyTorch eager fp32, ONNX Runti
 the export as is: the baseline), ONNX Runtime fp32 on the graph fused for the CPU kernels
 (attention, GELU, LayerScale; `export.fuse_for_cpu`, shown so the gain of fusion alone is
 visible), ONNX Runtime int8 (what `megaloc-ros export --precision int8` writes: that fused graph
-with dynamic int8 quantisation of the weight MatMuls) and, where a CUDA GPU is present, ONNX
-Runtime CUDA fp32 and TensorRT fp16. Speed: ``--warmup`` then ``--images`` timed
+with dynamic int8 quantisation of the weight MatMuls), OpenVINO int8 (what `megaloc-ros export
+--precision int8 --output FILE.xml` writes: static int8 calibrated on the corridor reference
+frames, so rtabmap and the corridor queries are held out) when OpenVINO and NNCF are installed,
+and, where a CUDA GPU is present, ONNX Runtime CUDA fp32 and TensorRT fp16. Speed: ``--warmup`` then ``--images`` timed
 single-image calls (preprocessing included), ms/image and images/s. Agreement with ORT fp32 on
 the real shipped sets (rtabmap, corridor): descriptor cosine (mean, min) and top-1 retrieval
-agreement (same nearest database frame for every query), plus recall@1 against ground truth
+agreement (same nearest database frame for every query; how close the changed ones were to a
+tie in fp32, and the agreement on the queries that fp32 decides by a margin of at least
+``TIE_MARGIN``), plus recall@1 against ground truth
 (PyTorch eager, fp32 like the reference and slow, is compared on the timed images only).
 
 Models: by default the one `load_encoder()` would use (MegaLoc when exported, else the offline
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ARCHES = ("auto", "megaloc-synthetic")
+TIE_MARGIN = 0.01  # fp32 top-1 minus runner-up below this: a near-tie that any rounding may flip
 
 
 def add_arguments(p) -> None:
@@ -43,13 +48,14 @@ def add_arguments(p) -> None:
     p.add_argument("--json", help="also write the results here")
 
 
-def _recall_and_top1(desc: np.ndarray, seq, idx: np.ndarray) -> tuple[np.ndarray, float]:
-    """Top-1 database index per query and recall@1 (rtabmap: +-5 frames excluded; corridor:
-    queries of session 1 against the references of session 0)."""
+def _recall_and_top1(desc: np.ndarray, seq, idx: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """Top-1 database index per query, recall@1 and each query's top-1 minus runner-up score
+    (rtabmap: +-5 frames excluded; corridor: queries of session 1 against the references of
+    session 0)."""
     sim = desc @ desc.T
     gt = seq.gt[np.ix_(idx, idx)]
     sessions = seq.sessions[idx]
-    top, hits = [], []
+    top, hits, margin = [], [], []
     for q in range(len(idx)):
         s = sim[q].copy()
         if sessions.max() > 0:
@@ -60,9 +66,11 @@ def _recall_and_top1(desc: np.ndarray, seq, idx: np.ndarray) -> tuple[np.ndarray
             s[max(0, q - 5):q + 6] = -np.inf
         t = int(np.argmax(s))
         top.append(t)
+        runner_up = np.partition(s, -2)[-2] if len(s) > 1 else -np.inf
+        margin.append(float(s[t] - runner_up) if np.isfinite(runner_up) else np.inf)
         if gt[q].any():
             hits.append(bool(gt[q, t]))
-    return np.array(top), (float(np.mean(hits)) if hits else float("nan"))
+    return np.array(top), (float(np.mean(hits)) if hits else float("nan")), np.array(margin)
 
 
 def _time_interleaved(encoders: list, images, warmup: int, n: int) -> list[float]:
@@ -116,25 +124,35 @@ def _prepare_models(args, log) -> tuple[Path, str]:
 
 
 def _derived_model(fp32: Path, precision: str, log) -> Path:
-    """``precision`` "int8" (`export.convert_precision`) or "fp32-fused" (the same graph fusions,
-    no quantisation: shows how much of the int8 gain is fusion) next to ``fp32``, cached."""
+    """``precision`` "int8" (`export.convert_precision`), "int8-openvino" (`export.quantize_openvino`)
+    or "fp32-fused" (the same graph fusions as int8, no quantisation: shows how much of the int8
+    gain is fusion) next to ``fp32``, cached."""
     import onnx
-    from ..export import CPU_FUSIONS_VERSION, INT8_METHOD, convert_precision, fuse_for_cpu
-    out = fp32.with_name(f"{fp32.stem}-{precision}.onnx")
+    from ..export import (CPU_FUSIONS_VERSION, INT8_METHOD, OPENVINO_VERSION, calibration_images,
+                          convert_precision, fuse_for_cpu, install_model, quantize_openvino)
+    from ..preprocess import preprocess
+    out = fp32.with_name(f"{fp32.stem}-{precision}" + (".xml" if precision == "int8-openvino" else ".onnx"))
     meta = json.loads(fp32.with_suffix(".json").read_text())
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
-    recipe = (f"{precision}: {INT8_METHOD['method']}" if precision == "int8" else "fp32: fuse_for_cpu") + \
-        f" v{CPU_FUSIONS_VERSION}"
+    recipe = {"int8": f"int8: {INT8_METHOD['method']} v{CPU_FUSIONS_VERSION}",
+              "int8-openvino": f"int8: NNCF static, OpenVINO IR v{OPENVINO_VERSION}",
+              "fp32-fused": f"fp32: fuse_for_cpu v{CPU_FUSIONS_VERSION}"}[precision]
     if out.is_file() and old.get("derived") == recipe:
         return out
     log(f"building {out.name} from {fp32.name} ({precision})")
     if precision == "int8":
         meta["quantization"] = convert_precision(fp32, out, "int8")
+    elif precision == "int8-openvino":
+        tmp = out.with_name(f".{out.stem}.part.xml")
+        size = (meta["input"]["height"], meta["input"]["width"])
+        meta["quantization"] = quantize_openvino(fp32, tmp, preprocess(calibration_images(), size))
+        meta["runtime"] = "openvino"
+        install_model(tmp, out)
     else:
         m = onnx.load(str(fp32))
         meta["graph_fusions"] = fuse_for_cpu(m)
         onnx.save(m, str(out))
-    meta["precision"] = "int8" if precision == "int8" else "fp32"
+    meta["precision"] = "fp32" if precision == "fp32-fused" else "int8"
     meta["check_vs_pytorch"], meta["derived"] = {}, recipe
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return out
@@ -158,6 +176,12 @@ def main(args) -> int:
     variants.append(("onnxruntime fp32 CPU", base))
     variants.append(("ORT fp32 fused CPU", Encoder(_derived_model(fp32_path, "fp32-fused", log), device="cpu")))
     variants.append(("onnxruntime int8 CPU", Encoder(_derived_model(fp32_path, "int8", log), device="cpu")))
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+        variants.append(("OpenVINO int8 CPU", Encoder(_derived_model(fp32_path, "int8-openvino", log), device="cpu")))
+    except ImportError as exc:
+        log(f"(OpenVINO int8 left out: {exc}; `pip install openvino nncf`)")
     gpu = set(ort.get_available_providers())
     if "CUDAExecutionProvider" in gpu:
         variants.append(("onnxruntime fp32 CUDA", Encoder(fp32_path, device="cuda")))
@@ -184,7 +208,7 @@ def main(args) -> int:
 
     times = dict(zip([n for n, _ in variants],
                      _time_interleaved([e for _, e in variants], timing_images, args.warmup, args.images)))
-    results, ref_desc, ref_top = [], None, None
+    results, ref_desc, ref_top, ref_margin = [], None, None, None
     for name, enc in [v for v in variants if v[1] is base] + [v for v in variants if v[1] is not base]:
         ms = times[name]
         row = {"variant": name, "providers": enc.providers[0], "ms_per_image": ms, "images_per_s": 1e3 / ms}
@@ -198,12 +222,15 @@ def main(args) -> int:
             descs = [np.stack([f.descriptor for f in enc.encode(imgs)]) for _, _, imgs in agree]
             tops = [_recall_and_top1(d, s, idx) for d, (s, idx, _) in zip(descs, agree)]
             if ref_desc is None:
-                ref_desc, ref_top = descs, [t for t, _ in tops]
+                ref_desc, ref_top, ref_margin = descs, [t for t, _, _ in tops], [m for _, _, m in tops]
             cos = np.concatenate([(d * r).sum(1) for d, r in zip(descs, ref_desc)])
-            same = [t == r for (t, _), r in zip(tops, ref_top)]
+            same = [t == r for (t, _, _), r in zip(tops, ref_top)]
+            decided = np.concatenate([m >= TIE_MARGIN for m in ref_margin])
+            row["top1_same_decided"] = float(np.concatenate(same)[decided].mean()) if decided.any() else None
+            row["decided_fraction"] = float(decided.mean())
             # how close to a tie (in fp32 scores) the queries whose top-1 changed were
             margins = []
-            for d, (s, idx, _), (t, _), r in zip(ref_desc, agree, tops, ref_top):
+            for d, (s, idx, _), (t, _, _), r in zip(ref_desc, agree, tops, ref_top):
                 qs = np.array([q for q in range(len(idx)) if not (s.sessions.max() > 0 and s.sessions[idx[q]] == 0)])
                 flip = np.flatnonzero(t != r)
                 margins += [float(d[qs[j]] @ d[r[j]] - d[qs[j]] @ d[t[j]]) for j in flip]
@@ -211,7 +238,7 @@ def main(args) -> int:
             row.update(cos_mean=float(cos.mean()), cos_min=float(cos.min()),
                        top1_queries=int(sum(x.size for x in same)),
                        **{f"top1 same {s.name}": float(x.mean()) for (s, _, _), x in zip(agree, same)},
-                       **{f"recall@1 {s.name}": r for (s, _, _), (_, r) in zip(agree, tops)})
+                       **{f"recall@1 {s.name}": r for (s, _, _), (_, r, _) in zip(agree, tops)})
         results.append(row)
     order = {n: i for i, (n, _) in enumerate(variants)}
     results.sort(key=lambda r: order[r["variant"]])
@@ -224,7 +251,7 @@ def main(args) -> int:
     cols = ["variant", "ms/img", "img/s", "x ORT fp32"]
     if agree:
         cols += ["cos mean", "cos min"] + [f"top1={s.name}"[:11] for s, _, _ in agree] + \
-                [f"R@1 {s.name}"[:11] for s, _, _ in agree]
+                ["top1=decid"] + [f"R@1 {s.name}"[:11] for s, _, _ in agree]
     print("  " + " | ".join(f"{c:>22}" if i == 0 else f"{c[:11]:>11}" for i, c in enumerate(cols)))
     for r in results:
         cells = [f"{r['variant']:>22}", f"{r['ms_per_image']:11.1f}", f"{r['images_per_s']:11.2f}",
@@ -232,6 +259,7 @@ def main(args) -> int:
         if agree:
             cells += [cell(r, "cos_mean", ".5f"), cell(r, "cos_min", ".5f")]
             cells += [cell(r, f"top1 same {s.name}", ".1f", 100, "%") for s, _, _ in agree]
+            cells += [cell(r, "top1_same_decided", ".1f", 100, "%")]
             cells += [cell(r, f"recall@1 {s.name}", ".3f") for s, _, _ in agree]
         print("  " + " | ".join(cells))
     if agree:
@@ -239,6 +267,10 @@ def main(args) -> int:
             if r.get("max_fp32_margin_flipped") is not None:
                 print(f"  {r['variant']}: queries whose top-1 changed were near-ties in fp32 "
                       f"(top-1 minus new top-1 score <= {r['max_fp32_margin_flipped']:.4f})")
+        dec = next((r["decided_fraction"] for r in results if "decided_fraction" in r), None)
+        if dec is not None:
+            print(f"  top1=decid: top-1 agreement on the {100 * dec:.0f}% of queries whose fp32 top-1 leads "
+                  f"its runner-up by >= {TIE_MARGIN} (the rest are near-ties that rounding can flip)")
         print(f"  agreement vs ORT fp32 over {next(r['top1_queries'] for r in results if 'top1_queries' in r)} retrieval queries on "
               + ", ".join(f"{s.name} ({len(idx)} frames)" for s, idx, _ in agree))
     if args.json:
