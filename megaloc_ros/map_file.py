@@ -175,6 +175,8 @@ def load_map(cls, path, expected_model: Optional[str] = None, expected_dim: Opti
             "models cannot be compared: load a map made with this model or rebuild it")
     from .place_map import DEFAULT_OPTIONS
     options = {k: v for k, v in header["options"].items() if k in DEFAULT_OPTIONS}
+    if header["index"] == "ivfpq":  # files from before ``pq_bits`` existed hold 8-bit PQ codes
+        options.setdefault("pq_bits", 8)
     a = read_arrays(header, payload, path)
     n = int(header["count"])
     try:

@@ -8,7 +8,8 @@ Index kinds (``PlaceMap(dim, model_name, index=...)``):
 ``"ivfpq"``, ``"ivfsq8"``, ``"hnsw"``, ``"sq8"`` (compressed, for large maps)
     Descriptors are first projected onto their top ``pca_dim`` principal directions (uncentred,
     so inner products are kept, optionally whitened), then indexed by
-    ``ivfpq``  IVF + product quantisation, re-ranked with 8-bit codes (``Refine(SQ8)``);
+    ``ivfpq``  IVF + product quantisation (4-bit "fast scan" codes by default, ``pq_bits``),
+               the shortlist re-ranked with 8-bit codes (``Refine(SQ8)``);
     ``ivfsq8`` IVF + 8-bit scalar quantisation;  ``hnsw``  HNSW graph over 8-bit codes;
     ``sq8``    brute force over 8-bit codes.
     A compressed map answers with exact search over the stored descriptors until it holds
@@ -38,8 +39,13 @@ DEFAULT_OPTIONS = {
     "whiten": False,         # whitening re-weights components: it ruins agreement with exact IP
                              # (bench data, PCA-1024: recall@1 vs exact 0.98 plain, 0.22 whitened)
     "nlist": 0,              # IVF lists; 0 = 4*sqrt(train_size) rounded to a power of two
-    "nprobe": 32,            # IVF lists visited per query
-    "pq_m": 64,              # PQ sub-quantisers (bytes per code), must divide pca_dim
+    "nprobe": 256,           # IVF lists visited per query. Wide on purpose: a revisit and its
+                             # keyframe often fall in different lists (on the bench data at 300k
+                             # keyframes, IVF1024: the keyframe's list is among the query's 32
+                             # nearest for 84%, 128: 98%, 256: 99.7%); 4-bit fast-scan codes
+                             # make the wide probe cheap (~1 ms per 75k codes on one core)
+    "pq_m": 128,             # PQ sub-quantisers, must divide pca_dim; a code is pq_m*pq_bits/8 B
+    "pq_bits": 4,            # ivfpq: 4 = SIMD fast-scan PQ (PQ{m}x4fs), 8 = classic PQ{m}x8
     "refine_factor": 100,    # ivfpq: re-rank refine_factor*k shortlisted codes with SQ8
     "hnsw_m": 32,            # HNSW graph degree
     "ef_search": 128,        # HNSW search breadth
@@ -101,6 +107,8 @@ class PlaceMap:
                 raise MegalocError(f"pca_dim={p} must be in 1..{self.dim}")
             if index == "ivfpq" and p % int(self.options["pq_m"]):
                 raise MegalocError(f"pq_m={self.options['pq_m']} must divide pca_dim={p}")
+            if index == "ivfpq" and int(self.options["pq_bits"]) not in (4, 8):
+                raise MegalocError(f"pq_bits={self.options['pq_bits']} must be 4 (fast scan) or 8")
             if int(self.options["train_size"]) < max(p, 256):
                 raise MegalocError(f"train_size must be at least max(pca_dim, 256) = {max(p, 256)}")
         self.extras: dict[str, np.ndarray] = {}
@@ -177,9 +185,12 @@ class PlaceMap:
             return None
 
     def memory_bytes(self) -> dict[str, int]:
-        """Approximate resident bytes: ``index`` (descriptors or codes) and ``metadata``."""
+        """Bytes the map holds: ``index`` (exact descriptors, or for a trained compressed map its
+        serialised FAISS index: coarse centroids, codebooks, PQ codes, 8-byte ids, re-rank codes;
+        plus the projection matrix and any kept descriptors), ``metadata`` (the allocated
+        per-keyframe columns, poses, frame names); their sum is the whole map (callers sum the
+        values). Slack in FAISS's growable inverted lists is not counted."""
         with self._lock:
-            n = self._cols.n
             index = 0
             if self._flat is not None:
                 index += self._flat.ntotal * self.dim * 4
@@ -188,10 +199,11 @@ class PlaceMap:
             if self._proj is not None:
                 index += self._proj.nbytes
             if self._full is not None:
-                index += n * self.dim * 4
+                index += self._full.nbytes
             c = self._cols
-            meta = n * (c.ids.itemsize + c.stamps.itemsize + c.sessions.itemsize + c.frame_idx.itemsize)
-            meta += len(c.poses) * (16 * 8 + 100)
+            meta = c.ids.nbytes + c.stamps.nbytes + c.sessions.nbytes + c.frame_idx.nbytes
+            meta += len(c.poses) * (16 * 8 + 100)  # 4x4 float64 plus dict entry overhead
+            meta += sum(len(f) + 50 for f in self._frame_names)
             return {"index": index, "metadata": meta}
 
     # ----------------------------------------------------------------- adding
@@ -347,7 +359,7 @@ class PlaceMap:
         o, p = self.options, int(self.options["pca_dim"])
         nlist = int(o["nlist"]) or _auto_nlist(n_train)
         factory = {
-            "ivfpq": f"IVF{nlist},PQ{int(o['pq_m'])}x8,Refine(SQ8)",
+            "ivfpq": f"IVF{nlist},PQ{int(o['pq_m'])}x{'4fs' if int(o['pq_bits']) == 4 else 8},Refine(SQ8)",
             "ivfsq8": f"IVF{nlist},SQ8",
             "hnsw": f"HNSW{int(o['hnsw_m'])},SQ8",
             "sq8": "SQ8",

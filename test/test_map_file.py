@@ -38,6 +38,7 @@ def same_answers(a, b, queries, k=5):
 
 @pytest.mark.parametrize("kind,opts", [("flat", {}),
                                        ("ivfpq", dict(pca_dim=32, pq_m=8, nlist=8, train_size=256)),
+                                       ("ivfpq", dict(pca_dim=32, pq_m=8, pq_bits=8, nlist=8, train_size=256)),
                                        ("hnsw", dict(pca_dim=32, train_size=256))])
 def test_round_trip(tmp_path, kind, opts):
     m, x = built(kind, **opts)
@@ -58,6 +59,15 @@ def test_round_trip(tmp_path, kind, opts):
     np.testing.assert_array_equal(r.extras["vocabulary"], m.extras["vocabulary"])
     assert r.extras["counts"].dtype == np.int64
     assert not [f for f in os.listdir(tmp_path) if f != "a.map"]  # no temporary left behind
+
+
+def test_map_from_before_pq_bits_loads_as_8_bit_pq(tmp_path):
+    m, x = built("ivfpq", pca_dim=32, pq_m=8, pq_bits=8, nlist=8, train_size=256)
+    del m.options["pq_bits"]  # what a file written before the option existed carries
+    m.save(tmp_path / "old.map")
+    r = PlaceMap.load(tmp_path / "old.map")
+    assert r.options["pq_bits"] == 8 and r.memory_bytes()["index"] == m.memory_bytes()["index"]
+    same_answers(m, r, x[::37])
 
 
 def test_untrained_compressed_map_round_trips_and_trains_later(tmp_path):

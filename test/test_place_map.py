@@ -121,6 +121,24 @@ def test_compressed_kinds_answer_exactly_until_trained_then_from_codes(kind):
     assert mem["index"] < 1000 * 128 * 4  # smaller than the raw descriptors
 
 
+def test_memory_counts_codes_ids_rerank_codes_projection_and_metadata():
+    x = trajectory(1000, 128)
+    sizes = {}
+    for bits in (4, 8):
+        m = compressed(pq_bits=bits, train_size=1000)
+        m.add_many([Keyframe(i, i * S, 0, "cam") for i in range(1000)], x)
+        assert m.trained
+        mem = m.memory_bytes()
+        code = 16 * bits // 8
+        # per keyframe at least: PQ code, 8-byte id, 64 B of 8-bit re-rank code; plus the projection
+        assert mem["index"] >= 1000 * (code + 8 + 64) + 128 * 64 * 4
+        assert mem["metadata"] >= 1000 * (8 + 8 + 4 + 4)
+        sizes[bits] = mem["index"]
+    assert sizes[8] - sizes[4] >= 1000 * 8  # 4-bit codes: 8 B less per keyframe at pq_m=16
+    with pytest.raises(MegalocError, match="pq_bits"):
+        compressed(pq_bits=6)
+
+
 def test_keep_descriptors_and_search_options():
     x = trajectory(500, 128)
     m = compressed(keep_descriptors=True)
@@ -180,7 +198,8 @@ def test_bench_map_runs_small_and_prints_the_columns(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0
     header = [line for line in out.splitlines() if "query_ms_p50" in line][0]
-    for col in ("query_ms_p50", "query_ms_p99", "add_ms_p50", "add_ms_p99", "recall@1", "B/kf_index", "B/kf_meta"):
+    for col in ("query_ms_p50", "query_ms_p99", "add_ms_p50", "add_ms_p99", "recall@1", "B/kf_index",
+                "B/kf_meta", "B/kf_total"):
         assert col in header
     import json
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
@@ -188,3 +207,4 @@ def test_bench_map_runs_small_and_prints_the_columns(capsys, tmp_path):
     for r in rows[1:]:
         assert 0.5 <= r["recall_at_1"] <= 1.0 and r["add_ms_p50"] is not None
         assert r["index_bytes_per_kf"] < 256 * 4  # compressed: below the raw float32 size
+        assert r["bytes_per_kf"] == pytest.approx(r["index_bytes_per_kf"] + r["metadata_bytes_per_kf"])

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from ..place_map import DEFAULT_OPTIONS
 from ..types import Keyframe
 
 SECOND_NS = 1_000_000_000
@@ -42,12 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated map sizes (multiples of --chunk; default: %(default)s)")
     p.add_argument("--dim", type=int, default=8448, help="descriptor size (MegaLoc: 8448)")
     p.add_argument("--index", default="ivfpq", choices=["ivfpq", "ivfsq8", "hnsw", "sq8"])
-    p.add_argument("--pca-dim", type=int, default=1024)
-    p.add_argument("--pq-m", type=int, default=64)
-    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4*sqrt(training keyframes))")
-    p.add_argument("--nprobe", default="32",
+    d = DEFAULT_OPTIONS  # the bench measures the map's own defaults unless told otherwise
+    p.add_argument("--pca-dim", type=int, default=d["pca_dim"])
+    p.add_argument("--pq-m", type=int, default=d["pq_m"])
+    p.add_argument("--pq-bits", type=int, default=d["pq_bits"], choices=[4, 8],
+                   help="4: fast-scan PQ, 8: classic PQ (default: %(default)s)")
+    p.add_argument("--nlist", type=int, default=d["nlist"], help="IVF lists (0: 4*sqrt(training keyframes))")
+    p.add_argument("--nprobe", default=str(d["nprobe"]),
                    help="IVF lists visited per query; a comma list measures each (default: %(default)s)")
-    p.add_argument("--refine-factor", type=int, default=100)
+    p.add_argument("--refine-factor", type=int, default=d["refine_factor"])
     p.add_argument("--whiten", action="store_true")
     p.add_argument("--train-max", type=int, default=100000,
                    help="train the compressed index on at most this many keyframes")
@@ -133,7 +137,7 @@ def main(args) -> int:
     best = {n: np.full(args.queries, -np.inf, np.float32) for n in sizes}
     best_id = {n: np.full(args.queries, -1, np.int64) for n in sizes}
     nprobes = [int(v) for v in str(args.nprobe).split(",")]
-    opts = dict(pca_dim=args.pca_dim, pq_m=args.pq_m, nlist=args.nlist, nprobe=nprobes[0],
+    opts = dict(pca_dim=args.pca_dim, pq_m=args.pq_m, pq_bits=args.pq_bits, nlist=args.nlist, nprobe=nprobes[0],
                 refine_factor=args.refine_factor, whiten=args.whiten, train_size=1 << 62)
     # maps: sizes up to --train-max get their own map trained on all of them; larger sizes
     # share one map trained at --train-max keyframes
@@ -145,7 +149,7 @@ def main(args) -> int:
             maps[key] = PlaceMap(args.dim, "synthetic", args.index, **opts)
         owner[n] = key
     print(f"bench map: {args.dim}-D synthetic revisit descriptors (see `--help`/module doc), "
-          f"index {args.index} pca_dim={args.pca_dim} pq_m={args.pq_m} nprobe={args.nprobe} "
+          f"index {args.index} pca_dim={args.pca_dim} pq_m={args.pq_m} pq_bits={args.pq_bits} nprobe={args.nprobe} "
           f"refine_factor={args.refine_factor} whiten={args.whiten}; "
           f"{args.queries} queries, k={args.k}, faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads",
           flush=True)
@@ -216,7 +220,7 @@ def main(args) -> int:
                 row["trained_on"], row["nprobe"], row["exact_top1_is_revisit"] = owner[n], nprobe, near
                 rows.append(row)
                 print(f"  {n} keyframes: {kind} query p50 {row['query_ms_p50']:.2f} ms, recall@1 "
-                      f"{row['recall_at_1']:.3f}, {row['index_bytes_per_kf']:.0f} B/kf", flush=True)
+                      f"{row['recall_at_1']:.3f}, {row['bytes_per_kf']:.0f} B/kf in all", flush=True)
             if args.index in ("ivfpq", "ivfsq8"):
                 m.set_search_options(nprobe=nprobes[0])
             pending_adds[owner[n]] = args.adds
@@ -232,12 +236,13 @@ def _row(n, kind, key, lat, recall, mem, add):
     p50, p99 = _pct(lat)
     return {"keyframes": n, "kind": kind, "map": key, "query_ms_p50": p50, "query_ms_p99": p99,
             "recall_at_1": recall, "index_bytes_per_kf": mem["index"] / n,
-            "metadata_bytes_per_kf": mem["metadata"] / n, "add_ms_p50": add, "add_ms_p99": add}
+            "metadata_bytes_per_kf": mem["metadata"] / n, "bytes_per_kf": (mem["index"] + mem["metadata"]) / n,
+            "add_ms_p50": add, "add_ms_p99": add}
 
 
 def _print(rows, sizes) -> None:
     cols = ["keyframes", "index", "query_ms_p50", "query_ms_p99", "add_ms_p50", "add_ms_p99",
-            "recall@1", "B/kf_index", "B/kf_meta"]
+            "recall@1", "B/kf_index", "B/kf_meta", "B/kf_total"]
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:
         def f(v, fmt):
@@ -245,8 +250,10 @@ def _print(rows, sizes) -> None:
         vals = [str(r["keyframes"]), r["kind"], f(r["query_ms_p50"], ".2f"), f(r["query_ms_p99"], ".2f"),
                 f(r["add_ms_p50"], ".3f"), f(r["add_ms_p99"], ".3f"),
                 "exact" if r["kind"] == "flat" else f(r["recall_at_1"], ".3f"),
-                f(r["index_bytes_per_kf"], ".0f"), f(r["metadata_bytes_per_kf"], ".0f")]
+                f(r["index_bytes_per_kf"], ".0f"), f(r["metadata_bytes_per_kf"], ".0f"),
+                f(r["bytes_per_kf"], ".0f")]
         print(" ".join(f"{v:>12}" for v in vals))
     print("recall@1: share of revisit queries whose top-1 is the exact inner-product top-1; "
-          "B/kf: bytes per keyframe (index incl. PCA matrix; metadata columns). "
+          "B/kf: bytes per keyframe (index: codes, ids, re-rank codes, centroids, PCA matrix; "
+          "metadata: allocated columns; total: both). "
           "Flat rows time exact search and are the recall reference.")
