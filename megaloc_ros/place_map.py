@@ -25,10 +25,12 @@ re-rank costs ~2% (PCA truncation, not 8-bit quantisation); but a revisit often 
 other than its keyframe's, more often for keyframes added after training: at nprobe 32 recall@1
 fell from 0.96 (100k) to 0.83 (300k). So the defaults probe widely (256 lists) and pay for it
 with 4-bit fast-scan codes (same recall@1 as 8-bit codes of the same size at every nprobe
-tried, 2.7x faster at nprobe 256) rather than with more bytes. The bench data have little cluster structure (a revisit shares
-~0.76 cosine with its keyframe, unrelated places ~0.2, over ~100 equally strong directions);
-real MegaLoc trajectories cluster more, so a map that needs lower latency can try a smaller
-``nprobe`` (``set_search_options``) and check recall with ``bench map --nprobe 64,128,256``.
+tried, 2.7x faster at nprobe 256) rather than with more bytes. The defaults are set for that
+pessimistic data: little cluster structure (a revisit ~0.76 cosine to its keyframe, unrelated
+places ~0.2, ~100 equally strong directions). A real map with more structure (repeated places,
+similar surroundings) may keep its recall with a smaller ``nprobe`` (``set_search_options``);
+that is untested here without real MegaLoc maps: check with ``bench map --nprobe 64,128,256``
+style sweeps on your own descriptors before lowering it.
 
 Persistence lives in ``map_file`` (no pickle); ``save`` is atomic.
 """
