@@ -77,7 +77,8 @@ LOOP_CLOSURE = COMMON + [
           read_only=True),
     _spec("odom_max_dt", 0.1, "largest stamp difference (s) between an image and the odometry used "
           "for it", range=(0.0, 10.0)),
-    _spec("model_path", "", "exported encoder (ONNX); empty: the default model search "
+    _spec("model_path", "", "exported encoder: .onnx (ONNX Runtime: TensorRT, CUDA or CPU) or .xml "
+          "(OpenVINO IR: the int8 CPU variant); empty: the default model search "
           "(MegaLoc when exported, else the offline backbone)", read_only=True),
     _spec("device", "auto", "encoder device: auto, cpu or cuda", read_only=True, choices=("auto", "cpu", "cuda")),
     _spec("map_index", "flat", "place-map index kind (see megaloc_ros.place_map), used when no map is "
