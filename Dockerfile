@@ -20,7 +20,8 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_CACHE_DIR=1
 RUN pip3 install faiss-cpu scikit-image rosbags tqdm
 
 FROM base AS runtime-cpu
-RUN pip3 install onnxruntime
+# OpenVINO runs the static-int8 IR (`megaloc-ros export --precision int8 --output FILE.xml`).
+RUN pip3 install onnxruntime openvino
 
 # CUDA and cuDNN come as pip wheels with onnxruntime-gpu; TensorRT for the fastest provider.
 FROM base AS runtime-gpu

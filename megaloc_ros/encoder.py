@@ -3,7 +3,8 @@
 ``load_encoder()`` picks the model, in this order:
   1. ``model_path`` (an exported .onnx with its .json sidecar, see `megaloc-ros export`);
   2. ``$MEGALOC_MODEL``;
-  3. ``<cache>/models/megaloc.onnx`` (or another ``megaloc*.onnx`` there exported from MegaLoc);
+  3. ``<cache>/models/megaloc.onnx`` (or another ``megaloc*.onnx``, then ``megaloc*.xml``, there
+     exported from MegaLoc);
   4. otherwise the offline DINOv2 ViT-S/14 backbone (``<cache>/weights/vit_s_focus.onnx``) with a
      training-free descriptor (see megaloc_ros/model/offline.py), exported once and cached under
      ``<cache>/models/`` keyed by the backbone's hash. It is NOT MegaLoc, and says so.
@@ -66,7 +67,8 @@ def find_megaloc_model() -> Path | None:
             raise WeightsError(f"$MEGALOC_MODEL={env} does not exist")
         return Path(env)
     models = cache_root() / "models"
-    candidates = [models / "megaloc.onnx"] + sorted(models.glob("megaloc*.onnx"))
+    # ONNX first (it runs on any provider); an OpenVINO IR (.xml, the int8 CPU variant) after
+    candidates = [models / "megaloc.onnx"] + sorted(models.glob("megaloc*.onnx")) + sorted(models.glob("megaloc*.xml"))
     for p in candidates:
         if p.is_file() and p.with_suffix(".json").is_file():
             from .export import read_sidecar
