@@ -61,6 +61,7 @@ DEFAULT_OPTIONS = {
     "pq_m": 128,             # PQ sub-quantisers, must divide pca_dim; a code is pq_m*pq_bits/8 B
     "pq_bits": 4,            # ivfpq: 4 = SIMD fast-scan PQ (PQ{m}x4fs), 8 = classic PQ{m}x8
     "refine_factor": 100,    # ivfpq: re-rank refine_factor*k shortlisted codes with SQ8
+                             # (plus one per keyframe an exclusion window may drop)
     "hnsw_m": 32,            # HNSW graph degree
     "ef_search": 128,        # HNSW search breadth
     "train_size": 20000,     # keyframes needed before a compressed index is trained
@@ -436,12 +437,12 @@ class PlaceMap:
                 return []
             index = self._flat if self._flat is not None else self._index
             qq = q if self._flat is not None else self._project(q)
-            fetch = min(n, k + self._window_count(exclude_ids, exclude_stamps))
+            filtering = bool(exclude_ids or exclude_stamps or excl_s or only_s is not None)
+            fetch = min(n, k + self._window_count(exclude_ids, exclude_stamps) if filtering else k)
             # an approximate index gets slow and no better for very long shortlists
             limit = n if self._flat is not None else min(n, max(16 * fetch, 1024))
-            filtering = bool(exclude_ids or exclude_stamps or excl_s or only_s is not None)
             while True:
-                scores, pos = index.search(qq, fetch)
+                scores, pos = index.search(qq, fetch, params=self._refine_params(k, fetch))
                 scores, pos = scores[0], pos[0]
                 ok = pos >= 0
                 scores, pos = scores[ok], pos[ok]
@@ -453,6 +454,15 @@ class PlaceMap:
                     break
                 fetch = min(limit, fetch * 4)   # exclusions ate the shortlist: look further
             return [(self._keyframe_at(int(i)), float(s)) for i, s in zip(pos[:k], scores[:k])]
+
+    def _refine_params(self, k: int, fetch: int):
+        """Re-rank refine_factor*k shortlisted codes plus the fetch margin, not refine_factor*fetch:
+        keyframes the exclusions will drop need one shortlist place each, not refine_factor."""
+        if self._flat is not None or not isinstance(self._index, self._faiss.IndexRefine):
+            return None
+        params = self._faiss.IndexRefineSearchParameters()
+        params.k_factor = max(1.0, (float(self.options["refine_factor"]) * k + fetch - k) / fetch)
+        return params
 
     def _window_count(self, ids, stamps) -> int:
         """How many keyframes the windows exclude at most (exact when ids/stamps are sorted)."""

@@ -139,6 +139,26 @@ def test_memory_counts_codes_ids_rerank_codes_projection_and_metadata():
         compressed(pq_bits=6)
 
 
+def test_compressed_search_honours_exclusions_with_a_bounded_shortlist():
+    x = trajectory(1000, 128)
+    m, ref = compressed(train_size=1000), PlaceMap(128, "test")
+    for pm in (m, ref):
+        pm.add_many([Keyframe(i, i * S, 0, "cam") for i in range(1000)], x)
+    assert m.trained
+    agree = 0
+    for i in range(0, 1000, 10):
+        window = (max(0, i - 60), i + 60)
+        got = m.search(x[i], 5, exclude_ids=window)
+        assert len(got) == 5 and all(not window[0] <= kf.id <= window[1] for kf, _ in got)
+        agree += got[0][0].id == ref.search(x[i], 5, exclude_ids=window)[0][0].id
+    assert agree >= 90
+    # the 121-keyframe window widens the shortlist by one place per excluded keyframe, not by
+    # refine_factor places each
+    fetch = 5 + m._window_count((400, 520), None)
+    assert m._refine_params(5, fetch).k_factor * fetch == pytest.approx(100 * 5 + fetch - 5)
+    assert m._refine_params(5, 5).k_factor == pytest.approx(100)
+
+
 def test_keep_descriptors_and_search_options():
     x = trajectory(500, 128)
     m = compressed(keep_descriptors=True)
