@@ -8,7 +8,8 @@ with dynamic int8 quantisation of the weight MatMuls), OpenVINO int8 (what `mega
 --precision int8 --output FILE.xml` writes: static int8 calibrated on the corridor reference
 frames, so rtabmap and the corridor queries are held out) when OpenVINO and NNCF are installed,
 and, where a CUDA GPU is present, ONNX Runtime CUDA fp32 and TensorRT fp16. Speed: ``--warmup`` then ``--images`` timed
-single-image calls (preprocessing included), ms/image and images/s. Agreement with ORT fp32 on
+single-image calls (preprocessing included; in blocks per variant, taken in turns),
+ms/image and images/s. Agreement with ORT fp32 on
 the real shipped sets (rtabmap, corridor): descriptor cosine (mean, min) and top-1 retrieval
 agreement (same nearest database frame for every query; how close the changed ones were to a
 tie in fp32, and the agreement on the queries that fp32 decides by a margin of at least
@@ -73,19 +74,29 @@ def _recall_and_top1(desc: np.ndarray, seq, idx: np.ndarray) -> tuple[np.ndarray
     return np.array(top), (float(np.mean(hits)) if hits else float("nan")), np.array(margin)
 
 
-def _time_interleaved(encoders: list, images, warmup: int, n: int) -> list[float]:
-    """ms/image per encoder, single-image calls taken round-robin so that load from other
-    processes on the machine hits every variant alike (the ratios are what matter)."""
+def _time_interleaved(encoders: list, images, warmup: int, n: int, rounds: int = 3) -> list[float]:
+    """ms/image per encoder: single-image calls in ``rounds`` rounds, each round a block per
+    encoder, so that load from other processes on the machine hits every variant alike (the
+    ratios are what matter). Blocks, not alternating calls: the runtimes' worker threads keep
+    spinning for a while after a call and would slow whichever variant runs next; the first
+    call of each block, after a pause, absorbs that and is not timed."""
     for enc in encoders:
         for i in range(warmup):
             enc.encode([images[i % len(images)]])
-    total = [0.0] * len(encoders)
-    for i in range(n):
+    total, done = [0.0] * len(encoders), [0] * len(encoders)
+    per_round = [n // rounds + (r < n % rounds) for r in range(rounds)]
+    i = 0
+    for count in per_round:
         for j, enc in enumerate(encoders):
-            t0 = time.perf_counter()
+            time.sleep(0.05)
             enc.encode([images[i % len(images)]])
-            total[j] += time.perf_counter() - t0
-    return [t / n * 1e3 for t in total]
+            for c in range(count):
+                t0 = time.perf_counter()
+                enc.encode([images[(i + c) % len(images)]])
+                total[j] += time.perf_counter() - t0
+                done[j] += 1
+        i += count
+    return [t / max(d, 1) * 1e3 for t, d in zip(total, done)]
 
 
 def _prepare_models(args, log) -> tuple[Path, str]:
@@ -192,7 +203,7 @@ def main(args) -> int:
     timing_images = [seqs[0].load_rgb(i) for i in range(0, len(seqs[0]), 7)][: max(args.images, 1)]
     print(f"bench encoder: {base.model_name} -- {what}")
     print(f"  input {args.height}x{args.width}, {base.descriptor_dim}-D descriptor, patch grid {base.patch_grid}; "
-          f"{args.warmup} warm-up + {args.images} timed single-image calls per variant, round-robin "
+          f"{args.warmup} warm-up + {args.images} timed single-image calls per variant, in 3 rounds of blocks "
           f"(preprocessing included); "
           f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"onnxruntime {ort.__version__}, providers {', '.join(sorted(gpu))}")
