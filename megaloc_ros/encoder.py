@@ -133,7 +133,9 @@ class Encoder:
     """Runs an exported model. ``encode(list of RGB uint8 HxWx3) -> list[ImageFeatures]``."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", batch_size: int = 8,
-                 backend: str = "auto", threads: int | None = None):
+                 backend: str = "auto", threads: int | None = None, inference_precision: str = "f32"):
+        """``inference_precision`` (OpenVINO only): "f32", or "bf16" to run the float parts in
+        bfloat16 on CPUs that have it (AVX512-BF16, AMX)."""
         from .export import read_sidecar
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -175,14 +177,14 @@ class Encoder:
             self._outputs = [outs["descriptor"]["name"]] + ([outs["patch_features"]["name"]]
                                                              if self.has_patch_features else [])
         elif backend == "openvino":
-            self._init_openvino(device, threads)
+            self._init_openvino(device, threads, inference_precision)
         elif backend == "torch":
             self._torch_model = self._load_torch_model(device)
             self.providers = [f"torch:{self._torch_device}"]
         else:
             raise WeightsError(f"unknown backend {backend!r}: use auto, onnxruntime, openvino or torch")
 
-    def _init_openvino(self, device: str, threads: int | None) -> None:
+    def _init_openvino(self, device: str, threads: int | None, inference_precision: str) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
@@ -192,7 +194,7 @@ class Encoder:
         if device not in ("auto", "cpu"):
             log.warning("device %r requested for an OpenVINO IR: it runs on the CPU", device)
         # Latency mode: one image at a time through all cores, as a camera node feeds it.
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
@@ -203,7 +205,7 @@ class Encoder:
         self._request_lock = threading.Lock()  # an infer request serves one caller at a time
         self._ov_outputs = [self._compiled.output(self.meta["outputs"]["descriptor"]["name"])] + (
             [self._compiled.output(self.meta["outputs"]["patch_features"]["name"])] if self.has_patch_features else [])
-        self.providers = ["OpenVINO:CPU"]
+        self.providers = ["OpenVINO:CPU" + ("" if inference_precision == "f32" else f":{inference_precision}")]
 
     def _load_torch_model(self, device: str):
         import torch

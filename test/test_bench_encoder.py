@@ -7,6 +7,7 @@ import pytest
 from safetensors.torch import save_file
 
 from megaloc_ros import cli
+from megaloc_ros.bench.encoder import _cpu_flags
 from megaloc_ros.export import export_model
 from megaloc_ros.model.weights import load_megaloc
 from test_model import SMALL, official_key_shapes, synthetic_checkpoint
@@ -25,6 +26,9 @@ def test_bench_encoder_reports_each_variant_against_ort_fp32(tmp_path, capsys):
     assert set(rows) >= {"pytorch eager fp32", "onnxruntime fp32 CPU", "ORT fp32 fused CPU",
                          "onnxruntime int8 CPU", "OpenVINO int8 CPU"}
     assert rows["OpenVINO int8 CPU"]["providers"] == "OpenVINO:CPU"
+    if "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags():
+        assert rows["OpenVINO bf16 CPU"]["providers"] == "OpenVINO:CPU:bf16"
+        assert rows["OpenVINO bf16 CPU"]["cos_min"] >= 0.999
     base = rows["onnxruntime fp32 CPU"]
     assert base["cos_min"] > 0.9999 and base["top1 same rtabmap"] == 1.0 and base["top1_same_decided"] == 1.0
     for r in rows.values():

@@ -6,7 +6,8 @@ the export as is: the baseline), ONNX Runtime fp32 on the graph fused for the CP
 visible), ONNX Runtime int8 (what `megaloc-ros export --precision int8` writes: that fused graph
 with dynamic int8 quantisation of the weight MatMuls), OpenVINO int8 (what `megaloc-ros export
 --precision int8 --output FILE.xml` writes: static int8 calibrated on the corridor reference
-frames, so rtabmap and the corridor queries are held out) when OpenVINO and NNCF are installed,
+frames, so rtabmap and the corridor queries are held out) and OpenVINO bf16 (on CPUs with
+bfloat16 instructions) when OpenVINO and NNCF are installed,
 and, where a CUDA GPU is present, ONNX Runtime CUDA fp32 and TensorRT fp16. Speed: ``--warmup`` then ``--images`` timed
 single-image calls (preprocessing included; in blocks per variant, taken in turns),
 ms/image and images/s. Agreement with ORT fp32 on
@@ -99,6 +100,14 @@ def _time_interleaved(encoders: list, images, warmup: int, n: int, rounds: int =
     return [t / max(d, 1) * 1e3 for t, d in zip(total, done)]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
 def _prepare_models(args, log) -> tuple[Path, str]:
     from ..encoder import cache_root, find_megaloc_model, offline_model_path
     from ..export import export_model, read_sidecar
@@ -135,35 +144,39 @@ def _prepare_models(args, log) -> tuple[Path, str]:
 
 
 def _derived_model(fp32: Path, precision: str, log) -> Path:
-    """``precision`` "int8" (`export.convert_precision`), "int8-openvino" (`export.quantize_openvino`)
-    or "fp32-fused" (the same graph fusions as int8, no quantisation: shows how much of the int8
+    """``precision`` "int8" (`export.convert_precision`), "int8-openvino" (`export.quantize_openvino`),
+    "fp32-openvino" (`export.convert_openvino`) or "fp32-fused" (the same graph fusions as int8, no quantisation: shows how much of the int8
     gain is fusion) next to ``fp32``, cached."""
     import onnx
     from ..export import (CPU_FUSIONS_VERSION, INT8_METHOD, OPENVINO_VERSION, calibration_images,
-                          convert_precision, fuse_for_cpu, install_model, quantize_openvino)
+                          convert_openvino, convert_precision, fuse_for_cpu, install_model)
     from ..preprocess import preprocess
-    out = fp32.with_name(f"{fp32.stem}-{precision}" + (".xml" if precision == "int8-openvino" else ".onnx"))
+    out = fp32.with_name(f"{fp32.stem}-{precision}" + (".xml" if precision.endswith("openvino") else ".onnx"))
     meta = json.loads(fp32.with_suffix(".json").read_text())
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     recipe = {"int8": f"int8: {INT8_METHOD['method']} v{CPU_FUSIONS_VERSION}",
               "int8-openvino": f"int8: NNCF static, OpenVINO IR v{OPENVINO_VERSION}",
+              "fp32-openvino": "fp32: OpenVINO IR",
               "fp32-fused": f"fp32: fuse_for_cpu v{CPU_FUSIONS_VERSION}"}[precision]
     if out.is_file() and old.get("derived") == recipe:
         return out
     log(f"building {out.name} from {fp32.name} ({precision})")
     if precision == "int8":
         meta["quantization"] = convert_precision(fp32, out, "int8")
-    elif precision == "int8-openvino":
+    elif precision.endswith("openvino"):
         tmp = out.with_name(f".{out.stem}.part.xml")
         size = (meta["input"]["height"], meta["input"]["width"])
-        meta["quantization"] = quantize_openvino(fp32, tmp, preprocess(calibration_images(), size))
+        calib = preprocess(calibration_images(), size) if precision.startswith("int8") else None
+        quant = convert_openvino(fp32, tmp, precision.split("-")[0], calib)
+        if quant:
+            meta["quantization"] = quant
         meta["runtime"] = "openvino"
         install_model(tmp, out)
     else:
         m = onnx.load(str(fp32))
         meta["graph_fusions"] = fuse_for_cpu(m)
         onnx.save(m, str(out))
-    meta["precision"] = "fp32" if precision == "fp32-fused" else "int8"
+    meta["precision"] = precision.split("-")[0]
     meta["check_vs_pytorch"], meta["derived"] = {}, recipe
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return out
@@ -191,6 +204,10 @@ def main(args) -> int:
         import nncf  # noqa: F401
         import openvino  # noqa: F401
         variants.append(("OpenVINO int8 CPU", Encoder(_derived_model(fp32_path, "int8-openvino", log), device="cpu")))
+        if "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags():
+            # float parts in bfloat16: how far plain rounding moves the descriptors and top-1
+            variants.append(("OpenVINO bf16 CPU", Encoder(_derived_model(fp32_path, "fp32-openvino", log),
+                                                          device="cpu", inference_precision="bf16")))
     except ImportError as exc:
         log(f"(OpenVINO int8 left out: {exc}; `pip install openvino nncf`)")
     gpu = set(ort.get_available_providers())
