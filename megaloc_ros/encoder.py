@@ -156,7 +156,10 @@ class Encoder:
         self.patch_dim: int | None = outs["patch_features"]["shape"][2] if self.has_patch_features else None
         self.batch_size = max(1, int(batch_size))
         # Identifies the exact model (weights, size, precision) for feature caches.
-        self.model_id = hashlib.sha256(self.model_path.with_suffix(".json").read_bytes()).hexdigest()[:16]
+        sidecar = self.model_path.with_suffix(".json").read_bytes()
+        if inference_precision != "f32":  # same file, other arithmetic: other features
+            sidecar += inference_precision.encode()
+        self.model_id = hashlib.sha256(sidecar).hexdigest()[:16]
         if backend == "auto" and self.model_path.suffix == ".xml":
             backend = "openvino"
         if backend == "auto":
