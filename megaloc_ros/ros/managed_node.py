@@ -234,18 +234,19 @@ class ManagedNode(LifecycleNode):
             self.get_logger().error(f"saving the {self.STATE_NAME} to {path} failed: {exc}")
 
     def _srv_save_map(self, req, res):
-        try:
-            out = self.save_map(req.path)
-            res.success, res.message = True, f"saved {self._keyframe_count()} keyframes to {out}"
-        except Exception as exc:
-            res.success, res.message = False, str(exc)
-        return res
+        return self._answer_map_service(res, self.save_map, req.path, "saved {} keyframes to {}")
 
     def _srv_load_map(self, req, res):
+        return self._answer_map_service(res, self.load_map, req.path, "loaded {} keyframes from {}",
+                                        log_failure="load_map")
+
+    def _answer_map_service(self, res, action, path, done: str, log_failure: str = ""):
+        """Run a save/load service call; the reply says what happened, a failure never escapes."""
         try:
-            out = self.load_map(req.path)
-            res.success, res.message = True, f"loaded {self._keyframe_count()} keyframes from {out}"
+            out = action(path)
+            res.success, res.message = True, done.format(self._keyframe_count(), out)
         except Exception as exc:
             res.success, res.message = False, str(exc)
-            self.get_logger().error(f"load_map: {exc}")
+            if log_failure:
+                self.get_logger().error(f"{log_failure}: {exc}")
         return res
