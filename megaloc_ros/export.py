@@ -340,6 +340,12 @@ def quantize_openvino(fp32_onnx: Path, output_xml: Path, calibration: np.ndarray
             "openvino": ov.__version__, "nncf": nncf.__version__, "recipe_version": OPENVINO_VERSION}
 
 
+def _check_openvino_precision(precision: str) -> None:
+    if precision not in ("fp32", "int8"):
+        raise WeightsError(f"OpenVINO export supports fp32 and int8, not {precision} "
+                           "(fp16 is for GPUs: export .onnx and run it with TensorRT)")
+
+
 def convert_openvino(fp32_onnx: Path, output_xml: Path, precision: str,
                      calibration: np.ndarray | None = None) -> dict:
     """fp32 ONNX -> OpenVINO IR (``output_xml`` + its ``.bin``): fp32 as is, or int8."""
@@ -347,9 +353,7 @@ def convert_openvino(fp32_onnx: Path, output_xml: Path, precision: str,
         if calibration is None or not len(calibration):
             raise WeightsError("OpenVINO int8 needs calibration images")
         return quantize_openvino(fp32_onnx, output_xml, calibration)
-    if precision != "fp32":
-        raise WeightsError(f"OpenVINO export supports fp32 and int8, not {precision} "
-                           "(fp16 is for GPUs: export .onnx and run it with TensorRT)")
+    _check_openvino_precision(precision)
     try:
         import openvino as ov
     except ImportError as exc:
@@ -415,9 +419,8 @@ def export_model(model: nn.Module, output: str | Path, *, height: int = 322, wid
     if output.suffix not in (".onnx", ".xml"):
         raise WeightsError(f"output {output} must end in .onnx (ONNX Runtime) or .xml (OpenVINO IR)")
     runtime = "openvino" if output.suffix == ".xml" else "onnxruntime"
-    if runtime == "openvino" and precision not in ("fp32", "int8"):
-        raise WeightsError(f"OpenVINO export supports fp32 and int8, not {precision} "
-                           "(fp16 is for GPUs: export .onnx and run it with TensorRT)")
+    if runtime == "openvino":
+        _check_openvino_precision(precision)  # before the export, which takes minutes
     output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # Build next to the target and rename at the end, so a reader never sees half a model.
