@@ -10,14 +10,14 @@ import argparse
 import importlib
 import sys
 
-from .errors import MegalocError
+from megaloc_ros.errors import MegalocError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "export": ("megaloc_ros.export", "export MegaLoc (or the offline backbone) to ONNX and check it"),
+    "export": ("megaloc_ros.encoding.export", "export MegaLoc (or the offline backbone) to ONNX and check it"),
     "bench": ("megaloc_ros.bench", "benchmarks: `bench encoder`, `bench map`, `bench verify`"),
-    "make-bag": ("megaloc_ros.bag", "write a rosbag2 (sqlite3 or mcap) from an image folder"),
-    "eval": ("megaloc_ros.evaluation.cli", "replay a rosbag2 and score loop closures against ground truth"),
+    "make-bag": ("megaloc_ros.io.bag", "write a rosbag2 (sqlite3 or mcap) from an image folder"),
+    "eval": ("megaloc_ros.eval_cli", "replay a rosbag2 and score loop closures against ground truth"),
     "run": ("megaloc_ros.ros.runner", "start the ROS 2 nodes in one process (what the launch file starts)"),
     "demo": ("megaloc_ros.demo", "the end-to-end demo on the shipped rtabmap sequence"),
 }

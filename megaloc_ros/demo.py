@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import MegalocError
+from megaloc_ros.errors import MegalocError
 
 ATTRIBUTION = ("data: RTAB-Map sample sequence (introlab/rtabmap data/samples, 84 indoor frames "
                "512x384 with a loop-closure ground-truth matrix), BSD 3-Clause, (c) Mathieu Labbe, "
@@ -43,11 +43,11 @@ def _say(msg: str = "") -> None:
 def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, encoder=None,
         model: str | None = None, quiet: bool = False) -> dict:
     """The demo; returns the report dict (also written to ``output``/metrics.json)."""
-    from . import datasets
-    from .bag import write_bag
-    from .evaluation.cli import detector_and_verifier_params
-    from .evaluation.replay import build_pipeline, replay_offline
-    from .evaluation.report import evaluate, format_loops, format_text, write_report
+    from megaloc_ros.io import datasets
+    from megaloc_ros.io.bag import write_bag
+    from megaloc_ros.eval_cli import detector_and_verifier_params
+    from megaloc_ros.evaluation.replay import build_pipeline, replay_offline
+    from megaloc_ros.evaluation.report import evaluate, format_loops, format_text, write_report
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, e
     _say(ATTRIBUTION)
 
     if encoder is None:
-        from .encoder import load_encoder
+        from megaloc_ros.encoding.encoder import load_encoder
         encoder = load_encoder(model)
     if getattr(encoder, "kind", "megaloc") == "megaloc":
         _say(f"model: MegaLoc ({encoder.description})")
@@ -79,7 +79,7 @@ def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, e
                  "(offline replay, no DDS) instead of the ROS nodes.")
             live = False
     if live:
-        from .ros.replay import replay_live
+        from megaloc_ros.ros.live_replay import replay_live
         _say(f"starting loop_closure_node + verifier_node and playing the bag into them over DDS "
              f"at x{rate:g} ...")
         try:

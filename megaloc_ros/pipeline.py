@@ -17,13 +17,13 @@ from typing import Optional
 
 import numpy as np
 
-from .types import Candidate, ImageFeatures, VerifiedLoop
+from megaloc_ros.types import Candidate, ImageFeatures, VerifiedLoop
 
 
 @dataclass
 class FrameResult:
     features: ImageFeatures
-    detection: "Detection"                 # from megaloc_ros.detector
+    detection: "Detection"                 # from megaloc_ros.mapping.detector
     loops: list[VerifiedLoop] = field(default_factory=list)  # verifier output (empty without one)
     timings_ms: dict[str, float] = field(default_factory=dict)  # encode, search, verify
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DescriptorSizeError
+from megaloc_ros.errors import DescriptorSizeError
 
 KeyframeId = int
 Descriptor = np.ndarray

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from megaloc_ros import datasets
+from megaloc_ros.io import datasets
 
 
 @pytest.fixture(scope="session")
@@ -21,19 +21,19 @@ def corridor_seq():
 def real_encoder():
     """The encoder `load_encoder()` picks; features of the shipped sets are cached on disk
     (.cache/features/, keyed by model and image hashes) so reruns are fast."""
-    from megaloc_ros.encoder import load_encoder
+    from megaloc_ros.encoding.encoder import load_encoder
     return load_encoder(device="cpu")
 
 
 @pytest.fixture(scope="session")
 def rtabmap_features(real_encoder, rtabmap_seq):
     """list[ImageFeatures], one per rtabmap frame, from `real_encoder`."""
-    from megaloc_ros.encoder import encode_files
+    from megaloc_ros.encoding.encoder import encode_files
     return encode_files(real_encoder, rtabmap_seq.image_paths)
 
 
 @pytest.fixture(scope="session")
 def corridor_features(real_encoder, corridor_seq):
     """list[ImageFeatures], one per corridor frame (reference then query), from `real_encoder`."""
-    from megaloc_ros.encoder import encode_files
+    from megaloc_ros.encoding.encoder import encode_files
     return encode_files(real_encoder, corridor_seq.image_paths)

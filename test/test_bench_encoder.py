@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from megaloc_ros import cli
 from megaloc_ros.bench.encoder import _cpu_flags
-from megaloc_ros.export import export_model
-from megaloc_ros.model.weights import load_megaloc
+from megaloc_ros.encoding.export import export_model
+from megaloc_ros.encoding.model.weights import load_megaloc
 from test_model import SMALL, official_key_shapes, synthetic_checkpoint
 
 

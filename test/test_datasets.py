@@ -1,7 +1,7 @@
 """The shipped real sequences load with the ground truth their README describes."""
 import numpy as np
 
-from megaloc_ros import datasets
+from megaloc_ros.io import datasets
 
 
 def test_rtabmap_sequence(rtabmap_seq):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megaloc_ros.detector import DetectorParams, LoopDetector
+from megaloc_ros.mapping.detector import DetectorParams, LoopDetector
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.evaluation.metrics import curve_from_matches, operating_point, recall_at_k, valid_pairs
-from megaloc_ros.place_map import PlaceMap
+from megaloc_ros.mapping.place_map import PlaceMap
 
 S = 1_000_000_000
 DIM = 64

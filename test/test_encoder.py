@@ -44,7 +44,7 @@ def test_fixture_features_match_fresh_encoding(real_encoder, rtabmap_seq, rtabma
 
 
 def test_batches_give_the_same_features_as_single_images(real_encoder, corridor_seq):
-    from megaloc_ros.encoder import Encoder
+    from megaloc_ros.encoding.encoder import Encoder
     imgs = [corridor_seq.load_rgb(i) for i in (0, 3, 120, 200, 221)]
     batched = Encoder(real_encoder.model_path, device="cpu", batch_size=2).encode(imgs)
     for img, b in zip(imgs, batched):
@@ -55,7 +55,7 @@ def test_batches_give_the_same_features_as_single_images(real_encoder, corridor_
 
 def test_feature_cache_is_keyed_by_model_and_image_content(real_encoder, rtabmap_seq, tmp_path):
     import shutil
-    from megaloc_ros.encoder import encode_files
+    from megaloc_ros.encoding.encoder import encode_files
     paths = [tmp_path / f"{i}.jpg" for i in range(3)]
     for i, p in enumerate(paths):
         shutil.copy(rtabmap_seq.image_paths[i], p)
@@ -77,10 +77,10 @@ def test_load_encoder_prefers_an_exported_megaloc(tmp_path, monkeypatch, caplog)
     import shutil
 
     import torch
-    from megaloc_ros.encoder import Encoder, load_encoder
+    from megaloc_ros.encoding.encoder import Encoder, load_encoder
     from megaloc_ros.errors import WeightsError
-    from megaloc_ros.export import export_model
-    from megaloc_ros.model import MegaLoc, MegaLocConfig, ViTConfig
+    from megaloc_ros.encoding.export import export_model
+    from megaloc_ros.encoding.model import MegaLoc, MegaLocConfig, ViTConfig
 
     torch.manual_seed(0)
     small = MegaLoc(MegaLocConfig(vit=ViTConfig(embed_dim=64, depth=1, num_heads=1), num_clusters=4,
@@ -89,7 +89,7 @@ def test_load_encoder_prefers_an_exported_megaloc(tmp_path, monkeypatch, caplog)
     export_model(small, models / "megaloc.onnx", height=224, width=224, check_images=0)
     monkeypatch.setenv("MEGALOC_CACHE", str(tmp_path))
     monkeypatch.delenv("MEGALOC_MODEL", raising=False)
-    with caplog.at_level(logging.INFO, logger="megaloc_ros.encoder"):
+    with caplog.at_level(logging.INFO, logger="megaloc_ros.encoding.encoder"):
         enc = load_encoder(device="cpu")
     assert enc.kind == "megaloc" and enc.model_name == "megaloc" and enc.descriptor_dim == 32
     assert enc.input_size == (224, 224) and enc.patch_grid == (16, 16)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megaloc_ros import bag as B
+from megaloc_ros.io import bag as B
 from megaloc_ros import cli
-from megaloc_ros.evaluation import cli as eval_cli
+from megaloc_ros import eval_cli
 from megaloc_ros.evaluation.ground_truth import Trajectory, gt_from_positions, write_trajectory_tum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def test_live_replay_through_the_nodes_matches_offline(tmp_path, rtabmap_seq, fe
     """The bag played over DDS into loop_closure_node + verifier_node publishes the candidates
     the offline pipeline computes on the same frames (both see every frame, in order)."""
     from megaloc_ros.evaluation.replay import build_pipeline, replay_offline
-    from megaloc_ros.ros.replay import replay_live
+    from megaloc_ros.ros.live_replay import replay_live
 
     _, table = features
     bag = B.write_bag(tmp_path / "bag", rtabmap_seq.image_paths, rtabmap_seq.stamps_ns,
@@ -274,6 +274,6 @@ def test_parameters_from_the_nodes_yaml_and_set(tmp_path):
     dp, vp = eval_cli.detector_and_verifier_params(str(y), ["detector.similarity_threshold=0.9"])
     assert (dp.top_k, dp.similarity_threshold, vp.min_inliers) == (3, 0.9, 40)
     dp, vp = eval_cli.detector_and_verifier_params(None, None, verify=False)
-    from megaloc_ros.detector import DetectorParams
+    from megaloc_ros.mapping.detector import DetectorParams
     assert vp is None and dp == DetectorParams()
     assert eval_cli.node_param_overrides(["queue_size=50", "detector.top_k=2"], live=True) == {"queue_size": 50}

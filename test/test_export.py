@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from megaloc_ros import cli
-from megaloc_ros.encoder import Encoder
-from megaloc_ros.export import convert_precision, export_model, fuse_for_cpu
-from megaloc_ros.model.weights import load_megaloc
+from megaloc_ros.encoding.encoder import Encoder
+from megaloc_ros.encoding.export import convert_precision, export_model, fuse_for_cpu
+from megaloc_ros.encoding.model.weights import load_megaloc
 from test_model import SMALL, official_key_shapes, reference_megaloc, synthetic_checkpoint
 
 

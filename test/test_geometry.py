@@ -3,8 +3,8 @@ import cv2
 import numpy as np
 import pytest
 
-from megaloc_ros import geometry
-from megaloc_ros.geometry import LocalFeatures
+from megaloc_ros.verification import geometry
+from megaloc_ros.verification.geometry import LocalFeatures
 
 K = np.array([[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]])
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from megaloc_ros.errors import ImageDecodeError
-from megaloc_ros.images import decode_compressed, decode_raw, encode_jpeg, encode_raw, RAW_ENCODINGS
+from megaloc_ros.io.images import decode_compressed, decode_raw, encode_jpeg, encode_raw, RAW_ENCODINGS
 
 
 @pytest.fixture(scope="module")

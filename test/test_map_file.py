@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from megaloc_ros import map_file
-from megaloc_ros.detector import DetectorParams, LoopDetector
+from megaloc_ros.mapping import map_file
+from megaloc_ros.mapping.detector import DetectorParams, LoopDetector
 from megaloc_ros.errors import MapFileError
-from megaloc_ros.place_map import PlaceMap
+from megaloc_ros.mapping.place_map import PlaceMap
 from megaloc_ros.types import Keyframe
 from synthetic import trajectory
 

@@ -3,8 +3,8 @@
 The reference below is written from the official MegaLoc semantics (gmberton/MegaLoc,
 megaloc_model.py): DINOv2 ViT with 0.1-offset bicubic position interpolation, SALAD with the
 dust-bin Sinkhorn in its augmented-matrix form, cluster_dim-major flattening, linear, L2. It
-reads only the state dict, so it shares no code with megaloc_ros.model.
-(Checked separately: megaloc_ros.model.MegaLoc matches the fetched official code itself to
+reads only the state dict, so it shares no code with megaloc_ros.encoding.model.
+(Checked separately: megaloc_ros.encoding.model.MegaLoc matches the fetched official code itself to
 1.3e-8 max abs at 322x322 batch 2, 480x640 and 224x308 with a random full-size checkpoint.)
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from megaloc_ros.errors import WeightsError
-from megaloc_ros.model import MegaLoc, MegaLocConfig, ViT, ViTConfig, resize_to_patch_multiple
-from megaloc_ros.model.weights import (hf_dinov2_to_vit, legacy_to_official, load_dinov2_backbone, load_megaloc,
+from megaloc_ros.encoding.model import MegaLoc, MegaLocConfig, ViT, ViTConfig, resize_to_patch_multiple
+from megaloc_ros.encoding.model.weights import (hf_dinov2_to_vit, legacy_to_official, load_dinov2_backbone, load_megaloc,
                                        megaloc_layout, read_tensors)
 
 ROOT = Path(__file__).resolve().parents[1]

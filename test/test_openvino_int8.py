@@ -10,11 +10,11 @@ from safetensors.torch import save_file
 
 from megaloc_ros import cli
 from megaloc_ros.bench.encoder import _recall_and_top1
-from megaloc_ros.encoder import Encoder
+from megaloc_ros.encoding.encoder import Encoder
 from megaloc_ros.errors import WeightsError
-from megaloc_ros.export import calibration_images, export_model, quantize_openvino
-from megaloc_ros.model.weights import load_megaloc
-from megaloc_ros.preprocess import preprocess
+from megaloc_ros.encoding.export import calibration_images, export_model, quantize_openvino
+from megaloc_ros.encoding.model.weights import load_megaloc
+from megaloc_ros.encoding.preprocess import preprocess
 from test_model import SMALL, official_key_shapes, synthetic_checkpoint
 
 pytest.importorskip("openvino", reason="OpenVINO is part of the project env (tools/requirements/core.txt)")

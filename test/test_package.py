@@ -22,7 +22,7 @@ def core_modules():
 
 def test_core_imports_without_ros():
     mods = core_modules()
-    assert "megaloc_ros.images" in mods and "megaloc_ros.pipeline" in mods
+    assert "megaloc_ros.io.images" in mods and "megaloc_ros.pipeline" in mods
     # A None entry in sys.modules makes `import rclpy` raise ImportError.
     code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in ROS_MODULES)
             + "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods))
@@ -52,7 +52,7 @@ def test_pip_install_in_plain_venv(tmp_path):
             (src / f).write_bytes((ROOT / f).read_bytes())
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(src)], env=clean, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    check = ("import sys, megaloc_ros, megaloc_ros.types, megaloc_ros.images, megaloc_ros.datasets\n"
+    check = ("import sys, megaloc_ros, megaloc_ros.types, megaloc_ros.io.images, megaloc_ros.io.datasets\n"
              "assert 'rclpy' not in sys.modules and 'torch' not in sys.modules\n"
              "print(megaloc_ros.__version__)")
     r = subprocess.run([str(py), "-c", check], env=clean, cwd=tmp_path, capture_output=True, text=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megaloc_ros.errors import DescriptorSizeError, MegalocError
-from megaloc_ros.place_map import DuplicateId, PlaceMap
+from megaloc_ros.mapping.place_map import DuplicateId, PlaceMap
 from megaloc_ros.types import Keyframe
 from synthetic import trajectory
 

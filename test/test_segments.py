@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from megaloc_ros import segments
+from megaloc_ros.verification import segments
 from megaloc_ros.errors import ImageDecodeError, WeightsError
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from megaloc_ros import segvlad
+from megaloc_ros.verification import segvlad
 
 
 def edges(adj):

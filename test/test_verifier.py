@@ -4,7 +4,7 @@ import pytest
 
 from megaloc_ros.errors import MapFileError
 from megaloc_ros.types import Candidate, Keyframe
-from megaloc_ros.verifier import Verifier, VerifierParams
+from megaloc_ros.verification.verifier import Verifier, VerifierParams
 
 N_MAP = 40  # frames 0..39 are the first traversal; 40.. revisit them
 
@@ -14,7 +14,7 @@ def feats(request, rtabmap_seq):
     try:
         return request.getfixturevalue("rtabmap_features")
     except pytest.FixtureLookupError:  # before the shared fixture exists
-        from megaloc_ros.encoder import encode_files, load_encoder
+        from megaloc_ros.encoding.encoder import encode_files, load_encoder
         return encode_files(load_encoder(), rtabmap_seq.image_paths)
 
 
@@ -164,7 +164,7 @@ def test_bad_parameters_are_refused_with_the_reason():
 
 def test_a_second_backbone_supplies_patch_features(rtabmap_seq, feats):
     """Keyframes without exported patch features still get SegVLAD from ``segvlad_model``."""
-    from megaloc_ros.encoder import offline_model_path
+    from megaloc_ros.encoding.encoder import offline_model_path
     from megaloc_ros.types import ImageFeatures
     v = Verifier(VerifierParams(segvlad_model=str(offline_model_path()), vocab_keyframes=3))
     for i in (0, 1, 2):

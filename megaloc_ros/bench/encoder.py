@@ -109,19 +109,19 @@ def _cpu_flags() -> set[str]:
 
 
 def _prepare_models(args, log) -> tuple[Path, str]:
-    from ..encoder import cache_root, find_megaloc_model, offline_model_path
-    from ..export import export_model, read_sidecar
+    from megaloc_ros.encoding.encoder import cache_root, find_megaloc_model, offline_model_path
+    from megaloc_ros.encoding.export import export_model, read_sidecar
     size = (args.height, args.width)
     if args.model:
         return Path(args.model), "given model"
     if args.arch == "megaloc-synthetic":
         import torch
-        from ..model import MegaLoc
+        from megaloc_ros.encoding.model import MegaLoc
         out = cache_root() / "models" / f"bench-megaloc-synthetic-{size[0]}x{size[1]}.onnx"
         if not out.is_file():
             log(f"exporting the MegaLoc architecture with random weights to {out} (once)")
             from safetensors.torch import save_file
-            from ..model.weights import load_megaloc
+            from megaloc_ros.encoding.model.weights import load_megaloc
             torch.manual_seed(0)
             model = MegaLoc().eval()
             with torch.no_grad():  # LayerScale at 1e-5 would make the blocks near-identity
@@ -148,9 +148,9 @@ def _derived_model(fp32: Path, precision: str, log) -> Path:
     "fp32-openvino" (`export.convert_openvino`) or "fp32-fused" (the same graph fusions as int8, no quantisation: shows how much of the int8
     gain is fusion) next to ``fp32``, cached."""
     import onnx
-    from ..export import (CPU_FUSIONS_VERSION, INT8_METHOD, OPENVINO_VERSION, calibration_images,
+    from megaloc_ros.encoding.export import (CPU_FUSIONS_VERSION, INT8_METHOD, OPENVINO_VERSION, calibration_images,
                           convert_openvino, convert_precision, fuse_for_cpu, install_model)
-    from ..preprocess import preprocess
+    from megaloc_ros.encoding.preprocess import preprocess
     out = fp32.with_name(f"{fp32.stem}-{precision}" + (".xml" if precision.endswith("openvino") else ".onnx"))
     meta = json.loads(fp32.with_suffix(".json").read_text())
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
@@ -185,8 +185,8 @@ def _derived_model(fp32: Path, precision: str, log) -> Path:
 def main(args) -> int:
     import onnxruntime as ort
     import torch
-    from .. import datasets
-    from ..encoder import Encoder
+    from megaloc_ros.io import datasets
+    from megaloc_ros.encoding.encoder import Encoder
 
     log = print
     fp32_path, what = _prepare_models(args, log)

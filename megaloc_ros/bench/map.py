@@ -32,8 +32,8 @@ import time
 
 import numpy as np
 
-from ..place_map import DEFAULT_OPTIONS
-from ..types import Keyframe
+from megaloc_ros.mapping.place_map import DEFAULT_OPTIONS
+from megaloc_ros.types import Keyframe
 
 SECOND_NS = 1_000_000_000
 
@@ -121,7 +121,7 @@ def _kfs(start: int, n: int) -> list[Keyframe]:
 
 def main(args) -> int:
     import faiss
-    from ..place_map import PlaceMap
+    from megaloc_ros.mapping.place_map import PlaceMap
     sizes = sorted(int(s) for s in str(args.sizes).split(","))
     if any(s % args.chunk or s <= 0 for s in sizes):
         raise SystemExit(f"bench map: sizes must be positive multiples of --chunk={args.chunk}")

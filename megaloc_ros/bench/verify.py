@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def parse_overrides(items: list[str]):
     """['min_inliers=30', ...] -> VerifierParams with those fields replaced (typed by default)."""
     import dataclasses
-    from ..errors import MegalocError
-    from ..verifier import VerifierParams
+    from megaloc_ros.errors import MegalocError
+    from megaloc_ros.verification.verifier import VerifierParams
     base = VerifierParams()
     changes = {}
     for item in items:
@@ -72,16 +72,16 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
         detector_params=None) -> dict:
     """Replay ``sequence``; returns the figures the table prints. ``features`` (list of
     ImageFeatures per frame) skips encoding, e.g. from test fixtures."""
-    from .. import datasets
-    from ..detector import DetectorParams, LoopDetector
-    from ..evaluation import metrics
-    from ..place_map import PlaceMap
-    from ..verifier import Verifier, VerifierParams
+    from megaloc_ros.io import datasets
+    from megaloc_ros.mapping.detector import DetectorParams, LoopDetector
+    from megaloc_ros.evaluation import metrics
+    from megaloc_ros.mapping.place_map import PlaceMap
+    from megaloc_ros.verification.verifier import Verifier, VerifierParams
 
     seq = datasets.SEQUENCES[sequence]()
     model_name = "features"
     if features is None:
-        from ..encoder import encode_files, load_encoder
+        from megaloc_ros.encoding.encoder import encode_files, load_encoder
         enc = load_encoder(model)
         model_name = enc.description
         features = encode_files(enc, seq.image_paths)

@@ -8,7 +8,7 @@ Three sources, all ending in one symmetric bool matrix ``gt[i, j]`` over the fra
 * a loop matrix file: an image (.bmp/.png, non-zero = same place, as RTAB-Map ships it), a .npy
   0/1 matrix, a .csv/.txt 0/1 matrix, or a VPR-Bench ``query_index,matching_reference_indices``
   table (reference frames first in the bag, then the queries);
-* a shipped data set (``megaloc_ros.datasets``), which already carries its matrix.
+* a shipped data set (``megaloc_ros.io.datasets``), which already carries its matrix.
 
 Trajectory files are TUM (``t tx ty tz qx qy qz qw`` per line, t in seconds) or KITTI (12
 values per line, a row-major 3x4 world-from-camera matrix, one line per frame, no stamps).
@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import MegalocError
+from megaloc_ros.errors import MegalocError
 
 SECOND_NS = 1_000_000_000
 

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .ground_truth import valid_pairs
+from megaloc_ros.evaluation.ground_truth import valid_pairs
 
 # per query frame: [(match frame index, score), ...] in rank order (best first)
 Matches = Sequence[tuple[int, float]]

@@ -15,8 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..bag import progress_bar
-from ..types import Candidate, VerifiedLoop
+from megaloc_ros.io.bag import progress_bar
+from megaloc_ros.types import Candidate, VerifiedLoop
 
 MAX_SIMILARITY_FRAMES = 1500  # descriptors kept for the similarity-matrix plot (evenly spaced)
 
@@ -132,15 +132,15 @@ def descriptor_stride(n_frames: int) -> int:
 def build_pipeline(encoder, detector_params=None, verifier_params=None, verify: bool = True,
                    index: str = "flat"):
     """The same objects the nodes build: PlaceMap + LoopDetector (+ Verifier)."""
-    from ..detector import DetectorParams, LoopDetector
-    from ..pipeline import LoopClosurePipeline
-    from ..place_map import PlaceMap
+    from megaloc_ros.mapping.detector import DetectorParams, LoopDetector
+    from megaloc_ros.pipeline import LoopClosurePipeline
+    from megaloc_ros.mapping.place_map import PlaceMap
 
     pm = PlaceMap(encoder.descriptor_dim, encoder.model_name, index=index)
     det = LoopDetector(pm, detector_params or DetectorParams())
     ver = None
     if verify:
-        from ..verifier import Verifier, VerifierParams
+        from megaloc_ros.verification.verifier import Verifier, VerifierParams
         ver = Verifier(verifier_params or VerifierParams())
     return LoopClosurePipeline(encoder, det, ver)
 
@@ -152,7 +152,7 @@ def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
     ``trajectory`` (ground_truth.Trajectory), when given, supplies the pose of each frame
     (as odometry would to the node), which keyframe selection uses.
     """
-    from ..bag import BagReader
+    from megaloc_ros.io.bag import BagReader
 
     enc = pipeline.encoder
     frames: list[FrameRecord] = []

@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import metrics as M
-from .replay import Replay, _jsonable
+from megaloc_ros.evaluation import metrics as M
+from megaloc_ros.evaluation.replay import Replay, _jsonable
 
 LATENCY_NOTE = ("Stages: decode = deserialise + decode the bag message; encode = the model; search = "
                 "LoopDetector.process (keyframe test, map search, decisions, insertion); verify = "

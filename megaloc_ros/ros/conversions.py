@@ -1,6 +1,6 @@
 """ROS messages <-> the shared types of megaloc_ros.types (and RGB uint8 arrays).
 
-Pixel decoding is megaloc_ros.images' job; this module only moves fields. Poses are 4x4
+Pixel decoding is megaloc_ros.io.images' job; this module only moves fields. Poses are 4x4
 float64 world-from-camera matrices, stamps integer nanoseconds, as everywhere in the core.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from std_msgs.msg import Header
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosure, LoopClosureArray
 
-from ..images import decode_compressed, decode_raw, encode_jpeg, encode_raw
-from ..types import Candidate, ImageFeatures, Keyframe, RelativePose, VerifiedLoop
+from megaloc_ros.io.images import decode_compressed, decode_raw, encode_jpeg, encode_raw
+from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, RelativePose, VerifiedLoop
 
 NS = 1_000_000_000
 NO_KEYFRAME = 2**64 - 1  # query_id of a query that is not a map keyframe (core id -1)

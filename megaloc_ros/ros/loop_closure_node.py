@@ -43,11 +43,11 @@ from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
 from megaloc_ros.srv import QueryImage
 
-from ..errors import MegalocError
-from . import conversions as conv
-from . import params as P
-from .managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
-from .runner import spin_single
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.ros import conversions as conv
+from megaloc_ros.ros import params as P
+from megaloc_ros.ros.managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
+from megaloc_ros.ros.runner import spin_single
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
@@ -69,7 +69,7 @@ class LoopClosureNode(ManagedNode):
     DIAG_WARNING = ("frames_dropped", "frames dropped")
 
     def __init__(self, node_name: str = P.LOOP_CLOSURE_NODE, *, encoder=None, **kwargs):
-        from ..detector import DetectorParams
+        from megaloc_ros.mapping.detector import DetectorParams
         super().__init__(node_name, P.loop_closure_specs(), "detector", DetectorParams, **kwargs)
         self._logged: dict[str, float] = {}
         self._given_encoder = encoder
@@ -97,11 +97,11 @@ class LoopClosureNode(ManagedNode):
             self.get_logger().info("detector parameters updated")
 
     def _configure(self) -> None:
-        from ..place_map import PlaceMap
+        from megaloc_ros.mapping.place_map import PlaceMap
         if self._given_encoder is not None:
             self.encoder = self._given_encoder
         else:
-            from ..encoder import load_encoder
+            from megaloc_ros.encoding.encoder import load_encoder
             self.encoder = load_encoder(self._param("model_path") or None, device=self._param("device"))
         self.get_logger().info(f"encoder: {self.encoder.model_name} ({self.encoder.descriptor_dim}-D)")
         path = self._param("map_path")
@@ -126,7 +126,7 @@ class LoopClosureNode(ManagedNode):
         return [(QueryImage, "~/query_image", self._srv_query_image)]
 
     def _new_detector(self) -> None:
-        from ..detector import LoopDetector
+        from megaloc_ros.mapping.detector import LoopDetector
         self.detector = LoopDetector(self.place_map, self._build_params())
         s = int(self._param("session"))
         if s < 0:
@@ -329,7 +329,7 @@ class LoopClosureNode(ManagedNode):
     def load_map(self, path: str = "") -> str:
         """Replace the map by the one at ``path`` (default ``map_path``); new keyframes continue
         its ids in a new session (unless the ``session`` parameter fixes one)."""
-        from ..place_map import PlaceMap
+        from megaloc_ros.mapping.place_map import PlaceMap
         path = self._map_path(path)
         if not os.path.exists(path):
             raise MegalocError(f"map file {path} does not exist")

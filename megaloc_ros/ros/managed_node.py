@@ -18,9 +18,9 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from megaloc_ros.srv import LoadMap, SaveMap
 
-from ..errors import MegalocError
-from . import params as P
-from .diagnostics import Stats, level_of, status_array
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.ros import params as P
+from megaloc_ros.ros.diagnostics import Stats, level_of, status_array
 
 RELIABLE_KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)

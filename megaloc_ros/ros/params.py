@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from ..place_map import INDEX_KINDS
+from megaloc_ros.mapping.place_map import INDEX_KINDS
 
 LOOP_CLOSURE_NODE = "loop_closure_node"
 VERIFIER_NODE = "verifier_node"
@@ -81,7 +81,7 @@ LOOP_CLOSURE = COMMON + [
           "(OpenVINO IR: the int8 CPU variant); empty: the default model search "
           "(MegaLoc when exported, else the offline backbone)", read_only=True),
     _spec("device", "auto", "encoder device: auto, cpu or cuda", read_only=True, choices=("auto", "cpu", "cuda")),
-    _spec("map_index", "flat", "place-map index kind (see megaloc_ros.place_map), used when no map is "
+    _spec("map_index", "flat", "place-map index kind (see megaloc_ros.mapping.place_map), used when no map is "
           "loaded", read_only=True, choices=INDEX_KINDS),
     _spec("session", -1, "session id of new keyframes; -1: one more than the highest session of the "
           "loaded map (0 for a new map)", read_only=True, range=(-1, INT_MAX)),
@@ -206,7 +206,7 @@ def build_dataclass(cls, prefix: str, values: dict[str, Any]):
 
 
 def detector_specs() -> list[ParamSpec]:
-    from ..detector import DetectorParams
+    from megaloc_ros.mapping.detector import DetectorParams
     return dataclass_specs(DetectorParams, "detector")
 
 
@@ -217,7 +217,7 @@ VERIFIER_LIVE_FIELDS = ("min_global_score", "min_segvlad_score", "min_inliers", 
 
 
 def verifier_specs() -> list[ParamSpec]:
-    from ..verifier import VerifierParams
+    from megaloc_ros.verification.verifier import VerifierParams
     return [s if s.name.split(".", 1)[1] in VERIFIER_LIVE_FIELDS else dataclasses.replace(s, read_only=True)
             for s in dataclass_specs(VerifierParams, "verifier")]
 
@@ -318,7 +318,7 @@ def load_params_file(path, node_name: Optional[str] = None, namespace: str = "")
     naming this node (``node_name``, ``/node_name``, ``/<namespace>/node_name``, ``/**/node_name``)."""
     import yaml
 
-    from ..errors import MegalocError
+    from megaloc_ros.errors import MegalocError
 
     p = Path(path)
     try:

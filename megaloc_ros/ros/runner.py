@@ -30,8 +30,8 @@ import threading
 import time
 from typing import Any, Optional
 
-from ..errors import MegalocError
-from . import params as P
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.ros import params as P
 
 
 def load_params(path: Optional[str], namespace: str = "") -> dict[str, Any]:
@@ -84,8 +84,8 @@ class NodeSet:
         import rclpy
         from rclpy.executors import MultiThreadedExecutor
 
-        from .loop_closure_node import LoopClosureNode
-        from .verifier_node import VerifierNode
+        from megaloc_ros.ros.loop_closure_node import LoopClosureNode
+        from megaloc_ros.ros.verifier_node import VerifierNode
 
         unknown = self.unknown_params()
         if unknown:

@@ -11,7 +11,7 @@ Publishes    ~/loop_closures    LoopClosureArray: accepted loops only, verified=
 Services     ~/save_map, ~/load_map: the verifier state, kept at ``<path>.verifier`` next to the
              loop_closure_node's map file of the same path
 
-Each keyframe is reduced by ``megaloc_ros.verifier.Verifier`` to what verification needs (no
+Each keyframe is reduced by ``megaloc_ros.verification.verifier.Verifier`` to what verification needs (no
 image is kept). A candidate array whose query keyframe has not arrived yet waits up to
 ``candidate_wait`` seconds (keyframes and candidates travel on different topics).
 """
@@ -30,11 +30,11 @@ from sensor_msgs.msg import CameraInfo
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
 
-from ..errors import MegalocError
-from . import conversions as conv
-from . import params as P
-from .managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
-from .runner import spin_single
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.ros import conversions as conv
+from megaloc_ros.ros import params as P
+from megaloc_ros.ros.managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
+from megaloc_ros.ros.runner import spin_single
 
 SUFFIX = ".verifier"
 
@@ -51,7 +51,7 @@ class VerifierNode(ManagedNode):
     DIAG_WARNING = ("candidates_expired", "candidates expired")
 
     def __init__(self, node_name: str = P.VERIFIER_NODE, **kwargs):
-        from ..verifier import VerifierParams
+        from megaloc_ros.verification.verifier import VerifierParams
         super().__init__(node_name, P.verifier_node_specs(), "verifier", VerifierParams, **kwargs)
         self._camera()
         self.verifier = None
@@ -83,7 +83,7 @@ class VerifierNode(ManagedNode):
         return k, (int(c[4]), int(c[5]))
 
     def _configure(self) -> None:
-        from ..verifier import Verifier
+        from megaloc_ros.verification.verifier import Verifier
         k, size = self._camera()
         path = self._param("map_path")
         if path and Path(verifier_state_path(path)).exists():
@@ -95,7 +95,7 @@ class VerifierNode(ManagedNode):
         self._own_pubs = [self._pub_loops, self._pub_rejected]
 
     def _load(self, path: str, k, size):
-        from ..verifier import Verifier
+        from megaloc_ros.verification.verifier import Verifier
         v = Verifier.load(path, camera_matrix=k)
         if size is not None:
             v.camera_size = size

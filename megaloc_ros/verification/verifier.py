@@ -55,9 +55,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import geometry, segments, segvlad
-from .errors import MapFileError, MegalocError
-from .types import Candidate, ImageFeatures, Keyframe, KeyframeId, VerifiedLoop
+from megaloc_ros.verification import geometry, segments, segvlad
+from megaloc_ros.errors import MapFileError, MegalocError
+from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, KeyframeId, VerifiedLoop
 
 _BLAS = None
 
@@ -72,7 +72,7 @@ def _one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
-FORMAT = "megaloc_ros.verifier"
+FORMAT = "megaloc_ros.verification.verifier"
 VERSION = 1
 
 
@@ -82,7 +82,7 @@ class VerifierParams:
     offline DINOv2 ViT-S/14 backbone (`megaloc-ros bench verify` shows the effect of changing
     them with ``--set NAME=VALUE``); SegVLAD scores depend on the backbone, so re-check
     ``min_segvlad_score`` with `megaloc-ros eval` on your own bag when using MegaLoc features."""
-    # Segmentation (see megaloc_ros.segments.SegmentParams)
+    # Segmentation (see megaloc_ros.verification.segments.SegmentParams)
     segment_method: str = "slic"      # "slic" | "felzenszwalb" | "sam"
     segment_max_side: int = 160       # segment at this longest side (speed)
     n_segments: int = 48              # SLIC target segment count
@@ -179,7 +179,7 @@ class Verifier:
             sam_decoder=params.sam_decoder)
         self._patch_encoder = None
         if params.segvlad_model:
-            from .encoder import Encoder
+            from megaloc_ros.encoding.encoder import Encoder
             self._patch_encoder = Encoder(params.segvlad_model)
             if not self._patch_encoder.has_patch_features:
                 raise MegalocError(f"segvlad_model {params.segvlad_model} exports no patch features")

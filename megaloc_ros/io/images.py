@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageDecodeError
+from megaloc_ros.errors import ImageDecodeError
 
 # encoding -> (channels, dtype, channel order to reach RGB)
 RAW_ENCODINGS = {

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import WeightsError
-from .model.megaloc import MegaLoc
-from .model.offline import BackboneDescriptor
-from .model.weights import file_sha256, load_dinov2_backbone, load_megaloc, megaloc_layout, read_tensors
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from megaloc_ros.errors import WeightsError
+from megaloc_ros.encoding.model.megaloc import MegaLoc
+from megaloc_ros.encoding.model.offline import BackboneDescriptor
+from megaloc_ros.encoding.model.weights import file_sha256, load_dinov2_backbone, load_megaloc, megaloc_layout, read_tensors
+from megaloc_ros.encoding.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 
 SIDECAR_FORMAT = "megaloc-ros-encoder/1"
 OFFICIAL_URL = "https://huggingface.co/gberton/MegaLoc/resolve/main/model.safetensors"
@@ -298,8 +298,8 @@ def calibration_images(source: str | Path | None = None, limit: int = 128) -> li
     """Images for static int8 calibration: every image file under ``source`` (your robot's
     frames calibrate best), else the shipped corridor reference session (111 real frames; the
     rtabmap sequence and the corridor query session stay held out for the agreement figures)."""
-    from . import datasets
-    from .images import read_image_file
+    from megaloc_ros.io import datasets
+    from megaloc_ros.io.images import read_image_file
     if source is None:
         seq = datasets.corridor()
         picks = np.flatnonzero(seq.sessions == 0)
@@ -383,7 +383,7 @@ def run_model(path: Path):
 
 def real_check_images(n: int = 4) -> list[np.ndarray]:
     """A few real frames from the shipped data sets (both sequences)."""
-    from . import datasets
+    from megaloc_ros.io import datasets
     seqs = [datasets.rtabmap(), datasets.corridor()]
     picks = [(seqs[0], 0), (seqs[0], 50), (seqs[1], 10), (seqs[1], 150), (seqs[0], 20), (seqs[1], 60)]
     return [s.load_rgb(i) for s, i in picks[:n]]
@@ -522,7 +522,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .encoder import cache_root
+    from megaloc_ros.encoding.encoder import cache_root
     weights = Path(args.weights) if args.weights else download_official(cache_root() / "weights" / "megaloc.safetensors")
     model, kind, name = model_from_weights(weights)
     if kind != "megaloc":

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import MapFileError
+from megaloc_ros.errors import MapFileError
 
 MAGIC = b"MGLCMAP\0"
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ def save_map(pmap, path) -> None:
         table.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
                       "offset": offset, "nbytes": a.nbytes})
         offset += a.nbytes
-    from . import __version__
+    from megaloc_ros import __version__
     header = json.dumps({
         "writer": f"megaloc_ros {__version__}",
         "model_name": pmap.model_name, "dim": pmap.dim,
@@ -173,7 +173,7 @@ def load_map(cls, path, expected_model: Optional[str] = None, expected_dim: Opti
             f"{expected_model if expected_model is not None else model!r} "
             f"({expected_dim if expected_dim is not None else dim}-D); descriptors of different "
             "models cannot be compared: load a map made with this model or rebuild it")
-    from .place_map import DEFAULT_OPTIONS
+    from megaloc_ros.mapping.place_map import DEFAULT_OPTIONS
     options = {k: v for k, v in header["options"].items() if k in DEFAULT_OPTIONS}
     if header["index"] == "ivfpq":  # files from before ``pq_bits`` existed hold 8-bit PQ codes
         options.setdefault("pq_bits", 8)

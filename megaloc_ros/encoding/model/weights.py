@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import WeightsError
-from .megaloc import MegaLoc, MegaLocConfig
-from .vit import ViT, config_from_shapes
+from megaloc_ros.errors import WeightsError
+from megaloc_ros.encoding.model.megaloc import MegaLoc, MegaLocConfig
+from megaloc_ros.encoding.model.vit import ViT, config_from_shapes
 
 StateDict = dict[str, torch.Tensor]
 

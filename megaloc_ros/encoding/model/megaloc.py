@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .salad import SALAD
-from .vit import VIT_B14, ViT, ViTConfig
+from megaloc_ros.encoding.model.salad import SALAD
+from megaloc_ros.encoding.model.vit import VIT_B14, ViT, ViTConfig
 
 
 @dataclass(frozen=True)

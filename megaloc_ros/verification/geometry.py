@@ -15,7 +15,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .types import RelativePose
+from megaloc_ros.types import RelativePose
 
 
 @dataclass

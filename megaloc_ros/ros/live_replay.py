@@ -22,9 +22,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import MegalocError
-from ..bag import progress_bar
-from ..evaluation.replay import FrameRecord, Replay, descriptor_stride
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.io.bag import progress_bar
+from megaloc_ros.evaluation.replay import FrameRecord, Replay, descriptor_stride
 
 
 class TimedEncoder:
@@ -97,10 +97,10 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     from nav_msgs.msg import Odometry
     from sensor_msgs.msg import CompressedImage, Image
 
-    from ..bag import COMPRESSED_TYPE, BagReader
-    from . import conversions as conv
-    from . import params as P
-    from .runner import NodeSet, load_params
+    from megaloc_ros.io.bag import COMPRESSED_TYPE, BagReader
+    from megaloc_ros.ros import conversions as conv
+    from megaloc_ros.ros import params as P
+    from megaloc_ros.ros.runner import NodeSet, load_params
 
     if rate <= 0:
         raise MegalocError("rate must be positive")
@@ -122,7 +122,7 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     params.update(node_params or {})
     ns = namespace if namespace is not None else f"megaloc_replay_{os.getpid()}"
     if encoder is None:
-        from ..encoder import load_encoder
+        from megaloc_ros.encoding.encoder import load_encoder
         encoder = load_encoder(params.get("model_path") or None, device=params.get("device", "auto"))
     timed = TimedEncoder(encoder)
     rec = _Recorder()
@@ -246,7 +246,7 @@ def _wait_discovery(pub, subs, timeout: float = 15.0, extra_pubs=()) -> None:
 
 def _to_replay(bag, topic, stamps, published_at, rec: _Recorder, timed: TimedEncoder, conv,
                map_size, map_bytes, vn_used: bool, params: dict, notes: list[str]) -> Replay:
-    from ..evaluation.replay import _jsonable
+    from megaloc_ros.evaluation.replay import _jsonable
 
     frame_of_stamp: dict[int, int] = {}
     for i, s in enumerate(stamps):

@@ -1,7 +1,7 @@
 """SegVLAD ("Revisit Anything", Garg et al., ECCV 2024): segment-level place descriptors.
 
 Steps, each a function here so it can be tested with known answers:
-  1. segments (``megaloc_ros.segments``) -> centroids -> Delaunay graph (``delaunay_adjacency``)
+  1. segments (``megaloc_ros.verification.segments``) -> centroids -> Delaunay graph (``delaunay_adjacency``)
   2. SuperSegment of segment i = segments within ``order`` hops of i (``supersegments``)
   3. segment -> patch-grid membership by area (``patch_membership``); a SuperSegment covers the
      union of its segments' patches

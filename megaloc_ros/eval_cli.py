@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MegalocError
+from megaloc_ros.errors import MegalocError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,14 +68,14 @@ def detector_and_verifier_params(params_file=None, overrides=None, verify: bool 
     (``detector.*`` / ``verifier.*``) and ``--set`` overrides, else their defaults."""
     import dataclasses
 
-    from ..detector import DetectorParams
+    from megaloc_ros.mapping.detector import DetectorParams
     # megaloc_ros.ros.params reads the YAML with PyYAML; it imports no rclpy at module level.
-    from ..ros.params import LOOP_CLOSURE_NODE, VERIFIER_NODE, build_dataclass, load_params_file
+    from megaloc_ros.ros.params import LOOP_CLOSURE_NODE, VERIFIER_NODE, build_dataclass, load_params_file
 
     over = _overrides(overrides)
     classes = {"detector": DetectorParams}
     if verify:
-        from ..verifier import VerifierParams
+        from megaloc_ros.verification.verifier import VerifierParams
         classes["verifier"] = VerifierParams
     node_names = _node_param_names()
     for key in over:
@@ -100,7 +100,7 @@ def detector_and_verifier_params(params_file=None, overrides=None, verify: bool 
 
 
 def _node_param_names() -> set[str]:
-    from ..ros.params import all_node_specs
+    from megaloc_ros.ros.params import all_node_specs
     return {s.name for specs in all_node_specs().values() for s in specs
             if not s.name.startswith(("detector.", "verifier."))}
 
@@ -118,7 +118,7 @@ def ground_truth_source(args, n_frames: int, reader):
     """Read and check the ground truth before the (long) replay. Returns (trajectory or None,
     resolve(stamps_ns, exclude_s) -> (gt [N, N] or None, positions [N, 3] or None,
     positions valid [N] or None, description))."""
-    from . import ground_truth as G
+    from megaloc_ros.evaluation import ground_truth as G
     if args.gt_matrix:
         gt = G.read_gt_matrix(args.gt_matrix, n_frames)
         return None, lambda stamps, ex: (gt, None, None, f"loop matrix {args.gt_matrix}")
@@ -148,16 +148,16 @@ def ground_truth_source(args, n_frames: int, reader):
 def run(args, encoder=None) -> tuple[dict, Path]:
     """The whole command minus printing: replay, score, write the report. Also used by the demo.
     ``encoder``: an already loaded encoder for offline mode (default: ``load_encoder``)."""
-    from ..bag import BagReader
-    from .replay import build_pipeline, replay_offline
-    from .report import evaluate, write_report
+    from megaloc_ros.io.bag import BagReader
+    from megaloc_ros.evaluation.replay import build_pipeline, replay_offline
+    from megaloc_ros.evaluation.report import evaluate, write_report
 
     dp, vp = detector_and_verifier_params(args.params, args.set, verify=not args.no_verify)
     node_param_overrides(args.set, args.live)  # reject node parameters without --live, early
     exclude_s = dp.exclude_recent_s if args.gt_exclude_s is None else args.gt_exclude_s
     with BagReader(args.bag) as r:  # check everything cheap before the long part
         if not args.image_topic:
-            from ..bag import IMAGE_TYPES
+            from megaloc_ros.io.bag import IMAGE_TYPES
             found = [t.name for t in r.topics if t.msgtype in IMAGE_TYPES]
             if len(found) != 1:
                 raise MegalocError(f"bag {args.bag} has {len(found)} image topics"
@@ -169,8 +169,8 @@ def run(args, encoder=None) -> tuple[dict, Path]:
         next(r.images(args.image_topic))  # an unknown encoding fails now, not after model loading
         odometry, resolve_gt = ground_truth_source(args, n, r)
     if args.live:
-        from ..ros.replay import replay_live
-        from ..encoder import load_encoder
+        from megaloc_ros.ros.live_replay import replay_live
+        from megaloc_ros.encoding.encoder import load_encoder
         node_params = node_param_overrides(args.set, True)
         if args.index != "flat":
             node_params.setdefault("map_index", args.index)
@@ -181,7 +181,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
                              rate=args.rate, quiet=args.quiet, trajectory=odometry, encoder=enc,
                              node_params=node_params)
     else:
-        from ..encoder import load_encoder
+        from megaloc_ros.encoding.encoder import load_encoder
         enc = encoder or load_encoder(args.model, device=args.device)
         pipe = build_pipeline(enc, dp, vp, verify=not args.no_verify, index=args.index)
         replay = replay_offline(args.bag, args.image_topic, pipe, trajectory=odometry,
@@ -194,7 +194,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
 
 
 def main(args, encoder=None) -> int:
-    from .report import format_loops, format_text
+    from megaloc_ros.evaluation.report import format_loops, format_text
     if args.rate <= 0:
         raise MegalocError("--rate must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

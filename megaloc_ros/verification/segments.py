@@ -17,7 +17,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .errors import ImageDecodeError, WeightsError
+from megaloc_ros.errors import ImageDecodeError, WeightsError
 
 METHODS = ("slic", "felzenszwalb", "sam")
 

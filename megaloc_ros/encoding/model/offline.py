@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .megaloc import resize_to_patch_multiple
-from .vit import ViT
+from megaloc_ros.encoding.model.megaloc import resize_to_patch_multiple
+from megaloc_ros.encoding.model.vit import ViT
 
 POOLINGS = ("cls", "cls+gem")
 

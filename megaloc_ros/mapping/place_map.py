@@ -41,8 +41,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .errors import MegalocError
-from .types import Descriptor, Keyframe, KeyframeId, as_descriptor
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.types import Descriptor, Keyframe, KeyframeId, as_descriptor
 
 PCA_FIT_ROWS = 16000
 COMPRESSED_KINDS = ("ivfpq", "ivfsq8", "hnsw", "sq8")
@@ -499,7 +499,7 @@ class PlaceMap:
     def save(self, path) -> None:
         """Write the map atomically (temporary file, fsync, rename); waits for a background
         training to finish first. See ``map_file``."""
-        from . import map_file
+        from megaloc_ros.mapping import map_file
         self.wait_trained()
         with self._lock:
             map_file.save_map(self, path)
@@ -508,7 +508,7 @@ class PlaceMap:
     def load(cls, path, expected_model: Optional[str] = None, expected_dim: Optional[int] = None) -> "PlaceMap":
         """Read a map saved by ``save``; raises MapFileError on a foreign, truncated, corrupt or
         other-model file (``expected_model`` / ``expected_dim`` when given)."""
-        from . import map_file
+        from megaloc_ros.mapping import map_file
         return map_file.load_map(cls, path, expected_model, expected_dim)
 
 

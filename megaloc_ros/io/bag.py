@@ -3,7 +3,7 @@ images and poses back for `megaloc-ros eval`.
 
 Uses ``rosbags`` (pure Python, no ROS installation needed); both storage plugins (sqlite3 and
 mcap) and both image types (``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage``). Images
-are decoded by ``megaloc_ros.images``, the same code the nodes use. Every failure on a bad bag
+are decoded by ``megaloc_ros.io.images``, the same code the nodes use. Every failure on a bad bag
 is a ``BagError`` (or ``ImageDecodeError``) that names the bag, the topic and what to do.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import BagError, ImageDecodeError, MegalocError
+from megaloc_ros.errors import BagError, ImageDecodeError, MegalocError
 
 SECOND_NS = 1_000_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -102,8 +102,8 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
     """
     from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
 
-    from .images import read_image_file, encode_raw
-    from .evaluation.ground_truth import matrix_to_quaternion
+    from megaloc_ros.io.images import read_image_file, encode_raw
+    from megaloc_ros.evaluation.ground_truth import matrix_to_quaternion
 
     if storage not in STORAGES:
         raise MegalocError(f"unknown storage '{storage}' (use {' or '.join(STORAGES)})")
@@ -289,7 +289,7 @@ class BagReader:
 
     def images(self, topic: str) -> Iterator[BagImage]:
         """Decode every image on ``topic`` in bag order."""
-        from .images import decode_compressed, decode_raw
+        from megaloc_ros.io.images import decode_compressed, decode_raw
 
         conns = self._connections(topic, IMAGE_TYPES, "image")
         for i, (conn, t_bag, raw) in enumerate(self._messages(conns)):
@@ -324,7 +324,7 @@ class BagReader:
     def trajectory(self, topic: str):
         """All poses on ``topic`` (PoseStamped, PoseWithCovarianceStamped, Odometry or
         TransformStamped) as an evaluation.ground_truth.Trajectory."""
-        from .evaluation.ground_truth import Trajectory, pose_matrix
+        from megaloc_ros.evaluation.ground_truth import Trajectory, pose_matrix
 
         conns = self._connections(topic, POSE_TYPES, "pose")
         stamps, poses = [], []
@@ -385,12 +385,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .evaluation.ground_truth import read_trajectory
+    from megaloc_ros.evaluation.ground_truth import read_trajectory
 
     if args.dataset and args.image_dirs:
         raise MegalocError("give either IMAGE_DIR or --dataset, not both")
     if args.dataset:
-        from . import datasets
+        from megaloc_ros.io import datasets
         seq = datasets.SEQUENCES[args.dataset]()
         paths = list(seq.image_paths)
         stamps = seq.stamps_ns if args.rate is None and args.stamps is None else None

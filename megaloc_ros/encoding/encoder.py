@@ -13,7 +13,7 @@
 Inference runs the exported graph with ONNX Runtime, preferring TensorRT (fp16, engine cache
 under ``<cache>/trt/``) -> CUDA -> CPU; an OpenVINO IR (``.xml``, e.g. the static int8 CPU
 variant) runs with OpenVINO on the CPU; ``backend="torch"`` (or a missing onnxruntime) runs the
-PyTorch model instead. Preprocessing is the official evaluation's (megaloc_ros/preprocess.py).
+PyTorch model instead. Preprocessing is the official evaluation's (megaloc_ros/encoding/preprocess.py).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import WeightsError
-from .preprocess import preprocess
-from .types import ImageFeatures
+from megaloc_ros.errors import WeightsError
+from megaloc_ros.encoding.preprocess import preprocess
+from megaloc_ros.types import ImageFeatures
 
-log = logging.getLogger("megaloc_ros.encoder")
+log = logging.getLogger("megaloc_ros.encoding.encoder")
 
 OFFLINE_BACKBONE_FILE = "vit_s_focus.onnx"
 OFFLINE_INPUT_SIZE = (224, 224)
@@ -44,7 +44,7 @@ def cache_root() -> Path:
     if env:
         return Path(env)
     root = os.environ.get("MEGALOC_ROS_ROOT")
-    return (Path(root) if root else Path(__file__).resolve().parents[1]) / ".cache"
+    return (Path(root) if root else Path(__file__).resolve().parents[2]) / ".cache"
 
 
 @contextmanager
@@ -71,7 +71,7 @@ def find_megaloc_model() -> Path | None:
     candidates = [models / "megaloc.onnx"] + sorted(models.glob("megaloc*.onnx")) + sorted(models.glob("megaloc*.xml"))
     for p in candidates:
         if p.is_file() and p.with_suffix(".json").is_file():
-            from .export import read_sidecar
+            from megaloc_ros.encoding.export import read_sidecar
             try:
                 if read_sidecar(p).get("kind") == "megaloc":
                     return p
@@ -82,7 +82,7 @@ def find_megaloc_model() -> Path | None:
 
 def offline_model_path(backbone: Path | None = None, size: tuple[int, int] = OFFLINE_INPUT_SIZE) -> Path:
     """The cached offline-backbone ONNX model, exported on first use."""
-    from .model.weights import file_sha256
+    from megaloc_ros.encoding.model.weights import file_sha256
     backbone = Path(backbone) if backbone else cache_root() / "weights" / OFFLINE_BACKBONE_FILE
     if not backbone.is_file():
         raise WeightsError(
@@ -96,7 +96,7 @@ def offline_model_path(backbone: Path | None = None, size: tuple[int, int] = OFF
     with _file_lock(out.with_suffix(".lock")):
         if out.is_file() and out.with_suffix(".json").is_file():
             return out  # another process built it while we waited
-        from .export import export_model, model_from_weights
+        from megaloc_ros.encoding.export import export_model, model_from_weights
         log.warning("building the offline DINOv2 ViT-S/14 encoder (once) into %s", out)
         model, kind, name = model_from_weights(backbone)
         export_model(model, out, height=size[0], width=size[1], model_name=name, kind=kind,
@@ -136,7 +136,7 @@ class Encoder:
                  backend: str = "auto", threads: int | None = None, inference_precision: str = "f32"):
         """``inference_precision`` (OpenVINO only): "f32", or "bf16" to run the float parts in
         bfloat16 on CPUs that have it (AVX512-BF16, AMX)."""
-        from .export import read_sidecar
+        from megaloc_ros.encoding.export import read_sidecar
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise WeightsError(f"model {self.model_path} does not exist")
@@ -212,7 +212,7 @@ class Encoder:
 
     def _load_torch_model(self, device: str):
         import torch
-        from .export import model_from_weights
+        from megaloc_ros.encoding.export import model_from_weights
         wpath = self.meta.get("weights", {}).get("path")
         if not wpath or not Path(wpath).is_file():
             raise WeightsError(f"torch backend needs the source weights named in the sidecar ({wpath}), not found")
@@ -277,7 +277,7 @@ def load_encoder(model_path: str | Path | None = None, device: str = "auto", bat
 def encode_files(encoder: Encoder, paths: Sequence[str | Path], cache_dir: Path | None = None,
                  with_patches: bool = True) -> list[ImageFeatures]:
     """Encode image files, caching the result on disk keyed by the model and the files' hashes."""
-    from .images import read_image_file
+    from megaloc_ros.io.images import read_image_file
     h = hashlib.sha256(encoder.model_id.encode())
     for p in paths:
         h.update(hashlib.sha256(Path(p).read_bytes()).digest())

@@ -24,9 +24,9 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import MegalocError
-from .place_map import PlaceMap
-from .types import Candidate, Keyframe, as_descriptor
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.mapping.place_map import PlaceMap
+from megaloc_ros.types import Candidate, Keyframe, as_descriptor
 
 SECOND_NS = 1_000_000_000
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MegalocError
+from megaloc_ros.errors import MegalocError
 
 SECOND_NS = 1_000_000_000
 
@@ -20,7 +20,7 @@ SECOND_NS = 1_000_000_000
 def data_dir() -> Path:
     """``$MEGALOC_DATA`` or the repository's ``data/``."""
     env = os.environ.get("MEGALOC_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ImageSequence:
         return len(self.image_paths)
 
     def load_rgb(self, i: int) -> np.ndarray:
-        from .images import read_image_file
+        from megaloc_ros.io.images import read_image_file
         return read_image_file(self.image_paths[i])
 
 
