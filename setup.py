@@ -1,8 +1,20 @@
 """pip-installable core library and the `megaloc-ros` command line (no ROS needed).
 
 The ROS 2 package (messages, nodes, launch) is built with colcon from CMakeLists.txt.
+Dependencies come from tools/requirements/: runtime.txt (install_requires) and one file per extra.
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+REQUIREMENTS = Path(__file__).resolve().parent / "tools" / "requirements"
+
+
+def requirements(name: str) -> list[str]:
+    """The requirement lines of tools/requirements/<name>.txt (comments and blanks dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in (REQUIREMENTS / f"{name}.txt").read_text().splitlines())
+    return [line for line in lines if line]
+
 
 setup(
     name="megaloc_ros",
@@ -12,24 +24,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megaloc_ros", "megaloc_ros.*"]),
     package_data={"megaloc_ros": ["py.typed"]},
-    install_requires=[
-        "numpy>=1.26",
-        "onnxruntime>=1.20",
-        "faiss-cpu>=1.9",
-        "opencv-python-headless>=4.9",
-        "scipy>=1.13",
-        "scikit-image>=0.24",
-        "pyyaml>=6",
-        "tqdm>=4.66",
-        "rosbags>=0.10",
-        "matplotlib>=3.8",
-    ],
+    install_requires=requirements("runtime"),
     extras_require={
-        # Export and the PyTorch fallback; pick the torch build for your machine yourself.
-        "export": ["torch>=2.5", "safetensors>=0.4", "onnx>=1.17", "onnxscript>=0.2"],
+        # `megaloc-ros export` and the PyTorch fallback; pick the torch build for your machine yourself.
+        "export": requirements("export"),
         # The fastest CPU variant (an OpenVINO IR, static int8): runtime, and NNCF to quantise it.
-        "openvino": ["openvino>=2025.0", "nncf>=2.16"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "openvino": requirements("openvino"),
+        "test": requirements("test"),
     },
     entry_points={"console_scripts": ["megaloc-ros = megaloc_ros.cli:main"]},
 )

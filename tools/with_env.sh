@@ -11,4 +11,7 @@ fi
 # extends its __path__ to the built interfaces (megaloc_ros.msg / .srv).
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export MEGALOC_ROS_ROOT=$ROOT
+# `make test` / `make demo` keep models, weights and engine caches in the repository's .cache/
+# (an installed package uses the user's cache directory: see cache_root()).
+export MEGALOC_CACHE=${MEGALOC_CACHE:-$ROOT/.cache}
 exec "$@"
