@@ -8,7 +8,7 @@
   4. otherwise the offline DINOv2 ViT-S/14 backbone (``<cache>/weights/vit_s_focus.onnx``) with a
      training-free descriptor (see megaloc_ros/model/offline.py), exported once and cached under
      ``<cache>/models/`` keyed by the backbone's hash. It is NOT MegaLoc, and says so.
-``<cache>`` is ``$MEGALOC_CACHE``, else the repository's ``.cache/``.
+``<cache>`` is ``$MEGALOC_CACHE``, else ``$XDG_CACHE_HOME/megaloc_ros``, else ``~/.cache/megaloc_ros``.
 
 Inference runs the exported graph with ONNX Runtime, preferring TensorRT (fp16, engine cache
 under ``<cache>/trt/``) -> CUDA -> CPU; an OpenVINO IR (``.xml``, e.g. the static int8 CPU
@@ -40,11 +40,14 @@ OFFLINE_VERSION = 1  # bump when the offline descriptor definition changes (inva
 
 
 def cache_root() -> Path:
+    """Models, the offline backbone, engine caches: ``$MEGALOC_CACHE``, else
+    ``$XDG_CACHE_HOME/megaloc_ros``, else ``~/.cache/megaloc_ros`` (never inside an install;
+    tools/with_env.sh points ``$MEGALOC_CACHE`` at the repository's .cache/)."""
     env = os.environ.get("MEGALOC_CACHE")
     if env:
         return Path(env)
-    root = os.environ.get("MEGALOC_ROS_ROOT")
-    return (Path(root) if root else Path(__file__).resolve().parents[2]) / ".cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "megaloc_ros"
 
 
 @contextmanager
