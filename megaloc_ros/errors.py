@@ -23,3 +23,7 @@ class WeightsError(MegalocError):
 
 class BagError(MegalocError):
     """A rosbag cannot be read, or lacks the requested topic."""
+
+
+class DuplicateId(MegalocError):
+    """A keyframe id is already in the map."""

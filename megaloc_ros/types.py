@@ -8,7 +8,8 @@ One type per idea:
   Candidate     a putative loop from global retrieval
   RelativePose  query camera pose in the match camera frame
   VerifiedLoop  a candidate after verification (accepted or not, and why)
-Stamps are integer nanoseconds (``stamp_ns``) everywhere; poses are 4x4 float64 matrices.
+Stamps are integer nanoseconds (``stamp_ns``, ``SECOND_NS`` to a second) everywhere; poses are
+4x4 float64 matrices.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from megaloc_ros.errors import DescriptorSizeError
 
 KeyframeId = int
 Descriptor = np.ndarray
+SECOND_NS = 1_000_000_000  # stamps are integer nanoseconds
 
 
 def as_descriptor(x, dim: int) -> Descriptor:

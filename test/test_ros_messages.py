@@ -126,7 +126,7 @@ def test_loop_closure_array_roundtrip_over_dds(ros):
 def test_keyframe_roundtrip_over_dds_with_real_image(ros, rtabmap_seq):
     rgb = rtabmap_seq.load_rgb(0)
     pose = np.eye(4)
-    pose[:3, :3] = conv._quat_to_rot(0.1, 0.2, 0.3, 0.9)
+    pose[:3, :3] = conv.quaternion_to_matrix(0.1, 0.2, 0.3, 0.9)
     pose[:3, 3] = (4.0, -1.0, 0.5)
     rng = np.random.default_rng(0)
     desc = rng.normal(size=256).astype(np.float32)
@@ -157,7 +157,7 @@ def test_candidate_and_verified_loop_conversions():
     assert (c2.query.session, c2.match.session, c2.rank) == (1, 0, 1)
     assert c2.score == pytest.approx(0.75)
 
-    rot = conv._quat_to_rot(*rng.normal(size=4))
+    rot = conv.quaternion_to_matrix(*rng.normal(size=4))
     cov = rng.normal(size=(6, 6))
     loop = VerifiedLoop(cand, accepted=True, verification_score=0.5, inliers=33,
                         transform=RelativePose(rot, np.array([0.6, 0.0, 0.8]), metric_scale=False, covariance=cov))

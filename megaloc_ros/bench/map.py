@@ -33,9 +33,7 @@ import time
 import numpy as np
 
 from megaloc_ros.mapping.place_map import DEFAULT_OPTIONS
-from megaloc_ros.types import Keyframe
-
-SECOND_NS = 1_000_000_000
+from megaloc_ros.types import SECOND_NS, Keyframe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-SECOND_NS = 1_000_000_000
+from megaloc_ros.types import SECOND_NS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

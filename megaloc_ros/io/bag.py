@@ -20,8 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from megaloc_ros.errors import BagError, ImageDecodeError, MegalocError
-
-SECOND_NS = 1_000_000_000
+from megaloc_ros.types import SECOND_NS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -97,13 +96,13 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
     """Write ``image_paths`` (one message per image at ``stamps_ns``) into a new rosbag2.
 
     Compressed bags carry the image files' bytes unchanged (no re-encoding); raw bags carry rgb8.
-    ``trajectory`` (evaluation.ground_truth.Trajectory) is written as PoseStamped on
+    ``trajectory`` (io.trajectory.Trajectory) is written as PoseStamped on
     ``pose_topic`` at its own stamps. Returns the bag directory.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
 
     from megaloc_ros.io.images import read_image_file, encode_raw
-    from megaloc_ros.evaluation.ground_truth import matrix_to_quaternion
+    from megaloc_ros.transforms import matrix_to_quaternion
 
     if storage not in STORAGES:
         raise MegalocError(f"unknown storage '{storage}' (use {' or '.join(STORAGES)})")
@@ -323,8 +322,9 @@ class BagReader:
 
     def trajectory(self, topic: str):
         """All poses on ``topic`` (PoseStamped, PoseWithCovarianceStamped, Odometry or
-        TransformStamped) as an evaluation.ground_truth.Trajectory."""
-        from megaloc_ros.evaluation.ground_truth import Trajectory, pose_matrix
+        TransformStamped) as an io.trajectory.Trajectory."""
+        from megaloc_ros.io.trajectory import Trajectory
+        from megaloc_ros.transforms import pose_matrix
 
         conns = self._connections(topic, POSE_TYPES, "pose")
         stamps, poses = [], []
@@ -338,7 +338,10 @@ class BagReader:
                 pos, rot = pose.position, pose.orientation
             stamp = msg.header.stamp.sec * SECOND_NS + msg.header.stamp.nanosec
             stamps.append(int(stamp) if stamp > 0 else int(t_bag))
-            poses.append(pose_matrix([pos.x, pos.y, pos.z], [rot.x, rot.y, rot.z, rot.w]))
+            try:
+                poses.append(pose_matrix([pos.x, pos.y, pos.z], [rot.x, rot.y, rot.z, rot.w]))
+            except ValueError as exc:
+                raise BagError(f"pose topic {topic} in {self.path}, message {i}: {exc}") from None
         if not poses:
             raise BagError(f"pose topic {topic} in {self.path} has no messages")
         s = np.array(stamps, dtype=np.int64)
@@ -349,12 +352,6 @@ class BagReader:
 def _why(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def check_image_topic(path: str | Path, topic: str) -> int:
-    """Open the bag and return how many messages ``topic`` holds (raises BagError otherwise)."""
-    with BagReader(path) as r:
-        return r.image_count(topic)
 
 
 # ---------------------------------------------------------------- `megaloc-ros make-bag`
@@ -385,7 +382,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from megaloc_ros.evaluation.ground_truth import read_trajectory
+    from megaloc_ros.io.trajectory import read_trajectory
 
     if args.dataset and args.image_dirs:
         raise MegalocError("give either IMAGE_DIR or --dataset, not both")

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from megaloc_ros.errors import MegalocError
-
-SECOND_NS = 1_000_000_000
+from megaloc_ros.types import SECOND_NS
 
 
 def data_dir() -> Path:

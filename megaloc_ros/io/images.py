@@ -115,3 +115,15 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     if not ok:
         raise ImageDecodeError("JPEG encoding failed")
     return buf.tobytes()
+
+
+def downscale(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink ``image`` (HxW or HxWxC) so that its longer side is at most ``max_side`` (area
+    averaging, aspect kept); returned as is when it already fits or ``max_side`` <= 0. Never
+    enlarges."""
+    h, w = image.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return image
+    import cv2
+    s = max_side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)

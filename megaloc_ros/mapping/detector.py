@@ -26,9 +26,7 @@ import numpy as np
 
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.mapping.place_map import PlaceMap
-from megaloc_ros.types import Candidate, Keyframe, as_descriptor
-
-SECOND_NS = 1_000_000_000
+from megaloc_ros.types import SECOND_NS, Candidate, Keyframe, as_descriptor
 
 
 @dataclass

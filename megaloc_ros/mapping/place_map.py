@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from megaloc_ros.errors import MegalocError
+from megaloc_ros.errors import DuplicateId, MegalocError
 from megaloc_ros.types import Descriptor, Keyframe, KeyframeId, as_descriptor
 
 PCA_FIT_ROWS = 16000
@@ -68,10 +68,6 @@ DEFAULT_OPTIONS = {
     "background_training": False,
     "keep_descriptors": False,  # compressed kinds: also keep full descriptors (4*dim B each)
 }
-
-
-class DuplicateId(MegalocError):
-    """A keyframe id is already in the map."""
 
 
 class _Columns:

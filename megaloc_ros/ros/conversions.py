@@ -11,17 +11,17 @@ from typing import Iterable, Optional, Union
 import numpy as np
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Pose, Transform
-from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosure, LoopClosureArray
 
-from megaloc_ros.io.images import decode_compressed, decode_raw, encode_jpeg, encode_raw
-from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, RelativePose, VerifiedLoop
+from megaloc_ros.io.images import decode_compressed, decode_raw, downscale, encode_jpeg, encode_raw
+from megaloc_ros.transforms import matrix_to_quaternion, quaternion_to_matrix
+from megaloc_ros.types import SECOND_NS, Candidate, ImageFeatures, Keyframe, RelativePose, VerifiedLoop
 
-NS = 1_000_000_000
+NS = SECOND_NS  # short name used by the nodes and their tests
 NO_KEYFRAME = 2**64 - 1  # query_id of a query that is not a map keyframe (core id -1)
 
 
@@ -42,21 +42,9 @@ def make_header(stamp_ns: int, frame_id: str = "") -> Header:
 
 # --- poses --------------------------------------------------------------------------------
 
-def _quat_to_rot(x: float, y: float, z: float, w: float) -> np.ndarray:
-    q = np.array([x, y, z, w], dtype=np.float64)
-    n = np.linalg.norm(q)
-    if not np.isfinite(n) or n < 1e-9:
-        raise ValueError(f"invalid quaternion {q.tolist()}")
-    return Rotation.from_quat(q / n).as_matrix()
-
-
-def _rot_to_quat(r: np.ndarray) -> np.ndarray:
-    return Rotation.from_matrix(np.asarray(r, dtype=np.float64)).as_quat()  # x, y, z, w
-
-
 def pose_to_matrix(p: Pose) -> np.ndarray:
     m = np.eye(4)
-    m[:3, :3] = _quat_to_rot(p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w)
+    m[:3, :3] = quaternion_to_matrix(p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w)
     m[:3, 3] = (p.position.x, p.position.y, p.position.z)
     return m
 
@@ -65,7 +53,7 @@ def matrix_to_pose(m: np.ndarray) -> Pose:
     m = np.asarray(m, dtype=np.float64)
     p = Pose()
     p.position.x, p.position.y, p.position.z = (float(v) for v in m[:3, 3])
-    q = _rot_to_quat(m[:3, :3])
+    q = matrix_to_quaternion(m[:3, :3])
     p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w = (float(v) for v in q)
     return p
 
@@ -73,13 +61,13 @@ def matrix_to_pose(m: np.ndarray) -> Pose:
 def relative_pose_to_transform(rp: RelativePose) -> Transform:
     t = Transform()
     t.translation.x, t.translation.y, t.translation.z = (float(v) for v in np.asarray(rp.translation).reshape(3))
-    q = _rot_to_quat(rp.rotation)
+    q = matrix_to_quaternion(rp.rotation)
     t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w = (float(v) for v in q)
     return t
 
 
 def transform_to_relative_pose(t: Transform, metric_scale: bool, covariance) -> RelativePose:
-    r = _quat_to_rot(t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w)
+    r = quaternion_to_matrix(t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w)
     tr = np.array([t.translation.x, t.translation.y, t.translation.z], dtype=np.float64)
     cov = np.asarray(covariance, dtype=np.float64).reshape(6, 6).copy()
     return RelativePose(rotation=r, translation=tr, metric_scale=bool(metric_scale), covariance=cov)
@@ -111,16 +99,6 @@ def rgb_to_image_msg(rgb: np.ndarray, stamp_ns: int = 0, frame_id: str = "", enc
 def rgb_to_compressed_msg(rgb: np.ndarray, stamp_ns: int = 0, frame_id: str = "", quality: int = 90) -> CompressedImage:
     return CompressedImage(header=make_header(stamp_ns, frame_id), format="jpeg",
                            data=array.array("B", encode_jpeg(rgb, quality)))
-
-
-def downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
-    """Shrink so that the longer side is at most ``max_side`` (0: keep); never enlarges."""
-    h, w = rgb.shape[:2]
-    if max_side <= 0 or max(h, w) <= max_side:
-        return rgb
-    import cv2
-    s = max_side / max(h, w)
-    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
 
 # --- keyframes ----------------------------------------------------------------------------

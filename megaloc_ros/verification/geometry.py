@@ -15,6 +15,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from megaloc_ros.io.images import downscale
 from megaloc_ros.types import RelativePose
 
 
@@ -32,11 +33,7 @@ class LocalFeatures:
 
 def to_grey(image_rgb: np.ndarray, max_side: int) -> np.ndarray:
     grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY) if image_rgb.ndim == 3 else image_rgb
-    h, w = grey.shape
-    s = max_side / max(h, w)
-    if s < 1.0:
-        grey = cv2.resize(grey, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-    return grey
+    return downscale(grey, max_side)
 
 
 _DETECTORS: dict = {}

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from megaloc_ros.errors import ImageDecodeError, WeightsError
+from megaloc_ros.io.images import downscale
 
 METHODS = ("slic", "felzenszwalb", "sam")
 
@@ -72,15 +73,6 @@ def merge_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return labels
 
 
-def _downscale(image_rgb: np.ndarray, max_side: int) -> np.ndarray:
-    h, w = image_rgb.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1.0:
-        return image_rgb
-    return cv2.resize(image_rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                      interpolation=cv2.INTER_AREA)
-
-
 def segment_image(image_rgb: np.ndarray, params: SegmentParams = SegmentParams(),
                   sam: Optional["SamSegmenter"] = None) -> np.ndarray:
     """Label map of ``image_rgb`` at reduced resolution (longest side ``params.max_side``).
@@ -90,7 +82,7 @@ def segment_image(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
         raise ImageDecodeError(f"segment_image needs an RGB uint8 HxWx3 image, got "
                                f"{image_rgb.dtype} {image_rgb.shape}")
-    small = _downscale(image_rgb, params.max_side)
+    small = downscale(image_rgb, params.max_side)
     if params.method == "slic":
         from skimage.segmentation import slic
         labels = slic(small, n_segments=params.n_segments, compactness=params.compactness,

@@ -45,7 +45,6 @@ variance (1 px / f)^2 / inliers on each axis); without intrinsics, None.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import zipfile
@@ -57,6 +56,7 @@ import numpy as np
 
 from megaloc_ros.verification import geometry, segments, segvlad
 from megaloc_ros.errors import MapFileError, MegalocError
+from megaloc_ros.io.files import atomic_write
 from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, KeyframeId, VerifiedLoop
 
 _BLAS = None
@@ -367,16 +367,8 @@ class Verifier:
             if self.has_vocabulary:
                 arrays.update(centroids=self.centroids, pca_mean=self.pca.mean,
                               pca_components=self.pca.components, pca_scale=self.pca.scale)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path, camera_matrix: Optional[np.ndarray] = None) -> "Verifier":
