@@ -19,8 +19,8 @@ def _nodes(context):
     params_file = arg("params_file")
     loop_closure_params = {"image_topic": arg("image_topic"), "image_transport": arg("image_transport")}
     verifier_params = {}
-    if arg("model_path"):
-        loop_closure_params["model_path"] = arg("model_path")
+    if arg("encoder.model_path"):
+        loop_closure_params["encoder.model_path"] = arg("encoder.model_path")
     if arg("camera_info_topic"):
         verifier_params["camera_info_topic"] = arg("camera_info_topic")
     if arg("map_path"):
@@ -43,7 +43,7 @@ def generate_launch_description():
         DeclareLaunchArgument("image_topic", default_value="image_raw", description="camera topic"),
         DeclareLaunchArgument("image_transport", default_value="raw", choices=["raw", "compressed"],
                               description="raw: sensor_msgs/Image; compressed: <image_topic>/compressed"),
-        DeclareLaunchArgument("model_path", default_value="",
+        DeclareLaunchArgument("encoder.model_path", default_value="",
                               description="exported encoder ONNX (empty: MegaLoc when exported, else the offline backbone)"),
         DeclareLaunchArgument("params_file", description="ROS 2 parameters YAML",
                               default_value=PathJoinSubstitution([FindPackageShare("megaloc_ros"), "config",

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="playback rate factor for the live run (default 1: the sequence's 1 Hz)")
     p.add_argument("--offline", action="store_true",
                    help="run the pipeline in-process instead of through the ROS 2 nodes")
-    p.add_argument("--model", help="exported model .onnx (default: MegaLoc if exported, else the offline backbone)")
+    p.add_argument("--model-path", help="exported model .onnx (default: MegaLoc if exported, else the offline backbone)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -115,5 +115,5 @@ def main(args: argparse.Namespace) -> int:
     if args.rate <= 0:
         raise MegalocError("--rate must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    run(args.output, rate=args.rate, live=not args.offline, model=args.model, quiet=args.quiet)
+    run(args.output, rate=args.rate, live=not args.offline, model=args.model_path, quiet=args.quiet)
     return 0

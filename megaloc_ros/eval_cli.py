@@ -33,14 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pairs closer in time are not loops (default: the detector's exclude_recent_s)")
     p.add_argument("--pose-max-gap", type=float, default=0.5,
                    help="seconds between an image and the nearest pose beyond which it has no pose")
-    p.add_argument("--params", help="the nodes' parameters YAML (detector.* and verifier.* are used)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override one parameter, e.g. --set detector.similarity_threshold=0.8 "
-                        "(repeatable); with --live also node parameters, e.g. --set queue_size=100")
-    p.add_argument("--model", help="exported model .onnx (default: MegaLoc if exported, else the "
-                                   "offline DINOv2 ViT-S/14 backbone)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--index", default="flat", help="place-map index kind (flat, ivfpq, ivfsq8, hnsw, sq8)")
+    p.add_argument("--params", help="the nodes' parameters YAML (encoder.*, map.*, detector.* and "
+                                    "verifier.* are used)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="set one parameter (names as in config/loop_closure.yaml), e.g. --set "
+                        "detector.similarity_threshold=0.8 or --set map.index=ivfpq (repeatable); with "
+                        "--live also node parameters, e.g. --set queue_size=100")
+    p.add_argument("--model-path", help="exported model .onnx (sets encoder.model_path; default: MegaLoc "
+                                        "if exported, else the offline DINOv2 ViT-S/14 backbone)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="sets encoder.device (default auto)")
     p.add_argument("--no-verify", action="store_true", help="global retrieval only, no verifier")
     p.add_argument("--live", action="store_true",
                    help="play the bag into the ROS 2 nodes (started in this process) over DDS")
@@ -49,69 +50,80 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
+PIPELINE_PREFIXES = ("encoder", "map", "detector", "verifier")
+
+
 def _overrides(items) -> dict:
-    import yaml
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise MegalocError(f"--set expects KEY=VALUE (e.g. detector.similarity_threshold=0.8), got '{item}'")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise MegalocError(f"--set {item}: cannot parse the value") from None
-    return out
+    """``--set`` items (or an already parsed dict) as ``{name: value}`` (``settings.parse_set``)."""
+    from megaloc_ros.settings import parse_set
+    if isinstance(items, dict):
+        return dict(items)
+    try:
+        return parse_set(items)
+    except MegalocError as exc:
+        raise MegalocError(f"--set: {exc}") from None
+
+
+def cli_overrides(args) -> dict:
+    """``--set`` plus the flags that set a pipeline setting (``--model-path``, ``--device``)."""
+    over = _overrides(args.set)
+    if args.model_path:
+        over["encoder.model_path"] = args.model_path
+    if args.device:
+        over["encoder.device"] = args.device
+    return over
+
+
+def pipeline_settings(params_file=None, overrides=None, verify: bool = True):
+    """``PipelineSettings`` from the nodes' YAML (``encoder.*``, ``map.*``, ``detector.*`` of
+    loop_closure_node, ``verifier.*`` of verifier_node) and ``--set`` overrides, else the defaults;
+    ``verifier`` None without verification. An unknown name or a bad value raises MegalocError."""
+    from megaloc_ros.pipeline import PipelineSettings
+    from megaloc_ros.ros.params import LOOP_CLOSURE_NODE, VERIFIER_NODE
+    from megaloc_ros.settings import load_params_file
+
+    over = _overrides(overrides)
+    node_names = _node_param_names()
+    for key in over:
+        prefix = key.partition(".")[0]
+        if prefix == "verifier" and not verify:
+            raise MegalocError(f"--set {key}: a verifier setting, which does not apply with --no-verify")
+        if prefix not in PIPELINE_PREFIXES and key not in node_names:
+            raise MegalocError(f"--set {key}: unknown parameter (known: {', '.join(p + '.*' for p in PIPELINE_PREFIXES)}, "
+                               "and node parameters with --live; see config/loop_closure.yaml)")
+    values = {}
+    if params_file:
+        values.update({k: v for k, v in load_params_file(params_file, LOOP_CLOSURE_NODE).items()
+                       if not k.startswith("verifier.")})
+        values.update({k: v for k, v in load_params_file(params_file, VERIFIER_NODE).items()
+                       if k.startswith("verifier.")})
+    values.update(over)
+    return PipelineSettings.from_flat(values, verify=verify)
 
 
 def detector_and_verifier_params(params_file=None, overrides=None, verify: bool = True):
-    """DetectorParams and VerifierParams (None without verification) from the nodes' YAML
-    (``detector.*`` / ``verifier.*``) and ``--set`` overrides, else their defaults."""
-    import dataclasses
-
-    from megaloc_ros.mapping.detector import DetectorParams
-    # megaloc_ros.ros.params reads the YAML with PyYAML; it imports no rclpy at module level.
-    from megaloc_ros.ros.params import LOOP_CLOSURE_NODE, VERIFIER_NODE, build_dataclass, load_params_file
-
-    over = _overrides(overrides)
-    classes = {"detector": DetectorParams}
-    if verify:
-        from megaloc_ros.verification.verifier import VerifierParams
-        classes["verifier"] = VerifierParams
-    node_names = _node_param_names()
-    for key in over:
-        prefix, _, name = key.partition(".")
-        cls = classes.get(prefix)
-        if key in node_names and prefix not in ("detector", "verifier"):
-            continue  # a node parameter (live mode), see node_param_overrides
-        if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
-            known = ", ".join(f"{p}.<field>" for p in classes)
-            raise MegalocError(f"--set {key}: unknown parameter (known: {known}, and node parameters "
-                               "with --live; see config/loop_closure.yaml)")
-    out = {}
-    for prefix, cls in classes.items():
-        node = LOOP_CLOSURE_NODE if prefix == "detector" else VERIFIER_NODE
-        values = load_params_file(params_file, node) if params_file else {}
-        values.update({k: v for k, v in over.items() if k.startswith(prefix + ".")})
-        try:
-            out[prefix] = build_dataclass(cls, prefix, values)
-        except TypeError as exc:
-            raise MegalocError(f"{prefix} parameters: {exc}") from None
-    return out["detector"], out.get("verifier")
+    """``(DetectorParams, VerifierParams or None)`` of ``pipeline_settings``."""
+    s = pipeline_settings(params_file, overrides, verify)
+    return s.detector, s.verifier
 
 
 def _node_param_names() -> set[str]:
+    """The nodes' own parameters (not pipeline settings)."""
     from megaloc_ros.ros.params import all_node_specs
     return {s.name for specs in all_node_specs().values() for s in specs
-            if not s.name.startswith(("detector.", "verifier."))}
+            if s.name.partition(".")[0] not in PIPELINE_PREFIXES}
 
 
 def node_param_overrides(overrides, live: bool) -> dict:
-    """``--set`` values for node parameters (queue_size, image_qos, ...): only with --live."""
+    """``--set`` values for the nodes as parameters: their own (queue_size, image_qos, ...: only
+    with --live) and loop_closure_node's ``encoder.*`` / ``map.*`` (``detector.*`` / ``verifier.*``
+    travel as dataclasses)."""
+    over = _overrides(overrides)
     names = _node_param_names()
-    out = {k: v for k, v in _overrides(overrides).items() if k in names}
-    if out and not live:
-        raise MegalocError(f"--set {next(iter(out))}: a node parameter, which only applies with --live")
-    return out
+    own = {k: v for k, v in over.items() if k in names}
+    if own and not live:
+        raise MegalocError(f"--set {next(iter(own))}: a node parameter, which only applies with --live")
+    return {**own, **{k: v for k, v in over.items() if k.startswith(("encoder.", "map."))}}
 
 
 def ground_truth_source(args, n_frames: int, reader):
@@ -149,11 +161,14 @@ def run(args, encoder=None) -> tuple[dict, Path]:
     """The whole command minus printing: replay, score, write the report. Also used by the demo.
     ``encoder``: an already loaded encoder for offline mode (default: ``load_encoder``)."""
     from megaloc_ros.io.bag import BagReader
-    from megaloc_ros.evaluation.replay import build_pipeline, replay_offline
+    from megaloc_ros import pipeline as PL
+    from megaloc_ros.evaluation.replay import replay_offline
     from megaloc_ros.evaluation.report import evaluate, write_report
 
-    dp, vp = detector_and_verifier_params(args.params, args.set, verify=not args.no_verify)
-    node_param_overrides(args.set, args.live)  # reject node parameters without --live, early
+    over = cli_overrides(args)
+    settings = pipeline_settings(args.params, over, verify=not args.no_verify)
+    dp, vp = settings.detector, settings.verifier
+    node_params = node_param_overrides(over, args.live)  # rejects node parameters without --live, early
     exclude_s = dp.exclude_recent_s if args.gt_exclude_s is None else args.gt_exclude_s
     with BagReader(args.bag) as r:  # check everything cheap before the long part
         if not args.image_topic:
@@ -171,19 +186,15 @@ def run(args, encoder=None) -> tuple[dict, Path]:
     if args.live:
         from megaloc_ros.ros.live_replay import replay_live
         from megaloc_ros.encoding.encoder import load_encoder
-        node_params = node_param_overrides(args.set, True)
-        if args.index != "flat":
-            node_params.setdefault("map_index", args.index)
         if odometry is not None:
             node_params.setdefault("odom_max_dt", min(args.pose_max_gap, 10.0))
-        enc = encoder or (load_encoder(args.model, device=args.device) if args.model else None)
+        es = settings.encoder
+        enc = encoder or (load_encoder(es.model_path, device=es.device) if es.model_path else None)
         replay = replay_live(args.bag, args.image_topic, dp, vp, params_file=args.params,
                              rate=args.rate, quiet=args.quiet, trajectory=odometry, encoder=enc,
                              node_params=node_params)
     else:
-        from megaloc_ros.encoding.encoder import load_encoder
-        enc = encoder or load_encoder(args.model, device=args.device)
-        pipe = build_pipeline(enc, dp, vp, verify=not args.no_verify, index=args.index)
+        pipe = PL.build(settings, encoder)
         replay = replay_offline(args.bag, args.image_topic, pipe, trajectory=odometry,
                                 pose_max_gap_s=args.pose_max_gap, quiet=args.quiet)
     gt, pos, valid, gt_desc = resolve_gt(replay.stamps_ns, exclude_s)

@@ -131,8 +131,10 @@ def test_ids_continue_after_a_loaded_map(tmp_path):
     det.map.save(tmp_path / "m.map")
     again = LoopDetector(PlaceMap.load(tmp_path / "m.map"), det.params)
     assert again.process(x[25], 100 * S).keyframe.id == 20
-    with pytest.raises(MegalocError):
+    with pytest.raises(MegalocError, match="detector.top_k must be >= 1"):
         DetectorParams(top_k=0)
+    with pytest.raises(MegalocError, match="detector.max_similarity_to_last"):
+        DetectorParams(max_similarity_to_last=-3)
 
 
 # ---------------------------------------------------------------- real sequences

@@ -19,6 +19,7 @@ import pytest
 from megaloc_ros.io import bag as B
 from megaloc_ros import cli
 from megaloc_ros import eval_cli
+from megaloc_ros.errors import MegalocError
 from megaloc_ros.evaluation.ground_truth import Trajectory, gt_from_positions, write_trajectory_tum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,3 +278,20 @@ def test_parameters_from_the_nodes_yaml_and_set(tmp_path):
     from megaloc_ros.mapping.detector import DetectorParams
     assert vp is None and dp == DetectorParams()
     assert eval_cli.node_param_overrides(["queue_size=50", "detector.top_k=2"], live=True) == {"queue_size": 50}
+    # map and encoder settings by the same names as the nodes' parameters
+    s = eval_cli.pipeline_settings(str(y), ["map.index=ivfpq", "map.nprobe=64", "encoder.device=cpu"])
+    assert (s.map.index, s.map.nprobe, s.encoder.device, s.detector.top_k) == ("ivfpq", 64, "cpu", 3)
+    assert eval_cli.node_param_overrides(["map.index=hnsw", "detector.top_k=2"], live=False) == {"map.index": "hnsw"}
+    args = _parser().parse_args(["eval", "bag", "--model-path", "m.onnx", "--device", "cpu", "--set", "map.index=sq8"])
+    assert eval_cli.cli_overrides(args) == {"map.index": "sq8", "encoder.model_path": "m.onnx", "encoder.device": "cpu"}
+    for bad, msg in [(["map.index=lsh"], "map.index must be one of flat"),
+                     (["detector.top_k=two"], "detector.top_k must be of type int"),
+                     (["verifier.min_inliers=3"], "does not apply with --no-verify"),
+                     (["map_index=ivfpq"], "unknown parameter"), (["top_k"], "expected NAME=VALUE")]:
+        with pytest.raises(MegalocError, match=msg):
+            eval_cli.pipeline_settings(None, bad, verify=False)
+
+
+def _parser():
+    from megaloc_ros.cli import build_parser
+    return build_parser("eval")

@@ -101,7 +101,8 @@ def test_launch_passes_only_declared_parameters(declared):
         assert not unknown, f"launch file sets {sorted(unknown)} that {name} does not declare"
     # the arguments of the issue are all there
     src = LAUNCH.read_text()
-    for arg in ("image_topic", "image_transport", "model_path", "params_file", "namespace", "use_verifier", "map_path"):
+    for arg in ("image_topic", "image_transport", "encoder.model_path", "params_file", "namespace", "use_verifier",
+                "map_path"):
         assert f'DeclareLaunchArgument("{arg}"' in src
 
 
@@ -137,6 +138,28 @@ def test_runner_reads_the_config_and_rejects_unknown_names():
 
     p = load_params(str(CONFIG))
     assert p["image_topic"] == "image_raw" and "detector.similarity_threshold" in p
+    assert p["encoder.model_path"] == "" and p["map.index"] == "flat" and "verifier.segments.method" in p
     assert NodeSet(p).unknown_params() == []
     with pytest.raises(MegalocError, match="detector.similarity_treshold"):
         NodeSet({"detector.similarity_treshold": 0.5}).start()
+    for old in ("model_path", "map_index", "device", "verifier.segment_method"):  # one name per setting
+        assert NodeSet({old: "x"}).unknown_params() == [old]
+
+
+def test_run_command_line_goes_through_the_one_set_parser(tmp_path):
+    import argparse
+
+    from megaloc_ros.errors import MegalocError
+    from megaloc_ros.ros.runner import _cli_params, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--params", str(CONFIG), "--model-path", "m.onnx", "-p", "map.index:=ivfpq",
+                              "-p", "detector.top_k:=3", "-p", "camera_matrix:=[500, 500, 320, 240, 640, 480]"])
+    p = _cli_params(args)
+    assert (p["encoder.model_path"], p["map.index"], p["detector.top_k"]) == ("m.onnx", "ivfpq", 3)
+    assert p["camera_matrix"] == [500, 500, 320, 240, 640, 480]
+    for bad, msg in [("detector.top_k=3", "NAME:=VALUE"), ("detector.top_k:=three", "detector.top_k must be of type int"),
+                     ("map.index:=lsh", "map.index must be one of"), ("detector.top_kk:=3", "unknown parameter")]:
+        with pytest.raises(MegalocError, match=msg):
+            _cli_params(parser.parse_args(["-p", bad]))

@@ -7,10 +7,11 @@ import os
 import numpy as np
 import pytest
 
+from megaloc_ros.io import files
 from megaloc_ros.mapping import map_file
 from megaloc_ros.mapping.detector import DetectorParams, LoopDetector
 from megaloc_ros.errors import MapFileError
-from megaloc_ros.mapping.place_map import PlaceMap
+from megaloc_ros.mapping.place_map import MapSettings, PlaceMap
 from megaloc_ros.types import Keyframe
 from synthetic import trajectory
 
@@ -18,7 +19,7 @@ S = 1_000_000_000
 
 
 def built(kind="flat", n=300, dim=64, **opts):
-    m = PlaceMap(dim, "model-a", kind, **opts)
+    m = PlaceMap(dim, "model-a", MapSettings(index=kind, **opts))
     x = trajectory(n, dim)
     pose = np.eye(4)
     for i, d in enumerate(x):
@@ -46,7 +47,7 @@ def test_round_trip(tmp_path, kind, opts):
     path = tmp_path / "a.map"
     m.save(path)
     r = PlaceMap.load(path, expected_model="model-a", expected_dim=64)
-    assert (len(r), r.dim, r.model_name, r.index_kind) == (300, 64, "model-a", kind)
+    assert (len(r), r.dim, r.model_name, r.settings) == (300, 64, "model-a", m.settings)
     assert [vars(k) is not None for k in r.keyframes()]
     for i in (0, 3, 150, 299):
         a, b = m.keyframe(i), r.keyframe(i)
@@ -63,16 +64,39 @@ def test_round_trip(tmp_path, kind, opts):
 
 def test_map_from_before_pq_bits_loads_as_8_bit_pq(tmp_path):
     m, x = built("ivfpq", pca_dim=32, pq_m=8, pq_bits=8, nlist=8, train_size=256)
-    del m.options["pq_bits"]  # what a file written before the option existed carries
-    m.save(tmp_path / "old.map")
+    m.save(tmp_path / "new.map")
+    # what a file written before the option existed carries: its options without pq_bits
+    rewrite_header(tmp_path / "new.map", tmp_path / "old.map", lambda h: h["options"].pop("pq_bits"))
     r = PlaceMap.load(tmp_path / "old.map")
-    assert r.options["pq_bits"] == 8 and r.memory_bytes()["index"] == m.memory_bytes()["index"]
+    assert r.settings.pq_bits == 8 and r.memory_bytes()["index"] == m.memory_bytes()["index"]
     same_answers(m, r, x[::37])
+
+
+def test_map_settings_round_trip_and_unknown_options_of_other_versions_are_dropped(tmp_path):
+    m, x = built("hnsw", pca_dim=32, train_size=256, hnsw_m=16, ef_search=64)
+    m.save(tmp_path / "a.map")
+    assert PlaceMap.load(tmp_path / "a.map").settings == m.settings
+    rewrite_header(tmp_path / "a.map", tmp_path / "b.map", lambda h: h["options"].update(future_knob=3))
+    r = PlaceMap.load(tmp_path / "b.map")
+    assert r.settings == m.settings
+    same_answers(m, r, x[::37])
+
+
+def rewrite_header(src, dst, change) -> None:
+    """Copy a map file with ``change(header)`` applied (checksum recomputed), as another
+    version of the writer would have written it."""
+    import hashlib
+    import json
+    header, payload = map_file.read_header(src)
+    change(header)
+    h = json.dumps(header).encode()
+    body = map_file._PREFIX.pack(map_file.MAGIC, map_file.FORMAT_VERSION, len(h)) + h + payload
+    dst.write_bytes(body + hashlib.sha256(body).digest())
 
 
 def test_untrained_compressed_map_round_trips_and_trains_later(tmp_path):
     x = trajectory(400, 64)
-    a = PlaceMap(64, "model-a", "ivfsq8", pca_dim=32, nlist=8, train_size=300)
+    a = PlaceMap(64, "model-a", MapSettings(index="ivfsq8", pca_dim=32, nlist=8, train_size=300))
     for i in range(200):
         a.add(Keyframe(i, i), x[i])
     a.save(tmp_path / "a.map")
@@ -142,7 +166,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(map_file.os, "fsync", failing_fsync)
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
     with pytest.raises(OSError):
         m.save(path)
     monkeypatch.undo()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megaloc_ros.errors import DescriptorSizeError, MegalocError
-from megaloc_ros.mapping.place_map import DuplicateId, PlaceMap
+from megaloc_ros.mapping.place_map import DuplicateId, MapSettings, PlaceMap
 from megaloc_ros.types import Keyframe
 from synthetic import trajectory
 
@@ -74,10 +74,10 @@ def test_bad_input_leaves_map_unchanged():
     with pytest.raises(MegalocError, match="4x4"):
         m.add(Keyframe(9, 0, pose=np.eye(3)), np.ones(16))
     assert len(m) == 3
-    with pytest.raises(MegalocError, match="unknown map index"):
-        PlaceMap(16, "test", index="lsh")
-    with pytest.raises(MegalocError, match="unknown PlaceMap option"):
-        PlaceMap(16, "test", nprobes=3)
+    with pytest.raises(MegalocError, match="map.index must be one of flat"):
+        PlaceMap(16, "test", MapSettings(index="lsh"))
+    with pytest.raises(TypeError, match="nprobes"):
+        MapSettings(nprobes=3)
 
 
 def test_ids_out_of_order_and_poses():
@@ -98,7 +98,7 @@ def test_ids_out_of_order_and_poses():
 def compressed(**kw):
     opts = dict(pca_dim=64, nlist=8, nprobe=8, pq_m=16, train_size=400)
     opts.update(kw)
-    return PlaceMap(128, "test", opts.pop("index", "ivfpq"), **opts)
+    return PlaceMap(128, "test", MapSettings(index=opts.pop("index", "ivfpq"), **opts))
 
 
 @pytest.mark.parametrize("kind", ["ivfpq", "ivfsq8", "hnsw", "sq8"])
@@ -166,7 +166,7 @@ def test_keep_descriptors_and_search_options():
     assert m.trained
     np.testing.assert_allclose(m.descriptor(450), x[450], atol=1e-6)
     m.set_search_options(nprobe=1, refine_factor=1)
-    assert m.options["nprobe"] == 1
+    assert (m.settings.nprobe, m.settings.refine_factor) == (1, 1)
     with pytest.raises(MegalocError, match="query-time"):
         m.set_search_options(pca_dim=3)
 

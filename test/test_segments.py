@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from megaloc_ros.verification import segments
-from megaloc_ros.errors import ImageDecodeError, WeightsError
+from megaloc_ros.errors import ImageDecodeError, MegalocError, WeightsError
 
 
 def quadrants(h=120, w=160):
@@ -56,8 +56,10 @@ def test_bad_image_and_missing_sam_models():
         segments.segment_image(np.zeros((10, 10), np.uint8))
     with pytest.raises(WeightsError, match="not found"):
         segments.segment_image(quadrants(), segments.SegmentParams(method="sam"))
-    with pytest.raises(ValueError):
-        segments.segment_image(quadrants(), segments.SegmentParams(method="watershed"))
+    with pytest.raises(MegalocError, match="verifier.segments.method must be one of slic, felzenszwalb, sam"):
+        segments.SegmentParams(method="watershed")
+    with pytest.raises(MegalocError, match="verifier.segments.n_segments"):
+        segments.SegmentParams(n_segments=0)
 
 
 def test_real_image_gives_a_few_dozen_segments(rtabmap_seq):

@@ -156,10 +156,28 @@ def test_rtabmap_verification_reaches_full_precision_and_more_recall(feats):
 
 def test_bad_parameters_are_refused_with_the_reason():
     from megaloc_ros.errors import MegalocError
-    with pytest.raises(MegalocError, match="local_features 'surf'"):
+    from megaloc_ros.verification.segments import SegmentParams
+    with pytest.raises(MegalocError, match="verifier.local_features must be one of sift, orb; got 'surf'"):
         VerifierParams(local_features="surf")
-    with pytest.raises(MegalocError, match="ratio"):
+    with pytest.raises(MegalocError, match=r"verifier.ratio must be in \[0.01, 1.0\]"):
         VerifierParams(ratio=1.5)
+    with pytest.raises(MegalocError, match="verifier.min_segvlad_score"):
+        VerifierParams(min_segvlad_score=2.0)
+    with pytest.raises(MegalocError, match="verifier.segments.n_segments"):
+        VerifierParams(segments=SegmentParams(n_segments=0))
+
+
+def test_states_of_flat_segment_fields_load_into_segments():
+    """Verifier states saved before segmentation was nested name its fields flat."""
+    old = {"segment_method": "felzenszwalb", "segment_max_side": 120, "n_segments": 30,
+           "sam_encoder": "", "sam_decoder": "", "min_inliers": 25}
+    p = VerifierParams.from_dict(old)
+    assert (p.segments.method, p.segments.max_side, p.segments.n_segments, p.min_inliers) == \
+        ("felzenszwalb", 120, 30, 25)
+    import dataclasses
+    assert VerifierParams.from_dict(dataclasses.asdict(p)) == p
+    with pytest.raises(ValueError, match="unknown verifier parameters"):
+        VerifierParams.from_dict({"segment_count": 3})
 
 
 def test_a_second_backbone_supplies_patch_features(rtabmap_seq, feats):

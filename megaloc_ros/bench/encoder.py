@@ -36,7 +36,7 @@ TIE_MARGIN = 0.01  # fp32 top-1 minus runner-up below this: a near-tie that any 
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="an exported fp32 .onnx (with sidecar); default: see --arch")
+    p.add_argument("--model-path", help="an exported fp32 .onnx (with sidecar); default: see --arch")
     p.add_argument("--arch", choices=ARCHES, default="auto",
                    help="auto: MegaLoc if exported, else the offline DINOv2 ViT-S/14; "
                         "megaloc-synthetic: the MegaLoc architecture with random weights (speed only)")
@@ -112,8 +112,8 @@ def _prepare_models(args, log) -> tuple[Path, str]:
     from megaloc_ros.encoding.encoder import cache_root, find_megaloc_model, offline_model_path
     from megaloc_ros.encoding.export import export_model, read_sidecar
     size = (args.height, args.width)
-    if args.model:
-        return Path(args.model), "given model"
+    if args.model_path:
+        return Path(args.model_path), "given model"
     if args.arch == "megaloc-synthetic":
         import torch
         from megaloc_ros.encoding.model import MegaLoc

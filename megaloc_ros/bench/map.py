@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from megaloc_ros.mapping.place_map import DEFAULT_OPTIONS
+from megaloc_ros.mapping.place_map import MapSettings
 from megaloc_ros.types import SECOND_NS, Keyframe
 
 
@@ -40,16 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="10000,100000,1000000",
                    help="comma-separated map sizes (multiples of --chunk; default: %(default)s)")
     p.add_argument("--dim", type=int, default=8448, help="descriptor size (MegaLoc: 8448)")
-    p.add_argument("--index", default="ivfpq", choices=["ivfpq", "ivfsq8", "hnsw", "sq8"])
-    d = DEFAULT_OPTIONS  # the bench measures the map's own defaults unless told otherwise
-    p.add_argument("--pca-dim", type=int, default=d["pca_dim"])
-    p.add_argument("--pq-m", type=int, default=d["pq_m"])
-    p.add_argument("--pq-bits", type=int, default=d["pq_bits"], choices=[4, 8],
+    p.add_argument("--map-index", dest="index", default="ivfpq", choices=["ivfpq", "ivfsq8", "hnsw", "sq8"],
+                   help="compressed index kind under test (map.index; default: %(default)s)")
+    d = MapSettings()  # the bench measures the map's own defaults unless told otherwise
+    p.add_argument("--pca-dim", type=int, default=d.pca_dim)
+    p.add_argument("--pq-m", type=int, default=d.pq_m)
+    p.add_argument("--pq-bits", type=int, default=d.pq_bits, choices=[4, 8],
                    help="4: fast-scan PQ, 8: classic PQ (default: %(default)s)")
-    p.add_argument("--nlist", type=int, default=d["nlist"], help="IVF lists (0: 4*sqrt(training keyframes))")
-    p.add_argument("--nprobe", default=str(d["nprobe"]),
+    p.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists (0: 4*sqrt(training keyframes))")
+    p.add_argument("--nprobe", default=str(d.nprobe),
                    help="IVF lists visited per query; a comma list measures each (default: %(default)s)")
-    p.add_argument("--refine-factor", type=int, default=d["refine_factor"])
+    p.add_argument("--refine-factor", type=int, default=d.refine_factor)
     p.add_argument("--whiten", action="store_true")
     p.add_argument("--train-max", type=int, default=100000,
                    help="train the compressed index on at most this many keyframes")
@@ -144,7 +145,7 @@ def main(args) -> int:
     for n in sizes:
         key = trained_at[n]
         if key not in maps:
-            maps[key] = PlaceMap(args.dim, "synthetic", args.index, **opts)
+            maps[key] = PlaceMap(args.dim, "synthetic", MapSettings(index=args.index, **opts))
         owner[n] = key
     print(f"bench map: {args.dim}-D synthetic revisit descriptors (see `--help`/module doc), "
           f"index {args.index} pca_dim={args.pca_dim} pq_m={args.pq_m} pq_bits={args.pq_bits} nprobe={args.nprobe} "

@@ -1,7 +1,8 @@
 """`megaloc-ros bench verify`: what verification buys on a real sequence, and what it costs.
 
-Runs the real pieces frame by frame (encoder -> PlaceMap + LoopDetector with default
-``DetectorParams`` -> Verifier with default ``VerifierParams``) over a shipped sequence and
+Runs the nodes' pipeline stages frame by frame (megaloc_ros/pipeline.py: cached encoder
+features -> mapping with default ``DetectorParams`` -> verification with default
+``VerifierParams``) over a shipped sequence and
 prints one table with three rows:
 
   global only                 the detector's published candidates (operating point) and the
@@ -38,33 +39,28 @@ from megaloc_ros.types import SECOND_NS
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence", default="rtabmap", choices=["rtabmap", "corridor"],
                    help="shipped sequence (default: %(default)s)")
-    p.add_argument("--model", default=None, help="exported model (.onnx); default: load_encoder()")
+    p.add_argument("--model-path", default=None, help="exported model (.onnx); default: load_encoder()")
     p.add_argument("--threshold", type=float, default=None,
                    help="detector similarity_threshold (default: DetectorParams default)")
     p.add_argument("--exclude-s", type=float, default=None,
                    help="evaluation exclusion window in seconds (default: the detector's)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a VerifierParams field, e.g. --set min_inliers=30 (repeatable)")
+                   help="override a verifier setting, e.g. --set verifier.min_inliers=30 (repeatable)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
 def parse_overrides(items: list[str]):
-    """['min_inliers=30', ...] -> VerifierParams with those fields replaced (typed by default)."""
-    import dataclasses
+    """``["verifier.min_inliers=30", ...]`` -> VerifierParams with those settings (``settings.parse_set``
+    syntax and typing; names as in config/loop_closure.yaml)."""
     from megaloc_ros.errors import MegalocError
+    from megaloc_ros.settings import from_flat, parse_set
     from megaloc_ros.verification.verifier import VerifierParams
-    base = VerifierParams()
-    changes = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not hasattr(base, name):
-            raise MegalocError(f"--set {item!r}: expected NAME=VALUE with NAME a VerifierParams field")
-        kind = type(getattr(base, name))
-        try:
-            changes[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-        except ValueError:
-            raise MegalocError(f"--set {item!r}: {name} takes a {kind.__name__}") from None
-    return dataclasses.replace(base, **changes)
+    values = parse_set(items)
+    other = [k for k in values if not k.startswith("verifier.")]
+    if other:
+        raise MegalocError(f"--set {other[0]}: bench verify takes verifier.* settings only "
+                           "(e.g. --set verifier.min_inliers=30)")
+    return from_flat(VerifierParams, "verifier", values)
 
 
 def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | None = None,
@@ -72,11 +68,11 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
         detector_params=None) -> dict:
     """Replay ``sequence``; returns the figures the table prints. ``features`` (list of
     ImageFeatures per frame) skips encoding, e.g. from test fixtures."""
-    from megaloc_ros.io import datasets
-    from megaloc_ros.mapping.detector import DetectorParams, LoopDetector
+    from megaloc_ros import pipeline as PL
     from megaloc_ros.evaluation import metrics
-    from megaloc_ros.mapping.place_map import PlaceMap
-    from megaloc_ros.verification.verifier import Verifier, VerifierParams
+    from megaloc_ros.io import datasets
+    from megaloc_ros.mapping.detector import DetectorParams
+    from megaloc_ros.verification.verifier import VerifierParams
 
     seq = datasets.SEQUENCES[sequence]()
     model_name = "features"
@@ -90,10 +86,12 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
         dp.similarity_threshold = threshold
     if exclude_s is None:
         exclude_s = dp.exclude_recent_s
-    dim = features[0].descriptor.shape[0]
-    detector = LoopDetector(PlaceMap(dim, "bench"), dp)
     vp = verifier_params or VerifierParams()
-    verifier = Verifier(vp)
+    settings = PL.PipelineSettings(detector=dp, verifier=vp)
+    # the nodes' stages, fed the cached features (no encoding stage)
+    pipe = PL.LoopClosurePipeline(None, PL.build_mapping(settings, "bench", features[0].descriptor.shape[0]),
+                                  PL.build_verification(vp))
+    verifier = pipe.verifier
     changed = {k: v for k, v in vars(vp).items() if getattr(VerifierParams(), k) != v}
 
     n = len(seq)
@@ -105,11 +103,9 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
     t_add, t_cand, t_geom = [], [], []
     reasons: dict[str, int] = {}
 
-    def check(cands):
-        t0 = time.perf_counter()
-        res = verifier.verify(cands)
-        dt = (time.perf_counter() - t0) * 1e3 / len(cands)
-        t_cand.extend([dt] * len(cands))
+    def tally(res, ms):
+        """Per-candidate latency and decision kinds of one verify call; accepted (frame, score)."""
+        t_cand.extend([ms / len(res)] * len(res))
         t_geom.extend(t for t, r in zip(verifier.last_candidate_ms, res)
                       if _reason_kind(r.reason) in ("accepted", "rejected: inliers", "rejected: passed"))
         for r in res:
@@ -119,20 +115,18 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
 
     for i in range(n):
         image = seq.load_rgb(i)
-        f = features[i]
-        det = detector.process(f.descriptor, int(seq.stamps_ns[i]), int(seq.sessions[i]))
+        out = pipe.process(image, int(seq.stamps_ns[i]), int(seq.sessions[i]), features=features[i])
+        det = out.detection
         if det.keyframe is None:
             continue
         frame_of[det.keyframe.id] = i
-        t0 = time.perf_counter()
-        verifier.add_keyframe(det.keyframe, image, f)
-        t_add.append((time.perf_counter() - t0) * 1e3)
+        t_add.append(out.timings_ms["add_keyframe"])
         retrieved[i] = [(frame_of[c.match.id], c.score) for c in det.retrieved]
         published[i] = [(frame_of[c.match.id], c.score) for c in det.candidates]
-        if det.candidates:
-            accepted_pub[i] = check(det.candidates)
         if det.retrieved:
-            accepted_top[i] = check(det.retrieved)
+            accepted_top[i] = tally(out.loops, out.timings_ms["verify"])
+        if det.candidates:  # the second row: the verifier given only the detector's decisions
+            accepted_pub[i] = tally(*pipe.verification.verify(det.candidates))
 
     valid = metrics.valid_pairs(seq.gt, seq.stamps_ns, exclude_s)
     rows = {}
@@ -210,7 +204,7 @@ def print_table(r: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    r = run(args.sequence, args.model, args.threshold, args.exclude_s,
+    r = run(args.sequence, args.model_path, args.threshold, args.exclude_s,
             verifier_params=parse_overrides(args.set))
     print_table(r)
     if args.json:

@@ -26,39 +26,43 @@ import numpy as np
 
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.mapping.place_map import PlaceMap
+from megaloc_ros.settings import setting, validate
 from megaloc_ros.types import SECOND_NS, Candidate, Keyframe, as_descriptor
 
 
 @dataclass
 class DetectorParams:
-    """Thresholds of ``LoopDetector``; the defaults suit a 1-30 Hz camera.
-
-    ``similarity_threshold`` depends on the descriptor (model) and index kind: tune it with
-    ``megaloc-ros eval`` on a bag of your robot (recall at 100% precision picks it).
-    """
+    """Thresholds of ``LoopDetector``; the defaults suit a 1-30 Hz camera."""
     # keyframe selection
-    min_keyframe_interval_s: float = 0.25   # at most 4 keyframes per second
-    min_travel_m: float = 0.2               # with poses: translation since the last keyframe ...
-    min_rotation_deg: float = 10.0          # ... or rotation, whichever comes first
-    max_similarity_to_last: float = 0.98    # novelty: skip near-duplicates of the last keyframe
+    min_keyframe_interval_s: float = setting(0.25, "seconds between keyframes at least (0.25: at most 4 per second)",
+                                             range=(0.0, None))
+    min_travel_m: float = setting(0.2, "with poses: translation (m) since the last keyframe needed for a new "
+                                  "one ...", range=(0.0, None))
+    min_rotation_deg: float = setting(10.0, "... or rotation (degrees), whichever comes first", range=(0.0, 180.0))
+    max_similarity_to_last: float = setting(0.98, "novelty: a frame whose descriptor has at least this cosine "
+                                            "similarity to the last keyframe's is skipped (above 1: off)",
+                                            range=(0.0, 1.01))
     # retrieval
-    top_k: int = 5
-    exclude_recent_s: float = 20.0          # same-session keyframes younger than this are skipped
-    exclude_recent_keyframes: int = 20      # ... and the last this many keyframes
+    top_k: int = setting(5, "map keyframes retrieved per keyframe (the raw top-k the verifier checks)",
+                         range=(1, None))
+    exclude_recent_s: float = setting(20.0, "same-session keyframes younger than this (s) are not retrieved",
+                                      range=(0.0, None))
+    exclude_recent_keyframes: int = setting(20, "... nor the last this many keyframes", range=(0, None))
     # decision
-    similarity_threshold: float = 0.60
-    consistency_k: int = 2                  # consecutive keyframes that must agree (1 = off)
-    island_radius: int = 3                  # matches within this many ids are one place
-    consistency_max_gap_s: float = 5.0      # a longer pause between keyframes breaks agreement
-    duplicate_window_s: float = 2.0         # a match reported this recently is not repeated
-    max_candidates: int = 3                 # published per keyframe (best islands first)
+    similarity_threshold: float = setting(
+        0.60, "cosine similarity a candidate needs; depends on the descriptor (model) and index kind: "
+        "tune it with megaloc-ros eval on a bag of your robot (recall at 100% precision picks it)",
+        range=(-1.0, 1.0))
+    consistency_k: int = setting(2, "consecutive keyframes that must agree (1 = off)", range=(1, None))
+    island_radius: int = setting(3, "matches within this many ids are one place", range=(0, None))
+    consistency_max_gap_s: float = setting(5.0, "a longer pause (s) between keyframes breaks agreement",
+                                           range=(0.0, None))
+    duplicate_window_s: float = setting(2.0, "a match reported this recently (s) is not repeated",
+                                        range=(0.0, None))
+    max_candidates: int = setting(3, "candidates published per keyframe (best islands first)", range=(1, None))
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.consistency_k < 1 or self.island_radius < 0 or self.max_candidates < 1:
-            raise MegalocError("DetectorParams: top_k, consistency_k and max_candidates must be >= 1, "
-                               "island_radius >= 0")
-        if not -1.0 <= self.similarity_threshold <= 1.0:
-            raise MegalocError(f"DetectorParams: similarity_threshold {self.similarity_threshold} is not a cosine")
+        validate(self, "detector")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The place-map file format (no pickle) and its atomic writer.
+"""The place-map file format (no pickle): a PlaceMap's state (``PlaceMap.state()``) to a file.
 
 Layout, all integers little-endian::
 
@@ -19,21 +19,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from megaloc_ros.errors import MapFileError
+from megaloc_ros.io.files import atomic_write
 
 MAGIC = b"MGLCMAP\0"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sII")
 _DIGEST = 32
 _DTYPE_KINDS = "biuf"  # numbers only: nothing in a map file can carry code
+# what the header carries of PlaceMap.state()'s meta
+HEADER_KEYS = ("model_name", "dim", "index", "options", "count", "frame_names")
 
 
 def _le(a: np.ndarray) -> np.ndarray:
@@ -43,78 +44,35 @@ def _le(a: np.ndarray) -> np.ndarray:
     return a.astype(a.dtype.newbyteorder("<"), copy=False)
 
 
-def map_arrays(pmap) -> dict[str, np.ndarray]:
-    """Everything of ``pmap`` that goes into the payload, by name."""
-    c, n = pmap._cols, len(pmap)
-    arrays = {
-        "ids": c.ids[:n], "stamps_ns": c.stamps[:n], "sessions": c.sessions[:n],
-        "frame_index": c.frame_idx[:n],
-    }
-    pos = np.array(sorted(c.poses), np.int64)
-    arrays["pose_positions"] = pos
-    arrays["poses"] = (np.stack([c.poses[int(i)] for i in pos]) if len(pos)
-                       else np.zeros((0, 4, 4), np.float64))
-    if pmap._flat is not None:
-        arrays["descriptors"] = pmap._flat.reconstruct_n(0, pmap._flat.ntotal) if n else \
-            np.zeros((0, pmap.dim), np.float32)
-    else:
-        arrays["projection"] = pmap._proj
-        arrays["faiss_index"] = pmap._faiss.serialize_index(pmap._index)
-        if pmap._full is not None:
-            arrays["descriptors"] = pmap._full[:n]
-    for name, a in pmap.extras.items():
-        if not isinstance(name, str) or not name or "/" in name:
-            raise MapFileError(f"extra array name {name!r} must be a non-empty string without '/'")
-        arrays[f"extra/{name}"] = np.asarray(a)
-    return arrays
-
-
-def save_map(pmap, path) -> None:
-    """Write ``pmap`` to ``path`` atomically: temporary file in the same directory, fsync,
-    rename over ``path``, fsync the directory. A crash leaves the old file or the new one."""
+def save_map(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write a map's state (``PlaceMap.state()``: ``meta`` with model_name, dim, index, options,
+    count, frame_names; its named ``arrays``) to ``path`` atomically (``io.files.atomic_write``):
+    a crash leaves the old file or the new one."""
     path = Path(path)
-    arrays = {k: _le(v) for k, v in map_arrays(pmap).items()}
+    arrays = {k: _le(v) for k, v in arrays.items()}
     table, offset = [], 0
     for name, a in arrays.items():
         table.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
                       "offset": offset, "nbytes": a.nbytes})
         offset += a.nbytes
     from megaloc_ros import __version__
-    header = json.dumps({
-        "writer": f"megaloc_ros {__version__}",
-        "model_name": pmap.model_name, "dim": pmap.dim,
-        "index": pmap.index_kind, "options": pmap.options, "count": len(pmap),
-        "frame_names": pmap._frame_names, "payload_size": offset, "arrays": table,
-    }).encode()
+    header = json.dumps({"writer": f"megaloc_ros {__version__}", **{k: meta[k] for k in HEADER_KEYS},
+                         "payload_size": offset, "arrays": table}).encode()
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise MapFileError(f"cannot save map to {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            h = hashlib.sha256()
+    with atomic_write(path) as f:
+        h = hashlib.sha256()
 
-            def put(b) -> None:
-                h.update(b)
-                f.write(b)
+        def put(b) -> None:
+            h.update(b)
+            f.write(b)
 
-            put(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)))
-            put(header)
-            for a in arrays.values():
-                put(memoryview(a).cast("B") if a.nbytes else b"")
-            f.write(h.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        put(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)))
+        put(header)
+        for a in arrays.values():
+            put(memoryview(a).cast("B") if a.nbytes else b"")
+        f.write(h.digest())
 
 
 def read_header(path) -> tuple[dict, bytes]:
@@ -163,7 +121,11 @@ def read_arrays(header: dict, payload: bytes, path) -> dict[str, np.ndarray]:
     return out
 
 
-def load_map(cls, path, expected_model: Optional[str] = None, expected_dim: Optional[int] = None):
+def load_map(path, expected_model: Optional[str] = None,
+             expected_dim: Optional[int] = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read and check ``path``: (meta, arrays) as ``PlaceMap.from_state`` takes them. Raises
+    MapFileError, also when the map was built with another model or descriptor size than the
+    ``expected_*`` ones given."""
     header, payload = read_header(path)
     model, dim = header["model_name"], int(header["dim"])
     if (expected_model is not None and model != expected_model) or \
@@ -173,41 +135,7 @@ def load_map(cls, path, expected_model: Optional[str] = None, expected_dim: Opti
             f"{expected_model if expected_model is not None else model!r} "
             f"({expected_dim if expected_dim is not None else dim}-D); descriptors of different "
             "models cannot be compared: load a map made with this model or rebuild it")
-    from megaloc_ros.mapping.place_map import DEFAULT_OPTIONS
-    options = {k: v for k, v in header["options"].items() if k in DEFAULT_OPTIONS}
-    if header["index"] == "ivfpq":  # files from before ``pq_bits`` existed hold 8-bit PQ codes
-        options.setdefault("pq_bits", 8)
-    a = read_arrays(header, payload, path)
-    n = int(header["count"])
-    try:
-        pmap = cls(dim, model, header["index"], **options)
-        c = pmap._cols
-        c.n = n
-        c.ids, c.stamps = a["ids"].copy(), a["stamps_ns"].copy()
-        c.sessions, c.frame_idx = a["sessions"].copy(), a["frame_index"].copy()
-        if not (len(c.ids) == len(c.stamps) == len(c.sessions) == len(c.frame_idx) == n):
-            raise ValueError("metadata columns disagree with the keyframe count")
-        c.poses = {int(i): p.copy() for i, p in zip(a["pose_positions"], a["poses"])}
-        pmap._frame_names = [str(s) for s in header["frame_names"]]
-        pmap._frame_lookup = {s: i for i, s in enumerate(pmap._frame_names)}
-        pmap._monotonic = bool(n < 2 or np.all(np.diff(c.ids) > 0))
-        if "faiss_index" in a:
-            pmap._proj = np.ascontiguousarray(a["projection"], np.float32)
-            pmap._index = pmap._faiss.deserialize_index(np.ascontiguousarray(a["faiss_index"]))
-            pmap._configure(pmap._index)
-            pmap._flat = None
-            if pmap._index.ntotal != n:
-                raise ValueError(f"index holds {pmap._index.ntotal} codes for {n} keyframes")
-            if "descriptors" in a:
-                pmap._full = np.array(a["descriptors"], np.float32)
-        else:
-            d = np.ascontiguousarray(a["descriptors"], np.float32)
-            if d.shape != (n, dim):
-                raise ValueError(f"descriptor array has shape {d.shape}, expected {(n, dim)}")
-            pmap._flat.add(d)
-        pmap.extras = {k[len("extra/"):]: v.copy() for k, v in a.items() if k.startswith("extra/")}
-    except MapFileError:
-        raise
-    except Exception as exc:  # consistent checksum but inconsistent content: a writer bug or forgery
-        raise MapFileError(f"{path} is inconsistent ({exc}); the file is damaged") from exc
-    return pmap
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing:
+        raise MapFileError(f"{path} has a corrupt header (no {', '.join(missing)}); the file is damaged")
+    return {k: header[k] for k in HEADER_KEYS}, read_arrays(header, payload, path)

@@ -1,6 +1,7 @@
 """The place map: an incremental FAISS index of keyframe descriptors plus per-keyframe metadata.
 
-Index kinds (``PlaceMap(dim, model_name, index=...)``):
+Index kinds (``PlaceMap(dim, model_name, MapSettings(index=...))``; the other fields of
+``MapSettings`` are the options named below, e.g. ``map.nprobe`` as a setting):
 
 ``"flat"`` (default)
     Exact inner product over the full descriptors (they are also what ``descriptor(id)`` returns).
@@ -36,38 +37,79 @@ Persistence lives in ``map_file`` (no pickle); ``save`` is atomic.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from megaloc_ros.errors import DuplicateId, MegalocError
+from megaloc_ros.errors import DuplicateId, MapFileError, MegalocError
+from megaloc_ros.mapping import map_file
+from megaloc_ros.settings import setting, validate
 from megaloc_ros.types import Descriptor, Keyframe, KeyframeId, as_descriptor
 
 PCA_FIT_ROWS = 16000
 COMPRESSED_KINDS = ("ivfpq", "ivfsq8", "hnsw", "sq8")
 INDEX_KINDS = ("flat",) + COMPRESSED_KINDS
 
-DEFAULT_OPTIONS = {
-    "pca_dim": 1024,         # projected dimension (compressed kinds)
-    "whiten": False,         # whitening re-weights components: it ruins agreement with exact IP
-                             # (bench data, PCA-1024: recall@1 vs exact 0.98 plain, 0.22 whitened)
-    "nlist": 0,              # IVF lists; 0 = 4*sqrt(train_size) rounded to a power of two
-    "nprobe": 256,           # IVF lists visited per query. Wide on purpose: a revisit and its
-                             # keyframe often fall in different lists (on the bench data at 300k
-                             # keyframes, IVF1024: the keyframe's list is among the query's 32
-                             # nearest for 84%, 128: 98%, 256: 99.7%); 4-bit fast-scan codes
-                             # make the wide probe cheap (~1 ms per 75k codes on one core)
-    "pq_m": 128,             # PQ sub-quantisers, must divide pca_dim; a code is pq_m*pq_bits/8 B
-    "pq_bits": 4,            # ivfpq: 4 = SIMD fast-scan PQ (PQ{m}x4fs), 8 = classic PQ{m}x8
-    "refine_factor": 100,    # ivfpq: re-rank refine_factor*k shortlisted codes with SQ8
-                             # (plus one per keyframe an exclusion window may drop)
-    "hnsw_m": 32,            # HNSW graph degree
-    "ef_search": 128,        # HNSW search breadth
-    "train_size": 20000,     # keyframes needed before a compressed index is trained
-    "background_training": False,
-    "keep_descriptors": False,  # compressed kinds: also keep full descriptors (4*dim B each)
-}
+
+
+@dataclass
+class MapSettings:
+    """The place map's index kind and its options (see the module docstring)."""
+    index: str = setting("flat", "place-map index kind (flat, ivfpq, ivfsq8, hnsw, sq8), used when no map is "
+                         "loaded (a loaded map keeps its own)", choices=INDEX_KINDS, read_only=True)
+    pca_dim: int = setting(1024, "compressed kinds: projected descriptor dimension", range=(1, None),
+                           read_only=True)
+    # whitening re-weights components: it ruins agreement with exact inner products
+    # (bench data, PCA-1024: recall@1 vs exact 0.98 plain, 0.22 whitened)
+    whiten: bool = setting(False, "compressed kinds: whiten the projection (hurts recall)", read_only=True)
+    nlist: int = setting(0, "IVF lists; 0: 4*sqrt(train_size) rounded to a power of two", range=(0, None),
+                         read_only=True)
+    # Wide on purpose: a revisit and its keyframe often fall in different lists (bench data at
+    # 300k keyframes, IVF1024: the keyframe's list is among the query's 32 nearest for 84%, 128:
+    # 98%, 256: 99.7%); 4-bit fast-scan codes make the wide probe cheap (~1 ms per 75k codes)
+    nprobe: int = setting(256, "IVF lists visited per query", range=(1, None), read_only=True)
+    pq_m: int = setting(128, "ivfpq: PQ sub-quantisers, must divide pca_dim; a code is pq_m*pq_bits/8 bytes",
+                        range=(1, None), read_only=True)
+    pq_bits: int = setting(4, "ivfpq: 4 = SIMD fast-scan PQ (PQ{m}x4fs), 8 = classic PQ{m}x8", choices=(4, 8),
+                           read_only=True)
+    refine_factor: int = setting(100, "ivfpq: re-rank refine_factor*k shortlisted codes with SQ8 (plus one per "
+                                 "keyframe an exclusion window may drop)", range=(1, None), read_only=True)
+    hnsw_m: int = setting(32, "hnsw: graph degree", range=(2, None), read_only=True)
+    ef_search: int = setting(128, "hnsw: search breadth", range=(1, None), read_only=True)
+    train_size: int = setting(20000, "compressed kinds: keyframes needed before the index is trained",
+                              range=(256, None), read_only=True)
+    background_training: bool = setting(False, "compressed kinds: train in a background thread (searches stay "
+                                        "exact meanwhile)", read_only=True)
+    keep_descriptors: bool = setting(False, "compressed kinds: also keep the full descriptors (4*dim bytes each)",
+                                     read_only=True)
+
+    def __post_init__(self) -> None:
+        validate(self, "map")
+        if self.index != "flat":
+            p = self.pca_dim
+            if self.index == "ivfpq" and p % self.pq_m:
+                raise MegalocError(f"map.pq_m={self.pq_m} must divide map.pca_dim={p}")
+            if self.train_size < max(p, 256):
+                raise MegalocError(f"map.train_size must be at least max(map.pca_dim, 256) = {max(p, 256)}")
+
+    def options(self) -> dict:
+        """Everything but ``index``, as map files store it."""
+        d = dataclasses.asdict(self)
+        del d["index"]
+        return d
+
+    @classmethod
+    def from_file(cls, index: str, options: dict) -> "MapSettings":
+        """From a map file's header (``index`` and its ``options`` dict); names this build does not
+        know are dropped. Files from before ``pq_bits`` existed hold 8-bit PQ codes."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"index"}
+        opts = {k: v for k, v in options.items() if k in known}
+        if index == "ivfpq":
+            opts.setdefault("pq_bits", 8)
+        return cls(index=index, **opts)
 
 
 class _Columns:
@@ -102,26 +144,14 @@ class PlaceMap:
     Thread safety: ``add``/``search``/``save`` may be called from different threads.
     """
 
-    def __init__(self, dim: int, model_name: str, index: str = "flat", **options):
-        if index not in INDEX_KINDS:
-            raise MegalocError(f"unknown map index kind {index!r}; choose one of {', '.join(INDEX_KINDS)}")
-        unknown = set(options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise MegalocError(f"unknown PlaceMap option(s) {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+    def __init__(self, dim: int, model_name: str, settings: Optional[MapSettings] = None):
         self.dim = int(dim)
         self.model_name = str(model_name)
-        self.index_kind = index
-        self.options = {**DEFAULT_OPTIONS, **options}
-        if index != "flat":
-            p = int(self.options["pca_dim"])
-            if not 0 < p <= self.dim:
-                raise MegalocError(f"pca_dim={p} must be in 1..{self.dim}")
-            if index == "ivfpq" and p % int(self.options["pq_m"]):
-                raise MegalocError(f"pq_m={self.options['pq_m']} must divide pca_dim={p}")
-            if index == "ivfpq" and int(self.options["pq_bits"]) not in (4, 8):
-                raise MegalocError(f"pq_bits={self.options['pq_bits']} must be 4 (fast scan) or 8")
-            if int(self.options["train_size"]) < max(p, 256):
-                raise MegalocError(f"train_size must be at least max(pca_dim, 256) = {max(p, 256)}")
+        self.settings = settings if settings is not None else MapSettings()
+        if not isinstance(self.settings, MapSettings):
+            raise MegalocError(f"PlaceMap settings must be a MapSettings, got {type(self.settings).__name__}")
+        if self.settings.index != "flat" and not self.settings.pca_dim <= self.dim:
+            raise MegalocError(f"map.pca_dim={self.settings.pca_dim} must be in 1..{self.dim}")
         self.extras: dict[str, np.ndarray] = {}
         self._cols = _Columns()
         self._frame_names: list[str] = []
@@ -146,7 +176,7 @@ class PlaceMap:
     @property
     def trained(self) -> bool:
         """True for flat maps, and for compressed maps once their index is trained."""
-        return self.index_kind == "flat" or self._index is not None
+        return self.settings.index == "flat" or self._index is not None
 
     @property
     def next_id(self) -> KeyframeId:
@@ -291,11 +321,11 @@ class PlaceMap:
     # ----------------------------------------------------------------- training
     def _maybe_train(self) -> None:
         with self._lock:
-            if self.index_kind == "flat" or self._index is not None or self._trainer is not None:
+            if self.settings.index == "flat" or self._index is not None or self._trainer is not None:
                 return
-            if self._cols.n < int(self.options["train_size"]):
+            if self._cols.n < self.settings.train_size:
                 return
-            if self.options["background_training"]:
+            if self.settings.background_training:
                 self._trainer = threading.Thread(target=self._train_guarded, name="placemap-train", daemon=True)
                 self._trainer.start()
                 return
@@ -311,7 +341,7 @@ class PlaceMap:
         if self._train_error is not None:
             exc, self._train_error = self._train_error, None
             self._trainer = None
-            raise MegalocError(f"training the {self.index_kind} index failed: {exc}") from exc
+            raise MegalocError(f"training the {self.settings.index} index failed: {exc}") from exc
 
     def wait_trained(self, timeout: Optional[float] = None) -> bool:
         """Block until a background training finishes; returns ``self.trained``."""
@@ -324,14 +354,14 @@ class PlaceMap:
 
     def train_now(self) -> None:
         """Train the compressed index on what is stored now (at least 256 keyframes)."""
-        if self.index_kind == "flat" or self._index is not None:
+        if self.settings.index == "flat" or self._index is not None:
             return
-        if self._cols.n < max(256, int(self.options["pca_dim"])):
-            raise MegalocError(f"need at least {max(256, int(self.options['pca_dim']))} keyframes to train")
+        if self._cols.n < max(256, self.settings.pca_dim):
+            raise MegalocError(f"need at least {max(256, self.settings.pca_dim)} keyframes to train")
         self._train()
 
     def _train(self) -> None:
-        if self.options["background_training"]:
+        if self.settings.background_training:
             self._train_body()
         else:  # in the caller's thread: hold the lock so the view below stays valid
             with self._lock:
@@ -342,14 +372,14 @@ class PlaceMap:
             if self._index is not None:  # another thread trained it first
                 return
             n0 = self._flat.ntotal
-            if self.options["background_training"]:  # adds may reallocate the flat store: copy
+            if self.settings.background_training:  # adds may reallocate the flat store: copy
                 sample = self._flat.reconstruct_n(0, n0)
             else:  # nothing else runs meanwhile: a view saves a dim*4*n0-byte copy
                 sample = self._faiss.rev_swig_ptr(self._flat.get_xb(), n0 * self.dim).reshape(n0, self.dim)
         # the projection needs far fewer samples than the index; fit it on a subset
         pca_rows = sample if n0 <= PCA_FIT_ROWS else \
             sample[np.random.default_rng(0).choice(n0, PCA_FIT_ROWS, replace=False)]
-        proj = fit_projection(pca_rows, int(self.options["pca_dim"]), bool(self.options["whiten"]))
+        proj = fit_projection(pca_rows, self.settings.pca_dim, self.settings.whiten)
         del pca_rows
         index = self._new_index(n0)
         xs = np.ascontiguousarray(sample @ proj, dtype=np.float32)
@@ -360,21 +390,21 @@ class PlaceMap:
             n1 = self._flat.ntotal
             if n1 > n0:  # keyframes added while training
                 index.add(np.ascontiguousarray(self._flat.reconstruct_n(n0, n1 - n0) @ proj, dtype=np.float32))
-            if self.options["keep_descriptors"]:
+            if self.settings.keep_descriptors:
                 self._full = self._flat.reconstruct_n(0, n1)
             self._proj, self._index, self._flat = proj, index, None
             self._trainer = None
 
     def _new_index(self, n_train: int):
         faiss = self._faiss
-        o, p = self.options, int(self.options["pca_dim"])
-        nlist = int(o["nlist"]) or _auto_nlist(n_train)
+        o, p = self.settings, self.settings.pca_dim
+        nlist = o.nlist or _auto_nlist(n_train)
         factory = {
-            "ivfpq": f"IVF{nlist},PQ{int(o['pq_m'])}x{'4fs' if int(o['pq_bits']) == 4 else 8},Refine(SQ8)",
+            "ivfpq": f"IVF{nlist},PQ{o.pq_m}x{'4fs' if o.pq_bits == 4 else 8},Refine(SQ8)",
             "ivfsq8": f"IVF{nlist},SQ8",
-            "hnsw": f"HNSW{int(o['hnsw_m'])},SQ8",
+            "hnsw": f"HNSW{o.hnsw_m},SQ8",
             "sq8": "SQ8",
-        }[self.index_kind]
+        }[self.settings.index]
         index = faiss.index_factory(p, factory, faiss.METRIC_INNER_PRODUCT)
         base = faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
         if isinstance(base, faiss.IndexIVFPQ):
@@ -387,14 +417,14 @@ class PlaceMap:
         return index
 
     def _configure(self, index) -> None:
-        faiss, o = self._faiss, self.options
+        faiss, o = self._faiss, self.settings
         if isinstance(index, faiss.IndexRefine):
-            index.k_factor = float(o["refine_factor"])
+            index.k_factor = float(o.refine_factor)
         base = faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
         if isinstance(base, faiss.IndexIVF):
-            base.nprobe = int(o["nprobe"])
+            base.nprobe = o.nprobe
         if isinstance(base, faiss.IndexHNSW):
-            base.hnsw.efSearch = int(o["ef_search"])
+            base.hnsw.efSearch = o.ef_search
 
     def set_search_options(self, **options) -> None:
         """Change query-time knobs (``nprobe``, ``refine_factor``, ``ef_search``) in place."""
@@ -402,7 +432,7 @@ class PlaceMap:
         if bad:
             raise MegalocError(f"not query-time options: {sorted(bad)}")
         with self._lock:
-            self.options.update(options)
+            self.settings = dataclasses.replace(self.settings, **options)
             if self._index is not None:
                 self._configure(self._index)
 
@@ -457,7 +487,7 @@ class PlaceMap:
         if self._flat is not None or not isinstance(self._index, self._faiss.IndexRefine):
             return None
         params = self._faiss.IndexRefineSearchParameters()
-        params.k_factor = max(1.0, (float(self.options["refine_factor"]) * k + fetch - k) / fetch)
+        params.k_factor = max(1.0, (self.settings.refine_factor * k + fetch - k) / fetch)
         return params
 
     def _window_count(self, ids, stamps) -> int:
@@ -492,20 +522,86 @@ class PlaceMap:
         return keep
 
     # ----------------------------------------------------------------- persistence
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The whole map as plain data: (meta: model_name, dim, index, options, count,
+        frame_names; arrays by name: metadata columns, poses, descriptors or the projection and
+        the serialised FAISS index, ``extra/<name>``). Views, not copies: hold the lock or use
+        it at once. ``from_state`` rebuilds the map."""
+        with self._lock:
+            c, n = self._cols, len(self)
+            arrays = {"ids": c.ids[:n], "stamps_ns": c.stamps[:n], "sessions": c.sessions[:n],
+                      "frame_index": c.frame_idx[:n]}
+            pos = np.array(sorted(c.poses), np.int64)
+            arrays["pose_positions"] = pos
+            arrays["poses"] = (np.stack([c.poses[int(i)] for i in pos]) if len(pos)
+                               else np.zeros((0, 4, 4), np.float64))
+            if self._flat is not None:
+                arrays["descriptors"] = self._flat.reconstruct_n(0, self._flat.ntotal) if n else \
+                    np.zeros((0, self.dim), np.float32)
+            else:
+                arrays["projection"] = self._proj
+                arrays["faiss_index"] = self._faiss.serialize_index(self._index)
+                if self._full is not None:
+                    arrays["descriptors"] = self._full[:n]
+            for name, a in self.extras.items():
+                if not isinstance(name, str) or not name or "/" in name:
+                    raise MapFileError(f"extra array name {name!r} must be a non-empty string without '/'")
+                arrays[f"extra/{name}"] = np.asarray(a)
+            meta = {"model_name": self.model_name, "dim": self.dim, "index": self.settings.index,
+                    "options": self.settings.options(), "count": n, "frame_names": list(self._frame_names)}
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "PlaceMap":
+        """A map from ``state()``'s output; ValueError/KeyError when the parts disagree."""
+        n, dim = int(meta["count"]), int(meta["dim"])
+        a = arrays
+        pmap = cls(dim, meta["model_name"], MapSettings.from_file(meta["index"], meta["options"]))
+        c = pmap._cols
+        c.n = n
+        c.ids, c.stamps = a["ids"].copy(), a["stamps_ns"].copy()
+        c.sessions, c.frame_idx = a["sessions"].copy(), a["frame_index"].copy()
+        if not (len(c.ids) == len(c.stamps) == len(c.sessions) == len(c.frame_idx) == n):
+            raise ValueError("metadata columns disagree with the keyframe count")
+        c.poses = {int(i): p.copy() for i, p in zip(a["pose_positions"], a["poses"])}
+        pmap._frame_names = [str(s) for s in meta["frame_names"]]
+        pmap._frame_lookup = {s: i for i, s in enumerate(pmap._frame_names)}
+        pmap._monotonic = bool(n < 2 or np.all(np.diff(c.ids) > 0))
+        if "faiss_index" in a:
+            pmap._proj = np.ascontiguousarray(a["projection"], np.float32)
+            pmap._index = pmap._faiss.deserialize_index(np.ascontiguousarray(a["faiss_index"]))
+            pmap._configure(pmap._index)
+            pmap._flat = None
+            if pmap._index.ntotal != n:
+                raise ValueError(f"index holds {pmap._index.ntotal} codes for {n} keyframes")
+            if "descriptors" in a:
+                pmap._full = np.array(a["descriptors"], np.float32)
+        else:
+            d = np.ascontiguousarray(a["descriptors"], np.float32)
+            if d.shape != (n, dim):
+                raise ValueError(f"descriptor array has shape {d.shape}, expected {(n, dim)}")
+            pmap._flat.add(d)
+        pmap.extras = {k[len("extra/"):]: v.copy() for k, v in a.items() if k.startswith("extra/")}
+        return pmap
+
     def save(self, path) -> None:
         """Write the map atomically (temporary file, fsync, rename); waits for a background
         training to finish first. See ``map_file``."""
-        from megaloc_ros.mapping import map_file
         self.wait_trained()
-        with self._lock:
-            map_file.save_map(self, path)
+        with self._lock:  # the state is views into the live map
+            map_file.save_map(path, *self.state())
 
     @classmethod
     def load(cls, path, expected_model: Optional[str] = None, expected_dim: Optional[int] = None) -> "PlaceMap":
         """Read a map saved by ``save``; raises MapFileError on a foreign, truncated, corrupt or
         other-model file (``expected_model`` / ``expected_dim`` when given)."""
-        from megaloc_ros.mapping import map_file
-        return map_file.load_map(cls, path, expected_model, expected_dim)
+        meta, arrays = map_file.load_map(path, expected_model, expected_dim)
+        try:
+            return cls.from_state(meta, arrays)
+        except MapFileError:
+            raise
+        except Exception as exc:  # consistent checksum but inconsistent content: a writer bug or forgery
+            raise MapFileError(f"{path} is inconsistent ({exc}); the file is damaged") from exc
 
 
 def fit_projection(x: np.ndarray, out_dim: int, whiten: bool = False, seed: int = 0) -> np.ndarray:

@@ -36,11 +36,12 @@ from megaloc_ros.ros import params as P
 
 def load_params(path: Optional[str], namespace: str = "") -> dict[str, Any]:
     """The parameters of both nodes from a ROS 2 YAML file (``/**`` and per-node sections)."""
+    from megaloc_ros.settings import load_params_file
     if not path:
         return {}
-    out = P.load_params_file(path, None, namespace)
+    out = load_params_file(path, None, namespace)
     for node in (P.LOOP_CLOSURE_NODE, P.VERIFIER_NODE):
-        out.update({k: v for k, v in P.load_params_file(path, node, namespace).items() if k not in out})
+        out.update({k: v for k, v in load_params_file(path, node, namespace).items() if k not in out})
     return out
 
 
@@ -242,10 +243,10 @@ def spin_single(node_cls, args=None) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", help="ROS 2 parameters YAML (e.g. config/loop_closure.yaml)")
-    parser.add_argument("--image-topic", help="camera topic (overrides image_topic)")
+    parser.add_argument("--image-topic", help="camera topic (sets image_topic)")
     parser.add_argument("--compressed", action="store_true", help="subscribe <topic>/compressed (CompressedImage)")
-    parser.add_argument("--model-path", help="exported encoder ONNX (overrides model_path)")
-    parser.add_argument("--map-path", help="map file: loaded when it exists, saved on exit (overrides map_path)")
+    parser.add_argument("--model-path", help="exported encoder ONNX (sets encoder.model_path)")
+    parser.add_argument("--map-path", help="map file: loaded when it exists, saved on exit (sets map_path)")
     parser.add_argument("--namespace", default="", help="ROS namespace of both nodes")
     parser.add_argument("--no-verifier", action="store_true",
                         help="only loop_closure_node: the back end consumes ~/candidates")
@@ -254,22 +255,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cli_params(args) -> dict[str, Any]:
-    import yaml
+    """The parameters file, then the flags, then ``-p`` (parsed by ``settings.parse_set``);
+    names and types are checked against the nodes' specs."""
+    from megaloc_ros.settings import parse_set
     params = load_params(args.params, args.namespace)
     if args.image_topic:
         params["image_topic"] = args.image_topic
     if args.compressed:
         params["image_transport"] = "compressed"
     if args.model_path:
-        params["model_path"] = args.model_path
+        params["encoder.model_path"] = args.model_path
     if args.map_path:
         params["map_path"] = args.map_path
-    for item in args.param:
-        if ":=" not in item:
-            raise MegalocError(f"-p expects NAME:=VALUE, got '{item}'")
-        k, v = item.split(":=", 1)
-        params[k.strip()] = yaml.safe_load(v)
+    try:
+        params.update(parse_set(args.param, sep=":="))
+    except MegalocError as exc:
+        raise MegalocError(f"-p: {exc}") from None
+    _check_types(params)
     return params
+
+
+def _check_types(params: dict[str, Any]) -> None:
+    """Each value against the settings dataclass field it sets (MegalocError naming it), so that
+    a typo'd or mistyped value fails here with the field's type, not inside rclpy."""
+    from megaloc_ros.settings import from_flat
+    for node in (P.LOOP_CLOSURE_NODE, P.VERIFIER_NODE):
+        for prefix, cls in P.node_sections(node).items():
+            from_flat(cls, prefix, params)
 
 
 def main(args) -> int:

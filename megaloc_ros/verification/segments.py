@@ -19,6 +19,7 @@ import numpy as np
 
 from megaloc_ros.errors import ImageDecodeError, WeightsError
 from megaloc_ros.io.images import downscale
+from megaloc_ros.settings import setting, validate
 
 METHODS = ("slic", "felzenszwalb", "sam")
 
@@ -26,16 +27,21 @@ METHODS = ("slic", "felzenszwalb", "sam")
 @dataclass
 class SegmentParams:
     """How images are segmented. Defaults suit 640x480-class indoor/outdoor camera images."""
-    method: str = "slic"          # "slic" | "felzenszwalb" | "sam" (needs sam_encoder/sam_decoder)
-    max_side: int = 160           # segment at this longest side (speed: ~5 ms for SLIC)
-    n_segments: int = 48          # SLIC target count
-    compactness: float = 10.0     # SLIC colour/space trade-off
-    fz_scale: float = 100.0       # Felzenszwalb scale (larger -> larger regions)
-    fz_sigma: float = 0.8
-    min_size_frac: float = 0.004  # regions smaller than this fraction of the image are merged
-    sam_encoder: str = ""         # path to a SAM/MobileSAM image-encoder ONNX model
-    sam_decoder: str = ""         # path to the matching prompt-decoder ONNX model
-    sam_points_per_side: int = 12
+    method: str = setting("slic", "segmentation: slic, felzenszwalb or sam (needs sam_encoder and sam_decoder)",
+                          choices=METHODS)
+    max_side: int = setting(160, "segment at this longest side (speed: ~5 ms for SLIC)", range=(16, 8192))
+    n_segments: int = setting(48, "SLIC target segment count", range=(1, 10000))
+    compactness: float = setting(10.0, "SLIC colour/space trade-off", range=(0.0, None))
+    fz_scale: float = setting(100.0, "Felzenszwalb scale (larger: larger regions)", range=(0.0, None))
+    fz_sigma: float = setting(0.8, "Felzenszwalb Gaussian smoothing sigma", range=(0.0, None))
+    min_size_frac: float = setting(0.004, "regions smaller than this fraction of the image are merged",
+                                   range=(0.0, 1.0))
+    sam_encoder: str = setting("", "SAM/MobileSAM image-encoder ONNX model (method sam)")
+    sam_decoder: str = setting("", "the matching SAM/MobileSAM prompt-decoder ONNX model")
+    sam_points_per_side: int = setting(12, "SAM prompt grid: points per side", range=(1, 64))
+
+    def __post_init__(self) -> None:
+        validate(self, "verifier.segments")
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:

@@ -57,6 +57,7 @@ import numpy as np
 from megaloc_ros.verification import geometry, segments, segvlad
 from megaloc_ros.errors import MapFileError, MegalocError
 from megaloc_ros.io.files import atomic_write
+from megaloc_ros.settings import section, setting, validate
 from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, KeyframeId, VerifiedLoop
 
 _BLAS = None
@@ -80,61 +81,66 @@ VERSION = 1
 class VerifierParams:
     """Verifier settings. The decision thresholds were chosen on the rtabmap sequence with the
     offline DINOv2 ViT-S/14 backbone (`megaloc-ros bench verify` shows the effect of changing
-    them with ``--set NAME=VALUE``); SegVLAD scores depend on the backbone, so re-check
-    ``min_segvlad_score`` with `megaloc-ros eval` on your own bag when using MegaLoc features."""
-    # Segmentation (see megaloc_ros.verification.segments.SegmentParams)
-    segment_method: str = "slic"      # "slic" | "felzenszwalb" | "sam"
-    segment_max_side: int = 160       # segment at this longest side (speed)
-    n_segments: int = 48              # SLIC target segment count
-    sam_encoder: str = ""             # SAM/MobileSAM encoder ONNX (segment_method "sam")
-    sam_decoder: str = ""             # SAM/MobileSAM prompt-decoder ONNX
+    them with ``--set verifier.NAME=VALUE``); SegVLAD scores depend on the backbone, so re-check
+    ``min_segvlad_score`` with `megaloc-ros eval` on your own bag when using MegaLoc features.
+
+    Only the decision settings may change at run time (``read_only`` False); the others shape the
+    stored keyframe data, which a loaded verifier state keeps."""
+    segments: segments.SegmentParams = section(segments.SegmentParams, "image segmentation for SegVLAD",
+                                               read_only=True)
     # SegVLAD
-    segvlad_model: str = ""           # a second backbone (exported .onnx + .json sidecar) whose
-                                      # patch features SegVLAD uses; "" = the keyframe's own
-    order: int = 3                    # SuperSegment neighbourhood order o (graph hops)
-    vocab_size: int = 32              # k-means clusters
-    vocab_keyframes: int = 30         # fit the vocabulary once this many keyframes exist
-    pca_dim: int = 256                # SuperSegment descriptor length after PCA
-    pca_whiten: bool = False          # PCA-whitening; lowers scores: re-tune min_segvlad_score
-                                      # (at 0.30 it kept 6 of 35 true loops on rtabmap)
-    max_supersegments: int = 48       # kept per keyframe (largest by area)
-    vote_top_k: int = 5               # segment-level retrieval depth per query SuperSegment
+    segvlad_model: str = setting("", "a second backbone (exported .onnx + .json sidecar) whose patch features "
+                                 "SegVLAD uses; empty: the keyframe's own", read_only=True)
+    order: int = setting(3, "SuperSegment neighbourhood order o (graph hops)", range=(0, 16), read_only=True)
+    vocab_size: int = setting(32, "k-means clusters of the SegVLAD vocabulary", range=(2, 1024), read_only=True)
+    vocab_keyframes: int = setting(30, "fit the vocabulary once this many keyframes exist", range=(1, None),
+                                   read_only=True)
+    pca_dim: int = setting(256, "SuperSegment descriptor length after PCA", range=(1, None), read_only=True)
+    pca_whiten: bool = setting(False, "PCA-whitening; lowers scores: re-tune min_segvlad_score (at 0.30 it kept "
+                               "6 of 35 true loops on rtabmap)", read_only=True)
+    max_supersegments: int = setting(48, "SuperSegments kept per keyframe (largest by area)", range=(1, None),
+                                     read_only=True)
+    vote_top_k: int = setting(5, "segment-level retrieval depth per query SuperSegment", range=(1, None))
     # Geometry
-    local_features: str = "sift"      # "sift" | "orb"
-    max_keypoints: int = 500          # kept per keyframe (strongest)
-    feature_max_side: int = 640       # detect at this longest side
-    sift_contrast: float = 0.02       # SIFT contrastThreshold (OpenCV default 0.04: too few indoors)
-    ratio: float = 0.8                # Lowe ratio test
-    mutual: bool = True               # keep mutual nearest neighbours only
-    ransac_threshold_px: float = 2.0  # epipolar inlier threshold in pixels
+    local_features: str = setting("sift", "local features: sift or orb", choices=("sift", "orb"), read_only=True)
+    max_keypoints: int = setting(500, "keypoints kept per keyframe (strongest)", range=(8, None), read_only=True)
+    feature_max_side: int = setting(640, "detect keypoints at this longest side", range=(16, None), read_only=True)
+    sift_contrast: float = setting(0.02, "SIFT contrastThreshold (OpenCV default 0.04: too few indoors)",
+                                   range=(0.0, 1.0), read_only=True)
+    ratio: float = setting(0.8, "Lowe ratio test", range=(0.01, 1.0))
+    mutual: bool = setting(True, "keep mutual nearest neighbours only")
+    ransac_threshold_px: float = setting(2.0, "epipolar inlier threshold in pixels", range=(0.01, None))
     # Decision
-    min_global_score: float = 0.0     # the detector already thresholds; raise to be stricter
-    min_segvlad_score: float = 0.30   # mean top-k SuperSegment cosine similarity
-    min_inliers: int = 20             # RANSAC inliers
-    max_accepted_per_query: int = 1   # keep the N passing candidates with most inliers (0 = all)
+    min_global_score: float = setting(0.0, "global cosine score a candidate needs (the detector already "
+                                      "thresholds; raise to be stricter)", range=(-1.0, 1.0))
+    min_segvlad_score: float = setting(0.30, "SegVLAD score a candidate needs: mean top-k SuperSegment cosine "
+                                       "similarity", range=(-1.0, 1.0))
+    min_inliers: int = setting(20, "RANSAC inliers a candidate needs", range=(0, None))
+    max_accepted_per_query: int = setting(1, "keep the N passing candidates with most inliers (0 = all)",
+                                          range=(0, None))
 
     def __post_init__(self) -> None:
-        bad = []
-        if self.segment_method not in segments.METHODS:
-            bad.append(f"segment_method {self.segment_method!r} (use one of {segments.METHODS})")
-        if self.local_features not in ("sift", "orb"):
-            bad.append(f"local_features {self.local_features!r} (use 'sift' or 'orb')")
-        if self.order < 0 or self.vocab_size < 2 or self.vocab_keyframes < 1 or self.pca_dim < 1:
-            bad.append("order >= 0, vocab_size >= 2, vocab_keyframes >= 1 and pca_dim >= 1 are required")
-        if self.max_supersegments < 1 or self.max_keypoints < 8 or self.vote_top_k < 1:
-            bad.append("max_supersegments >= 1, max_keypoints >= 8 and vote_top_k >= 1 are required")
-        if not 0.0 < self.ratio <= 1.0 or self.ransac_threshold_px <= 0:
-            bad.append("ratio in (0, 1] and ransac_threshold_px > 0 are required")
-        if bad:
-            raise MegalocError("VerifierParams: " + "; ".join(bad))
+        validate(self, "verifier")
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerifierParams":
+        """From ``asdict`` output (a saved verifier state). States written before segmentation was
+        nested carry its fields flat, under older names: those are read into ``segments``."""
+        d = dict(d)
+        seg = dict(d.pop("segments", {}))
+        for old, new in _FLAT_SEGMENT_FIELDS.items():
+            if old in d:
+                seg[new] = d.pop(old)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown verifier parameters {sorted(unknown)}")
-        return cls(**d)
+        return cls(segments=segments.SegmentParams(**seg), **d)
+
+
+# verifier states of version 1 stored these segmentation fields in VerifierParams itself
+_FLAT_SEGMENT_FIELDS = {"segment_method": "method", "segment_max_side": "max_side", "n_segments": "n_segments",
+                        "sam_encoder": "sam_encoder", "sam_decoder": "sam_decoder"}
 
 
 @dataclass
@@ -173,10 +179,6 @@ class Verifier:
         self._entries: dict[KeyframeId, _Entry] = {}
         self.last_candidate_ms: list[float] = []
         self._lock = threading.Lock()
-        self._seg_params = segments.SegmentParams(
-            method=params.segment_method, max_side=params.segment_max_side,
-            n_segments=params.n_segments, sam_encoder=params.sam_encoder,
-            sam_decoder=params.sam_decoder)
         self._patch_encoder = None
         if params.segvlad_model:
             from megaloc_ros.encoding.encoder import Encoder
@@ -184,8 +186,9 @@ class Verifier:
             if not self._patch_encoder.has_patch_features:
                 raise MegalocError(f"segvlad_model {params.segvlad_model} exports no patch features")
         self._sam = None
-        if params.segment_method == "sam":
-            self._sam = segments.SamSegmenter(params.sam_encoder, params.sam_decoder)
+        seg = params.segments
+        if seg.method == "sam":
+            self._sam = segments.SamSegmenter(seg.sam_encoder, seg.sam_decoder, seg.sam_points_per_side)
 
     # ------------------------------------------------------------------ keyframes
     def __len__(self) -> int:
@@ -206,7 +209,7 @@ class Verifier:
             return float(np.mean([e.nbytes for e in self._entries.values()]))
 
     def _supersegment_weights(self, image_rgb: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
-        labels = segments.segment_image(image_rgb, self._seg_params, self._sam)
+        labels = segments.segment_image(image_rgb, self.params.segments, self._sam)
         adj = segvlad.delaunay_adjacency(segvlad.segment_centroids(labels))
         member = segvlad.patch_membership(labels, grid_hw)              # [S, P]
         ss = segvlad.supersegments(adj, self.params.order).astype(np.float32)
