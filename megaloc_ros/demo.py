@@ -56,7 +56,7 @@ def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, e
     _say(ATTRIBUTION)
 
     if encoder is None:
-        from megaloc_ros.encoding.encoder import load_encoder
+        from megaloc_ros.encoding.loader import load_encoder
         encoder = load_encoder(model)
     if getattr(encoder, "kind", "megaloc") == "megaloc":
         _say(f"model: MegaLoc ({encoder.description})")

@@ -185,7 +185,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
         odometry, resolve_gt = ground_truth_source(args, n, r)
     if args.live:
         from megaloc_ros.ros.live_replay import replay_live
-        from megaloc_ros.encoding.encoder import load_encoder
+        from megaloc_ros.encoding.loader import load_encoder
         if odometry is not None:
             node_params.setdefault("odom_max_dt", min(args.pose_max_gap, 10.0))
         es = settings.encoder

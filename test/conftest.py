@@ -21,7 +21,7 @@ def corridor_seq():
 def real_encoder():
     """The encoder `load_encoder()` picks; features of the shipped sets are cached on disk
     (.cache/features/, keyed by model and image hashes) so reruns are fast."""
-    from megaloc_ros.encoding.encoder import load_encoder
+    from megaloc_ros.encoding.loader import load_encoder
     return load_encoder(device="cpu")
 
 

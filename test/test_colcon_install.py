@@ -84,7 +84,7 @@ def installed_env(ws: Path, **extra) -> dict:
 
 def offline_model() -> Path:
     """The cached offline ONNX model (tools/setup_env.sh builds it), found by the model search."""
-    from megaloc_ros.encoding.encoder import offline_model_path
+    from megaloc_ros.encoding.loader import offline_model_path
     return offline_model_path()
 
 

@@ -77,7 +77,8 @@ def test_load_encoder_prefers_an_exported_megaloc(tmp_path, monkeypatch, caplog)
     import shutil
 
     import torch
-    from megaloc_ros.encoding.encoder import Encoder, load_encoder
+    from megaloc_ros.encoding.encoder import Encoder
+    from megaloc_ros.encoding.loader import load_encoder
     from megaloc_ros.errors import WeightsError
     from megaloc_ros.encoding.export import export_model
     from megaloc_ros.encoding.model import MegaLoc, MegaLocConfig, ViTConfig

@@ -232,7 +232,7 @@ def _clean_env(**extra) -> dict:
 
 
 def test_default_cache_is_the_users_cache_directory(tmp_path):
-    code = "from megaloc_ros.encoding.encoder import cache_root; print(cache_root())"
+    code = "from megaloc_ros.encoding.cache import cache_root; print(cache_root())"
 
     def root(**env):
         r = subprocess.run([sys.executable, "-c", code], env=_clean_env(PYTHONPATH=str(ROOT), **env),
@@ -251,14 +251,15 @@ def test_default_cache_is_the_users_cache_directory(tmp_path):
 
 def offline_model() -> Path:
     """The cached offline ONNX model (tools/setup_env.sh builds it), found by the model search."""
-    from megaloc_ros.encoding.encoder import offline_model_path
+    from megaloc_ros.encoding.loader import offline_model_path
     return offline_model_path()
 
 
 ENCODE = """
 import importlib.util, json, sys
 assert importlib.util.find_spec("torch") is None, "torch is installed"
-from megaloc_ros.encoding.encoder import Encoder, cache_root
+from megaloc_ros.encoding.cache import cache_root
+from megaloc_ros.encoding.encoder import Encoder
 from megaloc_ros.io.images import read_image_file
 enc = Encoder(sys.argv[1], device="cpu")
 f = enc.encode([read_image_file(sys.argv[2])])[0]

@@ -30,7 +30,7 @@ KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=Relia
 
 @pytest.fixture(scope="module")
 def encoder():
-    from megaloc_ros.encoding.encoder import load_encoder
+    from megaloc_ros.encoding.loader import load_encoder
     return load_encoder()
 
 

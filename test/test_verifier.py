@@ -14,7 +14,8 @@ def feats(request, rtabmap_seq):
     try:
         return request.getfixturevalue("rtabmap_features")
     except pytest.FixtureLookupError:  # before the shared fixture exists
-        from megaloc_ros.encoding.encoder import encode_files, load_encoder
+        from megaloc_ros.encoding.encoder import encode_files
+        from megaloc_ros.encoding.loader import load_encoder
         return encode_files(load_encoder(), rtabmap_seq.image_paths)
 
 
@@ -182,7 +183,7 @@ def test_states_of_flat_segment_fields_load_into_segments():
 
 def test_a_second_backbone_supplies_patch_features(rtabmap_seq, feats):
     """Keyframes without exported patch features still get SegVLAD from ``segvlad_model``."""
-    from megaloc_ros.encoding.encoder import offline_model_path
+    from megaloc_ros.encoding.loader import offline_model_path
     from megaloc_ros.types import ImageFeatures
     v = Verifier(VerifierParams(segvlad_model=str(offline_model_path()), vocab_keyframes=3))
     for i in (0, 1, 2):

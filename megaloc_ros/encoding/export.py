@@ -17,7 +17,6 @@ resize-to-multiple-of-14 branch); torch.export specialises a batch of 1, so the 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -27,16 +26,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from megaloc_ros.encoding import require_torch
+
+# before anything that imports torch: one clear line when it is missing
+torch = require_torch("`megaloc-ros export`")
 from torch import nn
 
-from megaloc_ros.errors import WeightsError
+from megaloc_ros.encoding.cache import cache_root
 from megaloc_ros.encoding.model.megaloc import MegaLoc
 from megaloc_ros.encoding.model.offline import BackboneDescriptor
-from megaloc_ros.encoding.model.weights import file_sha256, load_dinov2_backbone, load_megaloc, megaloc_layout, read_tensors
+from megaloc_ros.encoding.model.weights import model_from_weights
 from megaloc_ros.encoding.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from megaloc_ros.encoding.sidecar import SIDECAR_FORMAT, sidecar_path, write_sidecar
+from megaloc_ros.errors import WeightsError
+from megaloc_ros.io.files import atomic_write, file_sha256
 
-SIDECAR_FORMAT = "megaloc-ros-encoder/1"
 OFFICIAL_URL = "https://huggingface.co/gberton/MegaLoc/resolve/main/model.safetensors"
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -49,34 +54,6 @@ class _ExportHead(nn.Module):
     def forward(self, image: torch.Tensor):
         desc, patches = self.model.forward_features(image)
         return (desc, patches) if self.with_patches else desc
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    return Path(onnx_path).with_suffix(".json")
-
-
-def read_sidecar(onnx_path: str | Path) -> dict:
-    p = sidecar_path(onnx_path)
-    if not p.is_file():
-        raise WeightsError(f"{onnx_path} has no sidecar {p.name}; re-export it with `megaloc-ros export`")
-    with open(p) as f:
-        meta = json.load(f)
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise WeightsError(f"{p} is not a {SIDECAR_FORMAT} sidecar (format={meta.get('format')!r})")
-    return meta
-
-
-def model_from_weights(path: str | Path) -> tuple[nn.Module, str, str]:
-    """(model, kind, model_name): MegaLoc for MegaLoc checkpoints, else the offline descriptor on
-    a DINOv2 backbone (kind 'dinov2-offline')."""
-    layout = megaloc_layout(read_tensors(path))
-    if layout in ("official", "legacy"):
-        return load_megaloc(path), "megaloc", "megaloc"
-    if layout == "hf_dinov2":
-        vit = load_dinov2_backbone(path)
-        size = {384: "vits14", 768: "vitb14", 1024: "vitl14", 1536: "vitg14"}.get(vit.embed_dim, f"d{vit.embed_dim}")
-        return BackboneDescriptor(vit).eval(), "dinov2-offline", f"dinov2-{size}-offline"
-    return load_megaloc(path), "megaloc", "megaloc"  # raises the detailed key error
 
 
 def export_onnx(model: nn.Module, output: str | Path, height: int, width: int,
@@ -461,9 +438,7 @@ def export_model(model: nn.Module, output: str | Path, *, height: int = 322, wid
         if with_patches:
             meta["outputs"]["patch_features"] = {"name": names[1], "shape": list(patches.shape[1:])}
         install_model(final, output)
-    with open(sidecar_path(output).with_suffix(".json.part"), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(sidecar_path(output).with_suffix(".json.part"), sidecar_path(output))
+    write_sidecar(output, meta)
     if check:
         log(f"checked {runtime} vs PyTorch on {check['images']} real images: descriptor max |diff| "
             f"{check['descriptor_max_abs_diff']:.2e}, min cosine {check['descriptor_min_cosine']:.6f}")
@@ -487,21 +462,18 @@ def download_official(dest: Path) -> Path:
         return dest
     url = os.environ.get("MEGALOC_WEIGHTS_URL", OFFICIAL_URL)  # e.g. a local mirror
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(".part")
     print(f"downloading the official MegaLoc weights from {url}", file=sys.stderr)
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
+        with urllib.request.urlopen(url, timeout=30) as r, atomic_write(dest) as f:
             while block := r.read(1 << 22):
                 f.write(block)
     except OSError as exc:
-        part.unlink(missing_ok=True)
         raise WeightsError(
             f"cannot download the MegaLoc weights from {url} ({exc}). On a machine with internet, fetch "
             f"{OFFICIAL_URL} (Hugging Face repo gberton/MegaLoc, file model.safetensors), copy it here "
             f"and run `megaloc-ros export --weights model.safetensors --output megaloc.onnx`; or "
             f"export the offline DINOv2 backbone: `megaloc-ros export --weights .cache/weights/vit_s_focus.onnx "
             f"--output dinov2_vits14.onnx`") from exc
-    os.replace(part, dest)
     return dest
 
 
@@ -522,7 +494,6 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from megaloc_ros.encoding.encoder import cache_root
     weights = Path(args.weights) if args.weights else download_official(cache_root() / "weights" / "megaloc.safetensors")
     model, kind, name = model_from_weights(weights)
     if kind != "megaloc":

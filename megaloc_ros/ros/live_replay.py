@@ -122,7 +122,7 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     params.update(node_params or {})
     ns = namespace if namespace is not None else f"megaloc_replay_{os.getpid()}"
     if encoder is None:
-        from megaloc_ros.encoding.encoder import load_encoder
+        from megaloc_ros.encoding.loader import load_encoder
         encoder = load_encoder(params.get("model_path") or None, device=params.get("device", "auto"))
     timed = TimedEncoder(encoder)
     rec = _Recorder()

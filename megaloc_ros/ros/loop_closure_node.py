@@ -47,7 +47,7 @@ from megaloc_ros.errors import MegalocError
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
 from megaloc_ros.ros.managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
-from megaloc_ros.ros.runner import spin_single
+from megaloc_ros.ros.managed_node import spin_single
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 

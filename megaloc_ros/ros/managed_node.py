@@ -5,6 +5,7 @@ before anything starts, live updates of its fields), autostart, the lifecycle tr
 (a failing configure is logged and sets ``last_error``), the ownership and release of
 subscriptions, publishers, services and timers, ``~/save_map`` / ``~/load_map`` with saving on
 shutdown, and /diagnostics with per-report deltas. A node fills in the hooks below.
+``spin_single`` runs one node alone (the nodes' ``main``, the installed executables).
 """
 from __future__ import annotations
 
@@ -250,3 +251,31 @@ class ManagedNode(LifecycleNode):
             if log_failure:
                 self.get_logger().error(f"{log_failure}: {exc}")
         return res
+
+
+def spin_single(node_cls, args=None) -> None:
+    """Run one node until Ctrl-C (the installed executables); a bad parameter is one line on
+    stderr and exit status 2, not a traceback."""
+    import sys
+
+    import rclpy
+    from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    rclpy.init(args=args)
+    try:
+        node = node_cls()
+    except (InvalidParameterValueException, InvalidParameterTypeException, ValueError, MegalocError) as exc:
+        print(f"{node_cls.__name__}: bad parameter: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        sys.exit(2)
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()

@@ -211,34 +211,6 @@ class NodeSet:
         self.stop()
 
 
-def spin_single(node_cls, args=None) -> None:
-    """Run one node until Ctrl-C (the installed executables); a bad parameter is one line on
-    stderr and exit status 2, not a traceback."""
-    import sys
-
-    import rclpy
-    from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-
-    rclpy.init(args=args)
-    try:
-        node = node_cls()
-    except (InvalidParameterValueException, InvalidParameterTypeException, ValueError, MegalocError) as exc:
-        print(f"{node_cls.__name__}: bad parameter: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
-    executor = MultiThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.close()
-        node.destroy_node()
-        rclpy.try_shutdown()
-
-
 # --- the `megaloc-ros run` command ------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

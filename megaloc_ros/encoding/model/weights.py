@@ -12,26 +12,18 @@ Anything else raises WeightsError listing the missing and unexpected keys.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megaloc_ros.errors import WeightsError
 from megaloc_ros.encoding.model.megaloc import MegaLoc, MegaLocConfig
+from megaloc_ros.encoding.model.offline import BackboneDescriptor
 from megaloc_ros.encoding.model.vit import ViT, config_from_shapes
+from megaloc_ros.errors import WeightsError
 
 StateDict = dict[str, torch.Tensor]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading files
@@ -292,3 +284,16 @@ def load_megaloc(path: str | Path, config: MegaLocConfig | None = None) -> MegaL
     model = MegaLoc(config)
     load_strict(model, sd, str(path))
     return model.eval()
+
+
+def model_from_weights(path: str | Path) -> tuple[torch.nn.Module, str, str]:
+    """(model, kind, model_name): MegaLoc for MegaLoc checkpoints, else the offline descriptor on
+    a DINOv2 backbone (kind 'dinov2-offline')."""
+    layout = megaloc_layout(read_tensors(path))
+    if layout in ("official", "legacy"):
+        return load_megaloc(path), "megaloc", "megaloc"
+    if layout == "hf_dinov2":
+        vit = load_dinov2_backbone(path)
+        size = {384: "vits14", 768: "vitb14", 1024: "vitl14", 1536: "vitg14"}.get(vit.embed_dim, f"d{vit.embed_dim}")
+        return BackboneDescriptor(vit).eval(), "dinov2-offline", f"dinov2-{size}-offline"
+    return load_megaloc(path), "megaloc", "megaloc"  # raises the detailed key error
