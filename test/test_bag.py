@@ -7,7 +7,7 @@ import pytest
 from megaloc_ros.io import bag as B
 from megaloc_ros import cli
 from megaloc_ros.errors import BagError, ImageDecodeError, MegalocError
-from megaloc_ros.evaluation.ground_truth import Trajectory, read_trajectory, write_trajectory_tum
+from megaloc_ros.io.trajectory import Trajectory, read_trajectory, write_trajectory_tum
 from megaloc_ros.io.images import read_image_file
 
 S = 1_000_000_000

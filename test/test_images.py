@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from megaloc_ros.errors import ImageDecodeError
-from megaloc_ros.io.images import decode_compressed, decode_raw, encode_jpeg, encode_raw, RAW_ENCODINGS
+from megaloc_ros.io.images import RAW_ENCODINGS, decode_compressed, decode_raw, downscale, encode_jpeg, encode_raw
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +81,13 @@ def test_format_mismatch(frame):
 
 def test_supported_encodings_are_the_documented_ones():
     assert {"rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16"} <= set(RAW_ENCODINGS)
+
+
+def test_downscale_keeps_aspect_and_never_enlarges():
+    rgb = np.random.default_rng(0).integers(0, 256, (384, 512, 3), np.uint8)
+    small = downscale(rgb, 256)
+    assert small.shape == (192, 256, 3) and small.dtype == np.uint8
+    assert abs(float(small.mean()) - float(rgb.mean())) < 1.0  # area averaging keeps the brightness
+    assert downscale(rgb, 512) is rgb and downscale(rgb, 0) is rgb and downscale(rgb, 4096) is rgb
+    assert downscale(rgb[..., 0], 100).shape == (75, 100)  # grey images too
+    assert downscale(np.zeros((1000, 3, 3), np.uint8), 10).shape == (10, 1, 3)  # never a zero side
