@@ -90,3 +90,14 @@ def viewing_angle_deg(T_wi: np.ndarray, T_wj: np.ndarray) -> float:
     a, b = np.asarray(T_wi)[:3, 2], np.asarray(T_wj)[:3, 2]
     cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+def as_image_sequence(seq, min_covisibility: float | None = None):
+    """The ``ImageSequence`` of a ``megaloc_ros.io.tum.TumSequence`` with ``gt`` = covisibility
+    >= ``min_covisibility`` (default ``SAME_PLACE``) in both directions' maximum (``symmetric``)."""
+    from megaloc_ros.io.datasets import ImageSequence
+    thr = SAME_PLACE if min_covisibility is None else min_covisibility
+    gt = symmetric(covisibility_matrix(seq)) >= thr
+    np.fill_diagonal(gt, False)
+    return ImageSequence(seq.name, list(seq.rgb_paths), seq.stamps_ns.copy(),
+                         np.zeros(len(seq), np.int32), gt)

@@ -2,9 +2,9 @@
 
 ``tum_fr3_cabinet()`` returns a ``TumSequence``: colour frames, registered depth (uint16, 5000
 units per metre, 0 = no measurement), camera-to-world poses from the motion-capture ground
-truth, and the TUM fr3 intrinsics (no distortion). ``as_image_sequence`` turns it into the
-``ImageSequence`` the benchmarks replay, with a ground-truth matrix from covisibility
-(``megaloc_ros.evaluation.covisibility``) instead of a loop matrix.
+truth, and the TUM fr3 intrinsics (no distortion). ``evaluation.covisibility.as_image_sequence``
+turns it into the ``ImageSequence`` the benchmarks replay, with a ground-truth matrix from
+covisibility instead of a loop matrix.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from megaloc_ros.errors import MegalocError
-
-SECOND_NS = 1_000_000_000
+from megaloc_ros.types import SECOND_NS
 DEPTH_SCALE = 5000.0  # TUM depth PNG units per metre
 FR3_INTRINSICS = np.array([[535.4, 0.0, 320.1],
                            [0.0, 539.2, 247.6],
@@ -77,16 +76,3 @@ def tum_fr3_cabinet(root: Path | None = None) -> TumSequence:
         poses.append(pose_matrix(v[0:3], v[3:7]))
     return TumSequence("tum_fr3_cabinet", [d / r[1] for r in images], [d / r[2] for r in images],
                        np.array(stamps, np.int64), np.stack(poses), FR3_INTRINSICS.copy())
-
-
-def as_image_sequence(seq: TumSequence, min_covisibility: float | None = None):
-    """The ``ImageSequence`` of ``seq`` with ``gt`` = covisibility >= ``min_covisibility``
-    (default ``covisibility.SAME_PLACE``) in both directions' maximum (see that module)."""
-    from megaloc_ros.evaluation import covisibility as cv
-    from megaloc_ros.io.datasets import ImageSequence
-    thr = cv.SAME_PLACE if min_covisibility is None else min_covisibility
-    c = cv.covisibility_matrix(seq)
-    gt = cv.symmetric(c) >= thr
-    np.fill_diagonal(gt, False)
-    return ImageSequence(seq.name, list(seq.rgb_paths), seq.stamps_ns.copy(),
-                         np.zeros(len(seq), np.int32), gt)
