@@ -32,8 +32,6 @@ from typing import Optional
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-NS = 1_000_000_000
-
 
 # ----------------------------------------------------------------------------- data
 @dataclass
