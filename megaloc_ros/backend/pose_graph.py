@@ -49,13 +49,16 @@ import bisect
 import dataclasses
 import json
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import gtsam
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
+
+from megaloc_ros.errors import MegalocError
+from megaloc_ros.settings import setting, validate
 
 FORMAT = "megaloc_ros.pose_graph/1"
 # (x y z rx ry rz) <-> GTSAM Pose3 tangent order (rx ry rz x y z)
@@ -68,34 +71,48 @@ def X(i: int) -> int:
 
 @dataclass
 class PoseGraphParams:
-    keyframe_distance: float = 0.10      # m
-    keyframe_angle: float = 0.10         # rad
-    keyframe_interval: float = 1.0       # s
-    odom_translation_noise: float = 0.05  # sigma as a fraction of the distance travelled
-    odom_rotation_noise: float = 0.02     # rad per metre travelled and per radian turned
-    odom_min_sigma_t: float = 0.005       # m
-    odom_min_sigma_r: float = 0.002       # rad
-    prior_sigma: float = 1e-4             # first node (m and rad)
-    loop_default_sigma_t: float = 0.05    # m, when a loop comes without covariance
-    loop_default_sigma_r: float = 0.03    # rad
-    loop_min_sigma_t: float = 0.02        # m, added in quadrature to every loop's covariance
-    loop_min_sigma_r: float = 0.01        # rad
-    robust: str = "cauchy"                # cauchy | huber | gnc | none
-    robust_k: float = 3.0                 # cauchy / huber: kernel width in sigmas
-    gnc_loss: str = "gm"                  # gnc: gm (Geman-McClure) | tls (truncated least squares: stricter)
-    gnc_inlier_probability: float = 0.99  # gnc: chi-square (6 dof) quantile of an inlier loop's residual
-    iterations: int = 100                 # Levenberg-Marquardt iterations (at most) of a batch solve
-    relinearize_threshold: float = 0.01
-    max_stamp_gap: float = 2.0            # s: a loop stamp farther than this from any node is refused
-    base_T_camera: tuple = tuple(np.eye(4).reshape(-1))  # row-major 4x4, camera in the odometry child frame
+    """Settings of ``PoseGraph`` (``graph.*`` parameters of pose_graph_node)."""
+    keyframe_distance: float = setting(0.10, "a new graph node when the odometry moved this far (m) ...",
+                                       range=(0.0, None))
+    keyframe_angle: float = setting(0.10, "... or turned this much (rad) ...", range=(0.0, None))
+    keyframe_interval: float = setting(1.0, "... or this many seconds passed", range=(0.0, None))
+    odom_translation_noise: float = setting(0.05, "odometry translation sigma as a fraction of the distance "
+                                            "travelled between nodes", range=(0.0, None))
+    odom_rotation_noise: float = setting(0.02, "odometry rotation sigma (rad) per metre travelled and per "
+                                         "radian turned", range=(0.0, None))
+    odom_min_sigma_t: float = setting(0.005, "floor of the odometry translation sigma (m)", range=(1e-9, None))
+    odom_min_sigma_r: float = setting(0.002, "floor of the odometry rotation sigma (rad)", range=(1e-9, None))
+    prior_sigma: float = setting(1e-4, "sigma (m and rad) of the first node's prior", range=(1e-12, None))
+    loop_default_sigma_t: float = setting(0.05, "translation sigma (m) of a loop without covariance",
+                                          range=(1e-9, None))
+    loop_default_sigma_r: float = setting(0.03, "rotation sigma (rad) of a loop without covariance",
+                                          range=(1e-9, None))
+    loop_min_sigma_t: float = setting(0.02, "added in quadrature to every loop's translation sigma (m): the "
+                                      "fit covariance misses systematic errors", range=(0.0, None))
+    loop_min_sigma_r: float = setting(0.01, "added in quadrature to every loop's rotation sigma (rad)",
+                                      range=(0.0, None))
+    robust: str = setting("cauchy", "robust loss of loop factors: cauchy (Huber solve, then Cauchy), huber, "
+                          "gnc (graduated non-convexity) or none", choices=("cauchy", "huber", "gnc", "none"))
+    robust_k: float = setting(3.0, "cauchy / huber kernel width in sigmas", range=(1e-6, None))
+    gnc_loss: str = setting("gm", "gnc: gm (Geman-McClure) or tls (truncated least squares, stricter)",
+                            choices=("gm", "tls"))
+    gnc_inlier_probability: float = setting(0.99, "gnc: chi-square (6 dof) quantile of an inlier loop's residual",
+                                            range=(0.5, 1.0 - 1e-12))
+    iterations: int = setting(100, "Levenberg-Marquardt iterations (at most) of the solve a new loop triggers",
+                              range=(1, None))
+    relinearize_threshold: float = setting(0.01, "iSAM2 relinearisation threshold", range=(1e-9, None))
+    max_stamp_gap: float = setting(2.0, "a loop stamp farther than this (s) from every node is refused",
+                                   range=(0.0, None))
+    base_T_camera: tuple[float, ...] = setting(tuple(np.eye(4).reshape(-1)), "pose of the camera in the "
+                                               "odometry child (base) frame, row-major 4x4 (16 values)")
 
     def __post_init__(self) -> None:
-        if self.robust not in ("gnc", "cauchy", "huber", "none"):
-            raise ValueError(f"robust must be gnc, cauchy, huber or none, got {self.robust!r}")
-        if self.gnc_loss not in ("tls", "gm"):
-            raise ValueError(f"gnc_loss must be tls or gm, got {self.gnc_loss!r}")
-        if len(self.base_T_camera) != 16:
-            raise ValueError("base_T_camera must have 16 values (row-major 4x4)")
+        validate(self, "graph")
+        self.base_T_camera = tuple(float(v) for v in self.base_T_camera)
+        T = np.asarray(self.base_T_camera).reshape(-1)
+        if T.size != 16 or not np.allclose(T[12:], [0, 0, 0, 1]) or \
+                not np.allclose(T.reshape(4, 4)[:3, :3] @ T.reshape(4, 4)[:3, :3].T, np.eye(3), atol=1e-6):
+            raise MegalocError("graph.base_T_camera must be a row-major 4x4 rigid transform (16 values)")
 
     @property
     def camera_extrinsic(self) -> np.ndarray:

@@ -1,0 +1,279 @@
+"""``pose_graph_node``: a built-in back end for robots without one (``megaloc_ros.backend``).
+
+A lifecycle node (ManagedNode) that configures and activates itself when ``autostart`` is true.
+
+Subscribes   <odom_topic>   nav_msgs/Odometry: the odometry pose of the base (child frame)
+             <loops_topic>  megaloc_ros/LoopClosureArray: the verifier's loops (verified ones
+                            with a metric transform become loop factors; unit-direction ones are
+                            skipped and counted, see megaloc_ros/backend/pose_graph.py)
+Publishes    ~/path         nav_msgs/Path: the optimised keyframe poses in <map_frame>
+             ~/markers      visualization_msgs/MarkerArray: optimised trajectory, loop edges
+                            (green: trusted, red: down-weighted by the robust loss)
+             ~/map_to_odom  geometry_msgs/TransformStamped: the correction, <map_frame> -> odometry frame
+             /tf            tf2_msgs/TFMessage with the same transform (when ``publish_tf`` and the
+                            tf2_msgs package is installed; without it only ~/map_to_odom)
+             /diagnostics
+Services     ~/save_map, ~/load_map: the pose graph, kept at ``<path>.graph`` (numpy .npz)
+
+All the work is ``PoseGraph``'s; this node moves messages and parameters (``graph.*`` are
+``PoseGraphParams``).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from geometry_msgs.msg import Point, PoseStamped, TransformStamped
+from nav_msgs.msg import Odometry, Path as PathMsg
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import ColorRGBA
+from visualization_msgs.msg import Marker, MarkerArray
+
+from megaloc_ros.msg import LoopClosureArray
+
+from megaloc_ros.backend.pose_graph import PoseGraph, PoseGraphParams
+from megaloc_ros.ros import conversions as conv
+from megaloc_ros.ros import params as P
+from megaloc_ros.ros.managed_node import RELIABLE, ManagedNode, spin_single
+from megaloc_ros.settings import setting
+from megaloc_ros.types import RelativePose
+
+NODE_NAME = "pose_graph_node"
+SUFFIX = ".graph"
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+ODOM_QOS = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@dataclass
+class PoseGraphNodeSettings(P.CommonNodeSettings):
+    """pose_graph_node's own settings (the graph's are ``graph.*``)."""
+    odom_topic: str = setting("odom", "nav_msgs/Odometry of the robot base", read_only=True)
+    loops_topic: str = setting("verifier_node/loop_closures", "megaloc_ros/LoopClosureArray with the "
+                               "verified loops", read_only=True)
+    map_frame: str = setting("map", "frame of the optimised poses and parent of the published correction")
+    odom_frame: str = setting("", "odometry frame (child of the correction); empty: the Odometry "
+                              "messages' header.frame_id")
+    publish_tf: bool = setting(True, "publish map_frame -> odom_frame on /tf (needs tf2_msgs)")
+    tf_period: float = setting(0.05, "seconds between /tf and ~/map_to_odom messages", range=(0.001, 60.0),
+                               read_only=True)
+
+
+def pose_graph_node_specs() -> list:
+    return P.dataclass_specs(PoseGraphNodeSettings, "") + P.dataclass_specs(PoseGraphParams, "graph")
+
+
+def graph_state_path(map_path: str) -> str:
+    return map_path + SUFFIX
+
+
+def _tf_message_class():
+    """tf2_msgs/TFMessage, or None when the package is not installed."""
+    try:
+        from tf2_msgs.msg import TFMessage
+        return TFMessage
+    except ImportError:
+        return None
+
+
+class PoseGraphNode(ManagedNode):
+    """See the module docstring."""
+
+    STATE_NAME = "pose graph"
+    DIAG_ERRORS = ("odometry_errors", "loop_errors")
+    DIAG_WARNING = ("loops_refused", "loops refused (stamps outside the odometry)")
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs):
+        super().__init__(node_name, pose_graph_node_specs(), "graph", PoseGraphParams, **kwargs)
+        self.graph: Optional[PoseGraph] = None
+        self._lock = threading.RLock()
+        self._odom_frame = ""
+        self._base_frame = ""
+        self._tf_cls = _tf_message_class()
+        self._pub_tf = None
+        self._tf_timer = None
+        self._autostart()
+
+    # ----------------------------------------------------------------- lifecycle
+    def _apply_params(self) -> None:
+        if self.graph is not None:
+            with self._lock:
+                self.graph.params = self._build_params()   # new factors use them; existing ones stay
+
+    def _configure(self) -> None:
+        path = self._param("map_path")
+        state = graph_state_path(path) if path else ""
+        with self._lock:
+            if state and Path(state).exists():
+                self.graph = PoseGraph.load(state, self._build_params())
+                self.get_logger().info(f"loaded pose graph {state}: {len(self.graph)} nodes")
+            else:
+                self.graph = PoseGraph(self._build_params())
+        self._pub_path = self.create_lifecycle_publisher(PathMsg, "~/path", LATCHED)
+        self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", LATCHED)
+        self._pub_correction = self.create_lifecycle_publisher(TransformStamped, "~/map_to_odom", 10)
+        self._own_pubs = [self._pub_path, self._pub_markers, self._pub_correction]
+        if self._param("publish_tf"):
+            if self._tf_cls is None:
+                self.get_logger().warning("tf2_msgs is not installed: map -> odom goes to ~/map_to_odom only")
+            else:
+                self._pub_tf = self.create_lifecycle_publisher(self._tf_cls, "/tf", 100)
+                self._own_pubs.append(self._pub_tf)
+
+    def _activate(self) -> None:
+        group = MutuallyExclusiveCallbackGroup()   # odometry and loops reach the graph in arrival order
+        self._own_subs = [
+            self.create_subscription(Odometry, self._param("odom_topic"), self._on_odometry, ODOM_QOS,
+                                     callback_group=group),
+            self.create_subscription(LoopClosureArray, self._param("loops_topic"), self._on_loops, RELIABLE,
+                                     callback_group=group),
+        ]
+        if not any(t is self._tf_timer for t in self._own_timers):   # released with the others on cleanup
+            self._tf_timer = self.create_timer(self._param("tf_period"), self._publish_correction,
+                                               callback_group=MutuallyExclusiveCallbackGroup())
+            self._own_timers.append(self._tf_timer)
+        self.get_logger().info(f"pose graph on {self._own_subs[0].topic_name} with loops from "
+                               f"{self._own_subs[1].topic_name}")
+
+    def _keyframe_count(self) -> Optional[int]:
+        return len(self.graph) if self.graph is not None else None
+
+    def _tick(self) -> None:
+        if self.graph is not None:
+            with self._lock:
+                for k, v in self.graph.stats.items():
+                    self.stats.set(f"graph_{k}", float(v))
+        self._publish_diagnostics("pose_graph")
+
+    # ----------------------------------------------------------------- input
+    def _on_odometry(self, msg: Odometry) -> None:
+        self.stats.inc("odometry_received")
+        try:
+            T = conv.odometry_to_matrix(msg)
+            stamp = conv.stamp_to_ns(msg.header.stamp)
+            with self._lock:
+                self._odom_frame = self._param("odom_frame") or msg.header.frame_id or "odom"
+                self._base_frame = msg.child_frame_id
+                node = self.graph.add_odometry(stamp, T)
+                if node is None:
+                    return
+                self.graph.update()
+                self._dirty = True
+        except Exception as exc:
+            self.stats.error("odometry_errors", str(exc))
+            self.get_logger().error(f"odometry not used: {exc}", throttle_duration_sec=2.0)
+            return
+        self._publish_graph()
+
+    def _on_loops(self, msg: LoopClosureArray) -> None:
+        changed = False
+        for lc in msg.loops:
+            self.stats.inc("loops_received")
+            if not lc.verified:
+                self.stats.inc("loops_unverified")
+                continue
+            if not lc.has_transform:
+                self.stats.inc("loops_without_transform")
+                continue
+            try:
+                rp = conv.transform_to_relative_pose(lc.transform, lc.metric_scale, lc.covariance)
+                T = np.eye(4)
+                T[:3, :3], T[:3, 3] = rp.rotation, rp.translation
+                with self._lock:
+                    r = self.graph.add_loop(conv.stamp_to_ns(lc.query_stamp), conv.stamp_to_ns(lc.match_stamp), T,
+                                            rp.covariance, metric_scale=rp.metric_scale)
+            except Exception as exc:
+                self.stats.error("loop_errors", str(exc))
+                self.get_logger().error(f"loop {lc.query_id} -> {lc.match_id} not used: {exc}",
+                                        throttle_duration_sec=2.0)
+                continue
+            self.stats.inc(f"loops_{r.status}")
+            if r.status == "added":
+                changed = True
+                self.get_logger().info(f"loop {lc.query_id} -> {lc.match_id}: graph nodes {r.query_node} -> "
+                                       f"{r.match_node}")
+            elif r.status != "pending":
+                self.get_logger().info(f"loop {lc.query_id} -> {lc.match_id} {r.status}: {r.reason}",
+                                       throttle_duration_sec=2.0)
+        if changed:
+            with self._lock:
+                self.graph.update()
+                self._dirty = True
+            self._publish_graph()
+
+    # ----------------------------------------------------------------- output
+    def _publish_graph(self) -> None:
+        with self._lock:
+            poses = self.graph.poses()
+            stamps = list(self.graph.stamps)
+            loops = [(a, b) for kind, a, b, _, _ in self.graph.factors if kind == "loop"]
+            weights = self.graph.loop_weights()
+        frame = self._param("map_frame")
+        path = PathMsg(header=conv.make_header(stamps[-1] if stamps else 0, frame))
+        path.poses = [PoseStamped(header=conv.make_header(s, frame), pose=conv.matrix_to_pose(T))
+                      for s, T in zip(stamps, poses)]
+        self._pub_path.publish(path)
+        traj = Marker(ns="trajectory", id=0, type=Marker.LINE_STRIP, action=Marker.ADD)
+        traj.header = path.header
+        traj.scale.x = 0.02
+        traj.color = ColorRGBA(r=0.2, g=0.4, b=1.0, a=1.0)
+        traj.pose.orientation.w = 1.0
+        traj.points = [Point(x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])) for T in poses]
+        edges = Marker(ns="loops", id=0, type=Marker.LINE_LIST, action=Marker.ADD)
+        edges.header = path.header
+        edges.scale.x = 0.01
+        edges.pose.orientation.w = 1.0
+        for (a, b), w in zip(loops, weights):
+            c = ColorRGBA(r=0.1, g=0.9, b=0.1, a=1.0) if w > 0.5 else ColorRGBA(r=1.0, g=0.1, b=0.1, a=1.0)
+            for k in (a, b):
+                edges.points.append(Point(x=float(poses[k][0, 3]), y=float(poses[k][1, 3]), z=float(poses[k][2, 3])))
+                edges.colors.append(c)
+        self._pub_markers.publish(MarkerArray(markers=[traj, edges]))
+        self._publish_correction()
+
+    def _publish_correction(self) -> None:
+        if not self._own_subs:   # not active
+            return
+        with self._lock:
+            if self.graph is None or not len(self.graph):
+                return
+            M = self.graph.map_to_odom()
+            child = self._odom_frame or "odom"
+        t = TransformStamped()
+        t.header.stamp = self.get_clock().now().to_msg()
+        t.header.frame_id = self._param("map_frame")
+        t.child_frame_id = child
+        t.transform = conv.relative_pose_to_transform(_as_relative_pose(M))
+        self._pub_correction.publish(t)
+        if self._pub_tf is not None:
+            self._pub_tf.publish(self._tf_cls(transforms=[t]))
+
+    # ----------------------------------------------------------------- files
+    def save_map(self, path: str = "") -> str:
+        out = graph_state_path(self._map_path(path))
+        return self._write_state(out, self._lock, self.graph.save)
+
+    def load_map(self, path: str = "") -> str:
+        src = graph_state_path(self._map_path(path))
+        g = PoseGraph.load(src, self._build_params())
+        with self._lock:
+            self.graph = g
+            self._dirty = False
+        self._publish_graph()
+        return src
+
+
+def _as_relative_pose(M: np.ndarray) -> RelativePose:
+    return RelativePose(rotation=M[:3, :3], translation=M[:3, 3], metric_scale=True)
+
+
+def main(args=None) -> None:
+    """`ros2 run megaloc_ros pose_graph_node`."""
+    spin_single(PoseGraphNode, args)
+
+
+if __name__ == "__main__":
+    main()
