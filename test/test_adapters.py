@@ -26,7 +26,7 @@ from megaloc_ros.types import RelativePose  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
-NS = 1_000_000_000
+NS = conv.NS
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 BASE = 1_700_000_000 * NS

@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 from megaloc_ros.backend.pose_graph import PoseGraph, PoseGraphParams, to_gtsam_cov
 from megaloc_ros.evaluation.trajectory_eval import ate_rpe, umeyama_se3
 
-NS = 1_000_000_000
+from megaloc_ros.types import SECOND_NS as NS
 # camera optical frame (x right, y down, z forward) on a base (x forward, y left, z up), 10 cm ahead, 20 cm up
 BASE_T_CAM = np.array([[0, 0, 1, 0.1], [-1, 0, 0, 0.0], [0, -1, 0, 0.2], [0, 0, 0, 1]], np.float64)
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from megaloc_ros.verification.metric_pose import MetricPoseParams, estimate_metric_pose, pose_error
+from megaloc_ros.verification.metric_pose import MetricPoseParams, estimate_metric_pose, mutual_matches, pose_error
 
 LOOP_PAIRS = [(q, m) for q in range(52, 58) for m in range(0, 4)]
 NEIGHBOUR_PAIRS = [(i + 1, i) for i in range(0, 57, 3)]
@@ -68,25 +68,6 @@ class BenchResult:
         return out
 
 
-def local_matches(grey_q: np.ndarray, grey_m: np.ndarray, features: str = "orb") -> tuple[np.ndarray, np.ndarray]:
-    """(query xy [M, 2], match xy [M, 2]) of mutual nearest-neighbour matches."""
-    import cv2
-    if features == "orb":
-        det, norm = cv2.ORB_create(5000, fastThreshold=5), cv2.NORM_HAMMING
-    elif features == "sift":
-        det, norm = cv2.SIFT_create(0, contrastThreshold=0.004), cv2.NORM_L2
-    else:
-        raise ValueError(f"unknown features {features!r}: orb or sift")
-    kq, dq = det.detectAndCompute(grey_q, None)
-    km, dm = det.detectAndCompute(grey_m, None)
-    if dq is None or dm is None:
-        return np.zeros((0, 2)), np.zeros((0, 2))
-    ms = cv2.BFMatcher(norm, crossCheck=True).match(dq, dm)
-    q = np.array([kq[x.queryIdx].pt for x in ms], np.float64).reshape(-1, 2)
-    m = np.array([km[x.trainIdx].pt for x in ms], np.float64).reshape(-1, 2)
-    return q, m
-
-
 def run(features: str = "orb", pairs=None, seq=None, params: Optional[MetricPoseParams] = None) -> BenchResult:
     import cv2
     from megaloc_ros.evaluation.trajectory_eval import load_rgbd_sequence
@@ -102,7 +83,7 @@ def run(features: str = "orb", pairs=None, seq=None, params: Optional[MetricPose
 
     out = BenchResult(features)
     for q, m in pairs:
-        qxy, mxy = local_matches(g(q), g(m), features)
+        qxy, mxy = mutual_matches(g(q), g(m), features)
         r = PairResult(q, m, len(qxy))
         res = estimate_metric_pose(mxy, qxy, seq.load_depth(m), seq.K, seq.K, params)
         if res is not None:

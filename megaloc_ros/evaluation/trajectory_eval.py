@@ -176,12 +176,11 @@ class Loop:
 def metric_loop(seq: RgbdSequence, q: int, m: int, params=None):
     """``metric_pose`` result for frames (q, m) from ORB mutual matches, or None."""
     import cv2
-    from megaloc_ros.bench.metric_pose import local_matches
-    from megaloc_ros.verification.metric_pose import MetricPoseParams, estimate_metric_pose
+    from megaloc_ros.verification.metric_pose import MetricPoseParams, estimate_metric_pose, mutual_matches
     params = params or MetricPoseParams(depth_scale=seq.depth_scale, ransac_iterations=10000, min_inliers=15)
     gq = cv2.cvtColor(seq.load_rgb(q), cv2.COLOR_RGB2GRAY)
     gm = cv2.cvtColor(seq.load_rgb(m), cv2.COLOR_RGB2GRAY)
-    qxy, mxy = local_matches(gq, gm, "orb")
+    qxy, mxy = mutual_matches(gq, gm, "orb")
     return estimate_metric_pose(mxy, qxy, seq.load_depth(m), seq.K, seq.K, params)
 
 

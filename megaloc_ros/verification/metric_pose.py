@@ -217,6 +217,29 @@ def estimate_metric_pose(match_keypoints_xy: np.ndarray, query_keypoints_xy: np.
                             matrix=T_mq)
 
 
+def mutual_matches(grey_q: np.ndarray, grey_m: np.ndarray, features: str = "orb") -> tuple[np.ndarray, np.ndarray]:
+    """(query xy [M, 2], match xy [M, 2]): mutual nearest neighbours (cross-check, no ratio test)
+    of OpenCV ORB (5000, FAST threshold 5) or SIFT (all keypoints, contrast threshold 0.004) on
+    two grey images. What the benchmark and the trajectory evaluation feed ``estimate_metric_pose``
+    until the verifier hands over its own correspondences; PnP-RANSAC sorts out the wrong ones."""
+    import cv2
+    if features == "orb":
+        det, norm = cv2.ORB_create(5000, fastThreshold=5), cv2.NORM_HAMMING
+    elif features == "sift":
+        det, norm = cv2.SIFT_create(0, contrastThreshold=0.004), cv2.NORM_L2
+    else:
+        raise ValueError(f"unknown features {features!r}: orb or sift")
+    kq, dq = det.detectAndCompute(grey_q, None)
+    km, dm = det.detectAndCompute(grey_m, None)
+    if dq is None or dm is None:
+        return np.zeros((0, 2)), np.zeros((0, 2))
+    ms = cv2.BFMatcher(norm, crossCheck=True).match(dq, dm)
+    q = np.array([kq[x.queryIdx].pt for x in ms], np.float64).reshape(-1, 2)
+    m = np.array([km[x.trainIdx].pt for x in ms], np.float64).reshape(-1, 2)
+    return q, m
+
+
+
 def pose_error(T_est: np.ndarray, T_true: np.ndarray) -> tuple[float, float]:
     """(translation error in metres, rotation error in degrees) between two 4x4 poses."""
     D = np.linalg.inv(T_true) @ T_est

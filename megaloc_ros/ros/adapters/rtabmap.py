@@ -35,10 +35,9 @@ from megaloc_ros.msg import LoopClosureArray
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros.adapters import frames
-from megaloc_ros.types import RelativePose
+from megaloc_ros.types import SECOND_NS as NS, RelativePose
 
 NODE_NAME = "rtabmap_adapter"
-NS = 1_000_000_000
 USER_CLOSURE = 4   # rtabmap::Link::kUserClosure
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
