@@ -16,19 +16,27 @@ SRC = ROOT / "test" / "interfaces"
 PACKAGES = ("rtabmap_msgs", "tf2_msgs")
 
 
-def _digest() -> str:
-    h = hashlib.sha256(sys.version.encode())
+def missing() -> tuple[str, ...]:
+    """The packages of PACKAGES that this environment does not have (a sourced ROS 2 has tf2_msgs)."""
+    import importlib.util
+    return tuple(p for p in PACKAGES if importlib.util.find_spec(p) is None)
+
+
+def _digest(packages) -> str:
+    h = hashlib.sha256((sys.version + " ".join(packages)).encode())
     for p in sorted(SRC.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.relative_to(SRC).parts[0] in packages:
             h.update(str(p.relative_to(SRC)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
-def build() -> Path:
-    """The merged install folder of the test interfaces, built once per change of their files."""
+def build(packages=None) -> Path:
+    """The merged install folder of the test interfaces (default: the ``missing()`` ones), built
+    once per change of their files."""
+    packages = tuple(missing() if packages is None else packages)
     cache = Path(os.environ.get("MEGALOC_CACHE") or ROOT / ".cache") / "test_interfaces"
-    base = cache / _digest()
+    base = cache / _digest(packages)
     install = base / "install"
     if (base / "built").exists():
         return install
@@ -38,7 +46,8 @@ def build() -> Path:
         if (base / "built").exists():
             return install
         shutil.rmtree(base, ignore_errors=True)
-        for pkg in PACKAGES:
+        (base / "src").mkdir(parents=True)
+        for pkg in packages:
             shutil.copytree(SRC / pkg, base / "src" / pkg)
         env = dict(os.environ)
         cmake_args = [f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"]

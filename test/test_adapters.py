@@ -37,7 +37,8 @@ BASE_T_CAM = np.array([[0, 0, 1, 0.1], [-1, 0, 0, 0.0], [0, -1, 0, 0.2], [0, 0, 
 @pytest.fixture(scope="module")
 def interfaces():
     import ros_test_interfaces as T
-    T.activate(T.build())
+    if T.missing():
+        T.activate(T.build())
 
 
 class Ros:
