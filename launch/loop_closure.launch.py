@@ -13,18 +13,17 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
-# node -> {launch argument: the node parameter it sets}; the argument names stay short and stable
+# node -> the parameters a launch argument of the same name sets (one name per setting)
 PARAMETERS = {
-    "loop_closure_node": {"image_topic": "image_topic", "image_transport": "image_transport",
-                          "model_path": "encoder.model_path", "map_path": "map_path"},
-    "verifier_node": {"camera_info_topic": "camera_info_topic", "map_path": "map_path"},
+    "loop_closure_node": ("image_topic", "image_transport", "encoder.model_path", "map_path"),
+    "verifier_node": ("camera_info_topic", "map_path"),
 }
 
 
 def _node(context, name: str, namespace: str, params_file: str):
     overrides = {}
-    for argument, parameter in PARAMETERS[name].items():
-        value = LaunchConfiguration(argument).perform(context)
+    for parameter in PARAMETERS[name]:
+        value = LaunchConfiguration(parameter).perform(context)
         if value:  # empty: keep the parameters file's value
             overrides[parameter] = value
     return Node(package="megaloc_ros", executable=name, name=name, namespace=namespace, output="screen",
@@ -56,8 +55,8 @@ def generate_launch_description():
         DeclareLaunchArgument("image_topic", default_value="", description="camera topic" + keep),
         DeclareLaunchArgument("image_transport", default_value="", choices=["", "raw", "compressed"],
                               description="raw: sensor_msgs/Image; compressed: <image_topic>/compressed" + keep),
-        DeclareLaunchArgument("model_path", default_value="",
-                              description="exported encoder model, sets encoder.model_path" + keep),
+        DeclareLaunchArgument("encoder.model_path", default_value="",
+                              description="exported encoder model (.onnx or OpenVINO .xml)" + keep),
         DeclareLaunchArgument("map_path", default_value="",
                               description="map file: loaded at start when it exists, saved on shutdown" + keep),
         DeclareLaunchArgument("camera_info_topic", default_value="",

@@ -45,8 +45,8 @@ def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, e
     """The demo; returns the report dict (also written to ``output``/metrics.json)."""
     from megaloc_ros.io import datasets
     from megaloc_ros.io.bag import write_bag
-    from megaloc_ros.eval_cli import detector_and_verifier_params
-    from megaloc_ros.evaluation.replay import build_pipeline, replay_offline
+    from megaloc_ros import pipeline as PL
+    from megaloc_ros.evaluation.replay import replay_offline
     from megaloc_ros.evaluation.report import evaluate, format_loops, format_text, write_report
 
     out = Path(output)
@@ -70,7 +70,7 @@ def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, e
                     topic=TOPIC, overwrite=True, progress=not quiet)
     _say(f"bag: {bag} ({len(seq)} frames on {TOPIC}, 1 Hz)")
 
-    dp, vp = detector_and_verifier_params(None, None, verify=True)
+    settings = PL.PipelineSettings()  # the nodes' defaults (config/loop_closure.yaml)
     replay = None
     if live:
         import importlib.util
@@ -84,17 +84,17 @@ def run(output: str | Path = "demo_out", rate: float = 1.0, live: bool = True, e
              f"at x{rate:g} ...")
         try:
             # reliable QoS and a deep queue: the demo scores every frame even on a slow CPU
-            replay = replay_live(bag, TOPIC, dp, vp, rate=rate, quiet=quiet, encoder=encoder,
+            replay = replay_live(bag, TOPIC, settings, rate=rate, quiet=quiet, encoder=encoder,
                                  node_params={"image_qos": "reliable", "queue_size": 1000})
         except MegalocError as exc:
             _say(f"the live run through the ROS nodes failed ({exc}); running the same pipeline "
                  "in-process (offline replay) instead.")
     if replay is None:
         _say("replaying the bag through the pipeline in-process ...")
-        replay = replay_offline(bag, TOPIC, build_pipeline(encoder, dp, vp), quiet=quiet)
+        replay = replay_offline(bag, TOPIC, PL.build(settings, encoder), quiet=quiet)
         replay.notes.insert(0, "offline replay (in-process, no ROS nodes / DDS)")
 
-    report = evaluate(replay, seq.gt, dp.exclude_recent_s)
+    report = evaluate(replay, seq.gt, settings.detector.exclude_recent_s)
     report["ground_truth"] = "data/rtabmap/ground_truth.bmp (RTAB-Map samples_GT.bmp)"
     page = write_report(out, replay, report, seq.gt, title="megaloc_ros demo: rtabmap sequence")
     accepted = [r for r in report["loops"] if r["verified"]]

@@ -101,12 +101,6 @@ def pipeline_settings(params_file=None, overrides=None, verify: bool = True):
     return PipelineSettings.from_flat(values, verify=verify)
 
 
-def detector_and_verifier_params(params_file=None, overrides=None, verify: bool = True):
-    """``(DetectorParams, VerifierParams or None)`` of ``pipeline_settings``."""
-    s = pipeline_settings(params_file, overrides, verify)
-    return s.detector, s.verifier
-
-
 def _node_param_names() -> set[str]:
     """The nodes' own parameters (not pipeline settings)."""
     from megaloc_ros.ros.params import all_node_specs
@@ -167,7 +161,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
 
     over = cli_overrides(args)
     settings = pipeline_settings(args.params, over, verify=not args.no_verify)
-    dp, vp = settings.detector, settings.verifier
+    dp = settings.detector
     node_params = node_param_overrides(over, args.live)  # rejects node parameters without --live, early
     exclude_s = dp.exclude_recent_s if args.gt_exclude_s is None else args.gt_exclude_s
     with BagReader(args.bag) as r:  # check everything cheap before the long part
@@ -190,7 +184,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
             node_params.setdefault("odom_max_dt", min(args.pose_max_gap, 10.0))
         es = settings.encoder
         enc = encoder or (load_encoder(es.model_path, device=es.device) if es.model_path else None)
-        replay = replay_live(args.bag, args.image_topic, dp, vp, params_file=args.params,
+        replay = replay_live(args.bag, args.image_topic, settings, params_file=args.params,
                              rate=args.rate, quiet=args.quiet, trajectory=odometry, encoder=enc,
                              node_params=node_params)
     else:

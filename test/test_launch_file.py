@@ -153,13 +153,13 @@ def test_launch_arguments_given_set_their_parameters_and_nothing_else(monkeypatc
     nodes = launch(monkeypatch, image_topic="/cam/image")
     assert nodes["loop_closure_node"]["parameters"] == [PARAMS_FILE, {"image_topic": "/cam/image"}]
     assert nodes["verifier_node"]["parameters"] == [PARAMS_FILE]
-    nodes = launch(monkeypatch, image_topic="/cam", image_transport="compressed", model_path="m.onnx",
+    nodes = launch(monkeypatch, image_topic="/cam", image_transport="compressed", **{"encoder.model_path": "m.onnx"},
                    map_path="a.map", camera_info_topic="/cam/info")
     assert nodes["loop_closure_node"]["parameters"][1] == {
         "image_topic": "/cam", "image_transport": "compressed", "encoder.model_path": "m.onnx", "map_path": "a.map"}
     assert nodes["verifier_node"]["parameters"][1] == {"camera_info_topic": "/cam/info", "map_path": "a.map"}
     # an empty argument keeps the file's value: never passed as ""
-    nodes = launch(monkeypatch, image_topic="", image_transport="", model_path="", map_path="")
+    nodes = launch(monkeypatch, image_topic="", image_transport="", map_path="", **{"encoder.model_path": ""})
     assert all(n["parameters"] == [PARAMS_FILE] for n in nodes.values())
     with pytest.raises(ValueError, match="image_transport"):
         launch(monkeypatch, image_transport="theora")
@@ -176,7 +176,7 @@ def test_launch_starts_only_installed_executables(monkeypatch):
 
 
 def test_launch_passes_only_declared_parameters(monkeypatch, declared):
-    every = dict(image_topic="/cam", image_transport="raw", model_path="m.onnx", map_path="a.map",
+    every = dict(image_topic="/cam", image_transport="raw", **{"encoder.model_path": "m.onnx"}, map_path="a.map",
                  camera_info_topic="/cam/info")
     for name, n in launch(monkeypatch, **every).items():
         params = n["parameters"][1]

@@ -154,10 +154,10 @@ def raw_run(encoder, frames, tmp_path_factory):
         for node in ("loop_closure_node", "verifier_node"):
             res = _call(ns.helper_node, SaveMap, f"{node}/save_map", SaveMap.Request(path=snapshot))
             assert res.success, res.message
-        snapshot_size = len(ns.loop_closure.place_map)
+        snapshot_size = len(ns.loop_closure.mapping.place_map)
         replay(ns, frames, range(40, len(frames)))
         stats = ns.loop_closure.stats.snapshot(), ns.verifier.stats.snapshot()
-        map_size = len(ns.loop_closure.place_map)
+        map_size = len(ns.loop_closure.mapping.place_map)
     return rec, stats, map_size, (snapshot, snapshot_size)
 
 
@@ -217,7 +217,7 @@ def test_bad_input_is_counted_logged_and_survived(encoder, frames):
             assert warned and "last:" in warned[0].message, "no WARN status for the bad frames"
             # ... and a good frame afterwards is still processed into a keyframe
             replay(ns, frames, [5], compressed=compressed)
-            assert lc.stats.count("frames_processed") == 1 and len(lc.place_map) == 1
+            assert lc.stats.count("frames_processed") == 1 and len(lc.mapping.place_map) == 1
             assert len(rec.keyframes) == 1
 
 
@@ -230,7 +230,7 @@ def test_burst_drops_frames_but_never_accepted_keyframes(encoder, frames):
         rec = Recorder(ns)
         replay(ns, frames, range(0, 40), lockstep=False)
         lc, vn = ns.loop_closure.stats.snapshot(), ns.verifier.stats.snapshot()
-        map_ids = [kf.id for kf in ns.loop_closure.place_map.keyframes()]
+        map_ids = [kf.id for kf in ns.loop_closure.mapping.place_map.keyframes()]
         _wait(lambda: len(rec.keyframes) == len(map_ids), 10, "keyframes at the recorder")
         _wait(lambda: rec.diag_value("loop_closure_node", "frames_dropped")[0] == lc.get("frames_dropped"), 10,
               "drops in /diagnostics")
@@ -256,17 +256,17 @@ def test_saved_map_finds_the_same_loops_after_restart(encoder, frames, rtabmap_s
     before_stat = os.stat(map_path).st_mtime_ns
     # session 0: the revisit continues the saved session, as in the continuous run
     with NodeSet(params(map_path=map_path, session=0), domain_id=DOMAIN_ID, encoder=encoder) as ns:
-        assert len(ns.loop_closure.place_map) == snapshot_size  # loaded at start
+        assert len(ns.loop_closure.mapping.place_map) == snapshot_size  # loaded at start
         assert len(ns.verifier.verifier) > 0
         rec = Recorder(ns)
         replay(ns, frames, range(40, 84))
         assert min(lc.query_id for lc in rec.candidates) >= snapshot_size  # ids continue
-        size = len(ns.loop_closure.place_map)
+        size = len(ns.loop_closure.mapping.place_map)
         req = QueryImage.Request(image=conv.rgb_to_image_msg(frames[45], BASE_NS + 45 * conv.NS), top_k=3)
         res = _call(ns.helper_node, QueryImage, "loop_closure_node/query_image", req).result
         assert len(res.loops) == 3 and res.loops[0].query_id == conv.NO_KEYFRAME
         assert res.loops[0].score == pytest.approx(1.0, abs=1e-3)  # frame 45 itself is in the map now
-        assert len(ns.loop_closure.place_map) == size  # the query inserted nothing
+        assert len(ns.loop_closure.mapping.place_map) == size  # the query inserted nothing
     assert os.stat(map_path).st_mtime_ns != before_stat, "the map was not saved on shutdown"
 
     after = check_loops(rec, rtabmap_seq.gt, min_loops=5)
@@ -295,7 +295,7 @@ def test_parameters_are_validated_and_detector_ones_apply_live(encoder):
         ro = lc.set_parameters([Parameter("queue_size", value=8)])[0]
         assert not ro.successful and "read-only" in ro.reason
         ok = lc.set_parameters([Parameter("detector.similarity_threshold", value=0.8)])[0]
-        assert ok.successful and lc.detector.params.similarity_threshold == 0.8
+        assert ok.successful and lc.mapping.params.similarity_threshold == 0.8
         ok = vn.set_parameters([Parameter("verifier.min_inliers", value=40)])[0]
         assert ok.successful and vn.verifier.params.min_inliers == 40
         ro = vn.set_parameters([Parameter("verifier.pca_dim", value=64)])[0]
@@ -329,7 +329,7 @@ def test_lifecycle_transitions_start_save_and_reload_the_map(encoder, frames, tm
         _wait(lambda: h.count_subscribers("image_raw") == 1, 10, "the camera subscription")
         rec = Recorder(ns)
         replay(ns, frames, [0])
-        assert len(ns.loop_closure.place_map) == 1 and rec.keyframes == [0]
+        assert len(ns.loop_closure.mapping.place_map) == 1 and rec.keyframes == [0]
         assert not os.path.exists(map_path)
         transition(Transition.TRANSITION_DEACTIVATE)
         assert os.path.exists(map_path), "deactivate did not save the map"
@@ -339,10 +339,10 @@ def test_lifecycle_transitions_start_save_and_reload_the_map(encoder, frames, tm
         transition(Transition.TRANSITION_CONFIGURE)
         transition(Transition.TRANSITION_ACTIVATE)
         lc = ns.loop_closure
-        assert len(lc.place_map) == 1 and lc.session == 1  # reloaded; a new session
+        assert len(lc.mapping.place_map) == 1 and lc.session == 1  # reloaded; a new session
         _wait(lambda: h.count_subscribers("image_raw") == 1, 10, "the camera subscription")
         replay(ns, frames, [50])
-        kfs = list(lc.place_map.keyframes())
+        kfs = list(lc.mapping.place_map.keyframes())
         assert [(k.id, k.session) for k in kfs] == [(0, 0), (1, 1)]
 
 

@@ -1,8 +1,8 @@
 """Replaying a rosbag through the loop-closure pipeline and recording what it decided.
 
-``replay_offline`` runs the core objects the nodes run (encoder -> LoopDetector + PlaceMap ->
-Verifier, glued by ``LoopClosurePipeline``) frame by frame, without DDS. The live mode
-(megaloc_ros/ros/replay.py) fills the same ``Replay`` from what the running nodes publish, so
+``replay_offline`` runs the pipeline stages the nodes run (megaloc_ros/pipeline.py: encoding ->
+mapping -> verification) frame by frame, without DDS. The live mode
+(megaloc_ros/ros/live_replay.py) fills the same ``Replay`` from what the running nodes publish, so
 both are scored and reported by the same code.
 """
 from __future__ import annotations
@@ -129,25 +129,9 @@ def descriptor_stride(n_frames: int) -> int:
     return max(1, math.ceil(n_frames / MAX_SIMILARITY_FRAMES))
 
 
-def build_pipeline(encoder, detector_params=None, verifier_params=None, verify: bool = True,
-                   index: str = "flat"):
-    """The same objects the nodes build: PlaceMap + LoopDetector (+ Verifier)."""
-    from megaloc_ros.mapping.detector import DetectorParams, LoopDetector
-    from megaloc_ros.pipeline import LoopClosurePipeline
-    from megaloc_ros.mapping.place_map import PlaceMap
-
-    pm = PlaceMap(encoder.descriptor_dim, encoder.model_name, index=index)
-    det = LoopDetector(pm, detector_params or DetectorParams())
-    ver = None
-    if verify:
-        from megaloc_ros.verification.verifier import Verifier, VerifierParams
-        ver = Verifier(verifier_params or VerifierParams())
-    return LoopClosurePipeline(encoder, det, ver)
-
-
 def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
                    pose_max_gap_s: float = 0.5, quiet: bool = False) -> Replay:
-    """Run every image on ``topic`` through ``pipeline`` (from ``build_pipeline``), in bag order.
+    """Run every image on ``topic`` through ``pipeline`` (``megaloc_ros.pipeline.build``), in bag order.
 
     ``trajectory`` (ground_truth.Trajectory), when given, supplies the pose of each frame
     (as odometry would to the node), which keyframe selection uses.

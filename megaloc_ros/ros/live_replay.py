@@ -44,15 +44,6 @@ class TimedEncoder:
         return getattr(self._enc, name)
 
 
-def _dataclass_params(obj, prefix: str, known: set[str]) -> dict:
-    out = {}
-    for k, v in dataclasses.asdict(obj).items():
-        name = f"{prefix}.{k}"
-        if name in known and v is not None and not isinstance(v, dict):
-            out[name] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 class _Recorder:
     """Collects the nodes' outputs with their arrival times (called on the executor thread)."""
 
@@ -75,14 +66,14 @@ class _Recorder:
                     sum(len(m.loops) for _, m in self.retrieved), sum(len(m.loops) for _, m in self.verdicts))
 
 
-def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier_params=None, *,
+def replay_live(bag_path: str | Path, topic: str, settings=None, *,
                 params_file: Optional[str] = None, rate: float = 1.0, quiet: bool = False,
                 trajectory=None, encoder=None, node_params: Optional[dict] = None,
                 namespace: Optional[str] = None, timeout_s: float = 600.0) -> Replay:
     """Play ``topic`` of the bag into freshly started nodes and record their outputs.
 
-    ``detector_params`` / ``verifier_params`` (dataclasses; ``verifier_params`` None runs no
-    verifier) override ``params_file``; ``node_params`` overrides node parameters such as
+    ``settings`` (``pipeline.PipelineSettings``; its ``verifier`` None runs no verifier node)
+    overrides ``params_file``; ``node_params`` overrides node parameters such as
     ``image_qos`` or ``queue_size``. ``rate`` scales the bag's timing (2.0 = twice as fast).
     ``trajectory`` (evaluation.ground_truth.Trajectory) is played as nav_msgs/Odometry on
     ``<ns>/odom``, interleaved with the images by stamp, and the node is told to use it.
@@ -108,12 +99,11 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
         n_frames = r.image_count(topic)
         msgtype = next(c.msgtype for c in r._reader.connections if c.topic == topic)
     compressed = msgtype == COMPRESSED_TYPE
-    known = {s.name for specs in P.all_node_specs().values() for s in specs}
+    from megaloc_ros.pipeline import PipelineSettings
+
+    settings = settings or PipelineSettings()
     params = load_params(params_file)
-    if detector_params is not None:
-        params.update(_dataclass_params(detector_params, "detector", known))
-    if verifier_params is not None:
-        params.update(_dataclass_params(verifier_params, "verifier", known))
+    params.update({k: list(v) if isinstance(v, tuple) else v for k, v in settings.to_flat().items()})
     params.update({"image_topic": "image_raw", "image_transport": "compressed" if compressed else "raw",
                    "map_path": "", "autostart": True, "odom_topic": "odom" if trajectory is not None else "",
                    # a replay must lose no frame: reliable with a history deep enough for the whole
@@ -123,14 +113,14 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
     ns = namespace if namespace is not None else f"megaloc_replay_{os.getpid()}"
     if encoder is None:
         from megaloc_ros.encoding.loader import load_encoder
-        encoder = load_encoder(params.get("model_path") or None, device=params.get("device", "auto"))
+        encoder = load_encoder(settings.encoder.model_path or None, device=settings.encoder.device)
     timed = TimedEncoder(encoder)
     rec = _Recorder()
     reliable = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
     published_at: dict[int, float] = {}
     stamps: list[int] = []
     notes = []
-    with NodeSet(params, namespace=ns, use_verifier=verifier_params is not None, encoder=timed) as nodes:
+    with NodeSet(params, namespace=ns, use_verifier=settings.verifier is not None, encoder=timed) as nodes:
         h = nodes.helper_node
         # exactly the topic the node subscribed to (namespace and /compressed resolved)
         image_topic = getattr(nodes, "image_topic", "") or ("image_raw/compressed" if compressed else "image_raw")
@@ -196,10 +186,10 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
                          "query keyframe did not arrive within candidate_wait (it was behind)")
         dropped = lc.stats.count("frames_dropped")
         processed = lc.stats.count("frames_processed")
-        pm = lc.place_map
+        pm = lc.mapping.place_map
         map_size = len(pm)
         map_bytes = dict(pm.memory_bytes()) if hasattr(pm, "memory_bytes") else {}
-        used = {"detector": dataclasses.asdict(lc.detector.params)}
+        used = {"detector": dataclasses.asdict(lc.mapping.params)}
         if vn is not None:
             used["verifier"] = dataclasses.asdict(vn.verifier.params)
         for s in subs:
@@ -217,7 +207,7 @@ def replay_live(bag_path: str | Path, topic: str, detector_params=None, verifier
                  "image_to_keyframe includes DDS transport and queueing; offline mode times "
                  "decode/encode/search/verify per frame")
     return _to_replay(str(bag_path), topic, stamps, published_at, rec, timed, conv, map_size, map_bytes,
-                      vn_used=verifier_params is not None, params=used, notes=notes)
+                      vn_used=settings.verifier is not None, params=used, notes=notes)
 
 
 def _odometry(trajectory, conv, Odometry) -> list:

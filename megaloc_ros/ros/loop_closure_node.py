@@ -44,6 +44,7 @@ from megaloc_ros.msg import LoopClosureArray
 from megaloc_ros.srv import QueryImage
 
 from megaloc_ros.errors import MegalocError
+from megaloc_ros.pipeline import PipelineSettings, build_encoding, build_mapping
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
 from megaloc_ros.ros.managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
@@ -62,22 +63,21 @@ class _Frame:
 
 class LoopClosureNode(ManagedNode):
     """See the module docstring. ``encoder``: an already loaded encoder to use instead of
-    loading ``model_path`` (tests and in-process callers share one)."""
+    loading ``encoder.model_path`` (tests and in-process callers share one)."""
 
     DIAG_ERRORS = ("decode_errors", "processing_errors", "odom_errors")
     DIAG_ERROR_TEXT = "bad frames"
     DIAG_WARNING = ("frames_dropped", "frames dropped")
 
     def __init__(self, node_name: str = P.LOOP_CLOSURE_NODE, *, encoder=None, **kwargs):
-        from megaloc_ros.mapping.detector import DetectorParams
-        super().__init__(node_name, P.loop_closure_specs(), "detector", DetectorParams, **kwargs)
+        sections = P.node_sections(P.LOOP_CLOSURE_NODE)
+        super().__init__(node_name, P.node_specs(P.LOOP_CLOSURE_NODE), "detector", sections["detector"],
+                         sections, **kwargs)
         self._logged: dict[str, float] = {}
         self._given_encoder = encoder
-        self.encoder = None
-        self.place_map = None
-        self.detector = None
+        self.encoding = None   # pipeline stages (megaloc_ros.pipeline), built on configure
+        self.mapping = None
         self.session = 0
-        self._map_lock = threading.RLock()
         self._cv = threading.Condition()
         self._queue: deque[_Frame] = deque()
         self._busy = False
@@ -92,27 +92,19 @@ class LoopClosureNode(ManagedNode):
 
     # ----------------------------------------------------------------- lifecycle
     def _apply_params(self) -> None:
-        if self.detector is not None:
-            self.detector.params = self._build_params()
+        if self.mapping is not None:
+            self.mapping.set_params(self._build_params())
             self.get_logger().info("detector parameters updated")
 
     def _configure(self) -> None:
-        from megaloc_ros.mapping.place_map import PlaceMap
-        if self._given_encoder is not None:
-            self.encoder = self._given_encoder
-        else:
-            from megaloc_ros.encoding.encoder import load_encoder
-            self.encoder = load_encoder(self._param("model_path") or None, device=self._param("device"))
-        self.get_logger().info(f"encoder: {self.encoder.model_name} ({self.encoder.descriptor_dim}-D)")
-        path = self._param("map_path")
-        if path and Path(path).exists():
-            self.place_map = PlaceMap.load(path, expected_model=self.encoder.model_name,
-                                           expected_dim=self.encoder.descriptor_dim)
-            self.get_logger().info(f"loaded map {path}: {len(self.place_map)} keyframes")
-        else:
-            self.place_map = PlaceMap(self.encoder.descriptor_dim, self.encoder.model_name,
-                                      index=self._param("map_index"))
-        self._new_detector()
+        settings = PipelineSettings.from_flat(self._values, verify=False)
+        self.encoding = build_encoding(settings.encoder, self._given_encoder)
+        enc = self.encoding.encoder
+        self.get_logger().info(f"encoder: {enc.model_name} ({enc.descriptor_dim}-D)")
+        self.mapping = build_mapping(settings, enc.model_name, enc.descriptor_dim, self._param("map_path"))
+        if len(self.mapping):
+            self.get_logger().info(f"loaded map {self._param('map_path')}: {len(self.mapping)} keyframes")
+        self._on_new_map()
         self._pub_candidates = self.create_lifecycle_publisher(LoopClosureArray, "~/candidates", RELIABLE)
         self._pub_retrieved = self.create_lifecycle_publisher(LoopClosureArray, "~/retrieved", RELIABLE)
         self._pub_keyframes = self.create_lifecycle_publisher(KeyframeMsg, "~/keyframes", RELIABLE_KEEP_ALL)
@@ -125,14 +117,14 @@ class LoopClosureNode(ManagedNode):
     def _extra_services(self) -> list:
         return [(QueryImage, "~/query_image", self._srv_query_image)]
 
-    def _new_detector(self) -> None:
-        from megaloc_ros.mapping.detector import LoopDetector
-        self.detector = LoopDetector(self.place_map, self._build_params())
+    def _on_new_map(self) -> None:
+        """Session of new keyframes and the markers, for the map now in ``mapping``."""
+        keyframes = list(self.mapping.place_map.keyframes())
         s = int(self._param("session"))
         if s < 0:
-            s = max((kf.session for kf in self.place_map.keyframes()), default=-1) + 1
+            s = max((kf.session for kf in keyframes), default=-1) + 1
         self.session = s
-        self._positions = {kf.id: kf.pose[:3, 3].copy() for kf in self.place_map.keyframes() if kf.pose is not None}
+        self._positions = {kf.id: kf.pose[:3, 3].copy() for kf in keyframes if kf.pose is not None}
         self._edges = []
         self._markers_dirty = True
 
@@ -151,7 +143,7 @@ class LoopClosureNode(ManagedNode):
         if self._param("odom_topic"):
             self._own_subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
                                                        callback_group=MutuallyExclusiveCallbackGroup()))
-        self.get_logger().info(f"listening on {self._own_subs[0].topic_name}; map has {len(self.place_map)} keyframes, "
+        self.get_logger().info(f"listening on {self._own_subs[0].topic_name}; map has {len(self.mapping)} keyframes, "
                                f"new keyframes are session {self.session}")
 
     def _drain(self) -> None:
@@ -248,17 +240,12 @@ class LoopClosureNode(ManagedNode):
 
     def _process(self, f: _Frame) -> None:
         pose = self._pose_at(f.stamp_ns) if self._param("odom_topic") else None
-        t0 = time.perf_counter()
-        feats = self.encoder.encode([f.rgb])[0]
-        t1 = time.perf_counter()
-        with self._map_lock:
-            det = self.detector.process(feats.descriptor, f.stamp_ns, session=self.session,
-                                        frame_id=f.frame_id, pose=pose)
-            if det.keyframe is not None:
-                self._dirty = True
-        t2 = time.perf_counter()
-        self.stats.latency("encode", (t1 - t0) * 1e3)
-        self.stats.latency("search", (t2 - t1) * 1e3)
+        feats, encode_ms = self.encoding.encode(f.rgb)
+        det, search_ms = self.mapping.detect(feats.descriptor, f.stamp_ns, self.session, f.frame_id, pose)
+        if det.keyframe is not None:
+            self._dirty = True
+        self.stats.latency("encode", encode_ms)
+        self.stats.latency("search", search_ms)
         self.stats.inc("frames_processed")
         kf = det.keyframe
         if kf is None:
@@ -290,7 +277,7 @@ class LoopClosureNode(ManagedNode):
         self.stats.set("session", self.session)
         self.stats.set("frame_rate_hz", self.stats.rate("frames_received"))
         dead = None if self._worker is not None and self._worker.is_alive() else "worker not running"
-        self._publish_diagnostics(self.encoder.model_name if self.encoder else "", dead)
+        self._publish_diagnostics(self.encoding.encoder.model_name if self.encoding else "", dead)
         if self._markers_dirty:
             self._markers_dirty = False
             self._publish_markers()
@@ -317,14 +304,14 @@ class LoopClosureNode(ManagedNode):
 
     # ----------------------------------------------------------------- map files
     def _keyframe_count(self) -> Optional[int]:
-        return len(self.place_map) if self.place_map is not None else None
+        return len(self.mapping) if self.mapping is not None else None
 
     def save_map(self, path: str = "") -> str:
         """Save the map to ``path`` (default ``map_path``); returns the path written."""
         path = self._map_path(path)
-        if self.place_map is None:
+        if self.mapping is None:
             raise MegalocError("the node is not configured: no map to save")
-        return self._write_state(path, self._map_lock, lambda out: self.place_map.save(out))
+        return self._write_state(path, self.mapping.lock, self.mapping.save)
 
     def load_map(self, path: str = "") -> str:
         """Replace the map by the one at ``path`` (default ``map_path``); new keyframes continue
@@ -333,11 +320,12 @@ class LoopClosureNode(ManagedNode):
         path = self._map_path(path)
         if not os.path.exists(path):
             raise MegalocError(f"map file {path} does not exist")
-        m = PlaceMap.load(path, expected_model=self.encoder.model_name, expected_dim=self.encoder.descriptor_dim)
+        enc = self.encoding.encoder
+        m = PlaceMap.load(path, expected_model=enc.model_name, expected_dim=enc.descriptor_dim)
         self.wait_idle(timeout=30.0)
-        with self._map_lock:
-            self.place_map = m
-            self._new_detector()
+        with self.mapping.lock:
+            self.mapping.replace_map(m)
+            self._on_new_map()
             self._dirty = False
         self.get_logger().info(f"loaded map {path}: {len(m)} keyframes, new keyframes are session {self.session}")
         return path
@@ -345,11 +333,10 @@ class LoopClosureNode(ManagedNode):
     def _srv_query_image(self, req, res):
         try:
             rgb = conv.image_msg_to_rgb(req.image)
-            feats = self.encoder.encode([rgb])[0]
+            feats, _ = self.encoding.encode(rgb)
             stamp = conv.stamp_to_ns(req.image.header.stamp)
-            with self._map_lock:
-                cands = self.detector.query(feats.descriptor, top_k=int(req.top_k) or None, stamp_ns=stamp,
-                                            session=self.session, frame_id=req.image.header.frame_id)
+            cands = self.mapping.query(feats.descriptor, top_k=int(req.top_k) or None, stamp_ns=stamp,
+                                       session=self.session, frame_id=req.image.header.frame_id)
             res.result = conv.loops_to_array(cands, stamp, req.image.header.frame_id)
         except Exception as exc:
             self.stats.error("query_errors", str(exc))

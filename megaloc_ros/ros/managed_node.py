@@ -20,6 +20,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from megaloc_ros.srv import LoadMap, SaveMap
 
 from megaloc_ros.errors import MegalocError
+from megaloc_ros.settings import from_flat
 from megaloc_ros.ros import params as P
 from megaloc_ros.ros.diagnostics import Stats, level_of, status_array
 
@@ -29,19 +30,22 @@ RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 class ManagedNode(LifecycleNode):
     """Base of the megaloc_ros nodes. ``specs``: the node's parameters; ``prefix`` and
-    ``params_cls``: the dataclass its ``<prefix>.*`` parameters build. A subclass sets up its
-    own state after ``super().__init__`` and then calls ``_autostart()``."""
+    ``params_cls``: the dataclass its live ``<prefix>.*`` parameters build; ``sections``: every
+    ``{prefix: settings class}`` a parameter change is checked against (default: that one).
+    A subclass sets up its own state after ``super().__init__`` and then calls ``_autostart()``."""
 
     STATE_NAME = "map"   # in log messages: what save_map writes
     DIAG_ERRORS: tuple[str, ...] = ()   # counters whose increase makes the report WARN ...
     DIAG_ERROR_TEXT = "errors"
     DIAG_WARNING = ("", "")   # ... and one lost-input counter, with its words in the message
 
-    def __init__(self, node_name: str, specs, prefix: str, params_cls: type, **kwargs):
+    def __init__(self, node_name: str, specs, prefix: str, params_cls: type,
+                 sections: Optional[dict[str, type]] = None, **kwargs):
         super().__init__(node_name, **kwargs)
         self._specs, self._prefix, self._params_cls = specs, prefix, params_cls
         self._values = P.declare(self, specs)
-        self.add_on_set_parameters_callback(P.validator(specs, {prefix: params_cls}, lambda: self._values))
+        self.add_on_set_parameters_callback(P.validator(specs, sections or {prefix: params_cls},
+                                                        lambda: self._values))
         self.add_post_set_parameters_callback(self._after_set_parameters)
         self._build_params()  # its own checks, before anything starts
         self.stats = Stats()
@@ -99,7 +103,7 @@ class ManagedNode(LifecycleNode):
         return self._values[name]
 
     def _build_params(self):
-        return P.build_dataclass(self._params_cls, self._prefix, self._values)
+        return from_flat(self._params_cls, self._prefix, self._values)
 
     def _after_set_parameters(self, params) -> None:
         for p in params:

@@ -158,11 +158,6 @@ def all_node_specs() -> dict[str, list[ParamSpec]]:
     return {LOOP_CLOSURE_NODE: loop_closure_specs(), VERIFIER_NODE: verifier_node_specs()}
 
 
-def build_dataclass(cls, prefix: str, values: dict[str, Any]):
-    """Deprecated: use ``megaloc_ros.settings.from_flat`` (kept until managed_node switches)."""
-    return S.from_flat(cls, prefix, values)
-
-
 # --- declaring on a node ------------------------------------------------------------------
 
 def declare(node, specs: Sequence[ParamSpec]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
 
 from megaloc_ros.errors import MegalocError
+from megaloc_ros.pipeline import build_verification, live_verifier_params
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
 from megaloc_ros.ros.managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
@@ -51,10 +52,11 @@ class VerifierNode(ManagedNode):
     DIAG_WARNING = ("candidates_expired", "candidates expired")
 
     def __init__(self, node_name: str = P.VERIFIER_NODE, **kwargs):
-        from megaloc_ros.verification.verifier import VerifierParams
-        super().__init__(node_name, P.verifier_node_specs(), "verifier", VerifierParams, **kwargs)
+        sections = P.node_sections(P.VERIFIER_NODE)
+        super().__init__(node_name, P.node_specs(P.VERIFIER_NODE), "verifier", sections["verifier"],
+                         sections, **kwargs)
         self._camera()
-        self.verifier = None
+        self.verification = None   # the pipeline's verification stage, built on configure
         self._lock = threading.RLock()   # the Verifier and the pending candidates
         self._keyframes: dict[int, object] = {}   # id -> Keyframe (with pose) received this run
         self._pending: list[tuple[float, LoopClosureArray]] = []
@@ -62,15 +64,13 @@ class VerifierNode(ManagedNode):
 
     # ----------------------------------------------------------------- lifecycle
     def _apply_params(self) -> None:
-        if self.verifier is not None:
+        if self.verification is not None:
             with self._lock:
-                self.verifier.params = self._live_params(self.verifier.params)
+                self.verifier.params = live_verifier_params(self.verifier.params, self._build_params())
 
-    def _live_params(self, base):
-        """``base`` with the node's values of the fields that only change decisions."""
-        import dataclasses
-        new = self._build_params()
-        return dataclasses.replace(base, **{f: getattr(new, f) for f in P.VERIFIER_LIVE_FIELDS})
+    @property
+    def verifier(self):
+        return self.verification.verifier if self.verification is not None else None
 
     def _camera(self):
         c = [float(v) for v in self._param("camera_matrix")]
@@ -82,26 +82,19 @@ class VerifierNode(ManagedNode):
         k = np.array([[c[0], 0, c[2]], [0, c[1], c[3]], [0, 0, 1]], np.float64)
         return k, (int(c[4]), int(c[5]))
 
-    def _configure(self) -> None:
-        from megaloc_ros.verification.verifier import Verifier
+    def _build_verification(self, map_path: str):
         k, size = self._camera()
-        path = self._param("map_path")
-        if path and Path(verifier_state_path(path)).exists():
-            self.verifier = self._load(verifier_state_path(path), k, size)
-        else:
-            self.verifier = Verifier(self._build_params(), k, size)
+        state = verifier_state_path(map_path) if map_path else ""
+        v = build_verification(self._build_params(), k, size, state)
+        if state and Path(state).exists():
+            self.get_logger().info(f"loaded verifier state {state}: {len(v.verifier)} keyframes")
+        return v
+
+    def _configure(self) -> None:
+        self.verification = self._build_verification(self._param("map_path"))
         self._pub_loops = self.create_lifecycle_publisher(LoopClosureArray, "~/loop_closures", RELIABLE)
         self._pub_rejected = self.create_lifecycle_publisher(LoopClosureArray, "~/rejected", RELIABLE)
         self._own_pubs = [self._pub_loops, self._pub_rejected]
-
-    def _load(self, path: str, k, size):
-        from megaloc_ros.verification.verifier import Verifier
-        v = Verifier.load(path, camera_matrix=k)
-        if size is not None:
-            v.camera_size = size
-        v.params = self._live_params(v.params)
-        self.get_logger().info(f"loaded verifier state {path}: {len(v)} keyframes")
-        return v
 
     def _activate(self) -> None:
         # One callback group: the Verifier sees keyframes and candidates in arrival order.
@@ -125,12 +118,11 @@ class VerifierNode(ManagedNode):
             kf, rgb, feats = conv.msg_to_keyframe(msg)
             if rgb is None:
                 raise MegalocError(f"keyframe {kf.id} carries no image")
-            t0 = time.perf_counter()
             with self._lock:
-                self.verifier.add_keyframe(kf, rgb, feats)
+                ms = self.verification.add_keyframe(kf, rgb, feats)
                 self._keyframes[kf.id] = kf
                 self._dirty = True
-            self.stats.latency("add_keyframe", (time.perf_counter() - t0) * 1e3)
+            self.stats.latency("add_keyframe", ms)
         except Exception as exc:
             self.stats.error("keyframe_errors", str(exc))
             self.get_logger().error(f"keyframe {msg.id} not added: {exc}", throttle_duration_sec=2.0)
@@ -179,28 +171,24 @@ class VerifierNode(ManagedNode):
             self._verify(m)
 
     def _verify(self, msg: LoopClosureArray) -> None:
-        by_query: dict[int, list] = {}
-        for lc in msg.loops:  # verify() takes one query at a time
-            by_query.setdefault(lc.query_id, []).append(lc)
-        accepted, rejected = [], []
-        for qid, lcs in by_query.items():
-            cands = [conv.msg_to_candidate(lc, self._keyframes.get(lc.query_id), self._keyframes.get(lc.match_id))
-                     for lc in lcs]
-            t0 = time.perf_counter()
-            try:
-                with self._lock:
-                    results = self.verifier.verify(cands)
-            except Exception as exc:
-                self.stats.error("verify_errors", str(exc))
-                self.get_logger().error(f"verifying keyframe {qid} failed: {exc}", throttle_duration_sec=2.0)
-                continue
-            self.stats.latency("verify", (time.perf_counter() - t0) * 1e3)
-            for r in results:
-                (accepted if r.accepted else rejected).append(r)
-                self.get_logger().debug(f"{r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
+        cands = [conv.msg_to_candidate(lc, self._keyframes.get(lc.query_id), self._keyframes.get(lc.match_id))
+                 for lc in msg.loops]
+        try:
+            with self._lock:
+                results, ms = self.verification.verify(cands)
+        except Exception as exc:
+            self.stats.error("verify_errors", str(exc))
+            self.get_logger().error(f"verifying keyframe {msg.loops[0].query_id} failed: {exc}",
+                                    throttle_duration_sec=2.0)
+            return
+        self.stats.latency("verify", ms)
+        accepted = [r for r in results if r.accepted]
+        rejected = [r for r in results if not r.accepted]
+        for r in results:
+            self.get_logger().debug(f"{r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
         self.stats.inc("loops_accepted", len(accepted))
         self.stats.inc("loops_rejected", len(rejected))
-        self.stats.inc("candidates_verified", len(accepted) + len(rejected))
+        self.stats.inc("candidates_verified", len(results))
         stamp = conv.stamp_to_ns(msg.header.stamp)
         if accepted:
             out = conv.loops_to_array(accepted, stamp, msg.header.frame_id)
@@ -235,14 +223,16 @@ class VerifierNode(ManagedNode):
     def load_map(self, path: str = "") -> str:
         """Replace the state by ``<path>.verifier`` (default path: ``map_path``); returns the file."""
         path = self._map_path(path)
-        k, size = self._camera()
-        v = self._load(verifier_state_path(path), k, size)
+        state = verifier_state_path(path)
+        if not Path(state).exists():
+            raise MegalocError(f"verifier state {state} does not exist")
+        v = self._build_verification(path)
         with self._lock:
-            self.verifier = v
+            self.verification = v
             self._keyframes.clear()
             self._pending.clear()
             self._dirty = False
-        return verifier_state_path(path)
+        return state
 
 
 def main(args=None) -> None:
