@@ -101,3 +101,30 @@ def test_no_rclpy_outside_ros():
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(m.split(".")[0] == "rclpy" for m in mods), f"{name} imports rclpy"
+
+
+def test_readme_layout_matches_the_tree():
+    """Every module of the package is named in README's layout table (a subfolder named there
+    covers its modules), and every path the table names exists."""
+    import re
+    root = PKG.parent
+    text = (root / "README.md").read_text()
+    table = text[text.index("## Layout"):text.index("## Data and licences")]
+    named: set[str] = set()
+    for row in (r for r in table.splitlines() if r.startswith("| `")):
+        first, rest = row.split(" | ", 1)
+        heads = re.findall(r"`([^`]+)`", first)
+        base = heads[0][:heads[0].rstrip("/").rfind("/") + 1]
+        paths = [h if "/" in h.rstrip("/") else base + h for h in heads]
+        if heads[0].endswith("/"):  # a folder row: the modules and subfolders it lists
+            paths += [heads[0] + m for m in re.findall(r"`([\w]+(?:\.py|/))`", rest)]
+        for path in paths:
+            assert (root / path).exists(), f"README's layout table names {path}, which does not exist"
+            named.add(path.rstrip("/"))
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(root)
+        if p.name in ("__init__.py", "__main__.py"):
+            continue
+        assert str(rel) in named or str(rel.parent) in named and rel.parent != PKG.relative_to(root) \
+            and not any(n.startswith(str(rel.parent) + "/") for n in named), \
+            f"{rel} is not in README's layout table"
