@@ -140,7 +140,7 @@ def test_lio_sam_adapter_forwards_exact_stamps(ros):
               (BASE + 96 * NS + 1, BASE + 4 * NS),
               (BASE + 97 * NS + 999_999_999, BASE + 5 * NS + 500_000_000)]
     loops = [loop_msg(stamps[0][0], stamps[0][1], pose([0, 5, 0], [0.1, 0, 0]), np.eye(6) * 1e-4),
-             loop_msg(stamps[1][0], stamps[1][1]),                                           # no transform: still useful
+             loop_msg(stamps[1][0], stamps[1][1]),                                # no transform: still useful
              loop_msg(BASE + 50 * NS, BASE + 2 * NS, verified=False),                        # not verified: dropped
              loop_msg(stamps[2][0], stamps[2][1], pose([0, 5, 0], [1, 0, 0]), metric=False)]  # unit direction: kept
     pub.publish(LoopClosureArray(loops=loops[:2]))
@@ -208,7 +208,7 @@ def test_rtabmap_adapter_add_link_fields(ros, interfaces):
     ZB = pose([-2, 35, 1], [-0.2, 0.02, 0.4])
     loops = [
         loop_msg(BASE + 100 * NS, BASE + 10 * NS, ZA, covA, qid=90, mid=9),            # A: nodes 42 and 7
-        loop_msg(BASE + 101 * NS, BASE + 11 * NS, ZB, None, qid=91, mid=10),           # B: no covariance; node 8 from info
+        loop_msg(BASE + 101 * NS, BASE + 11 * NS, ZB, None, qid=91, mid=10),  # B: no covariance; node 8 from info
         loop_msg(BASE + 102 * NS, BASE + 12 * NS, ZA, covA, verified=False),          # not verified
         loop_msg(BASE + 103 * NS, BASE + 13 * NS, ZA, covA, metric=False),            # unit direction
         loop_msg(BASE + 104 * NS, BASE + 55 * NS, ZA, covA, qid=94, mid=50),           # no node near 55 s: expires

@@ -45,7 +45,8 @@ def usable_covariance(cov: Optional[np.ndarray], default_sigma_t: float, default
     return c + np.diag([min_sigma_t ** 2] * 3 + [min_sigma_r ** 2] * 3)
 
 
-def base_loop(Z: np.ndarray, cov: np.ndarray, base_T_camera: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+def base_loop(Z: np.ndarray, cov: np.ndarray,
+              base_T_camera: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(T_match_query between base frames, its covariance) from the camera loop ``Z``."""
     X = np.eye(4) if base_T_camera is None else np.asarray(base_T_camera, np.float64).reshape(4, 4)
     M = X @ np.asarray(Z, np.float64) @ inverse(X)
