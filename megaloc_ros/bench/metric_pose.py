@@ -1,6 +1,6 @@
 """Metric loop transforms from depth, measured against motion-capture ground truth.
 
-``python -m megaloc_ros.bench.metric_pose [--features orb|sift] [--json out.json]``
+``python -m megaloc_ros.bench.metric_pose [--features orb|sift|xfeat] [--json out.json]``
 
 On TUM RGB-D fr3/cabinet (58 keyframes; 52-57 come back to 0-3) it matches local features
 between the loop pairs (queries 52..57 x matches 0..3) and neighbouring pairs (i+1, i), estimates
@@ -9,8 +9,10 @@ match frame's depth, and prints the translation / rotation error of each returne
 the ground-truth relative pose, their medians, and how many pairs gave no pose.
 
 Correspondences: mutual nearest neighbours (cross-check, no ratio test) of OpenCV ORB (5000,
-FAST threshold 5) or SIFT (all keypoints, contrast threshold 0.004). The scene is a plain
-cabinet on a plain floor: the ratio test leaves almost no correct SIFT matches, mutual
+FAST threshold 5) or SIFT (all keypoints, contrast threshold 0.004); or the verifier's own local
+features (``megaloc_ros.verification.features``, "xfeat": 2000 XFeat keypoints, ratio 0.9 and
+mutual), what the verifier would hand over once it computes metric transforms. The scene is a
+plain cabinet on a plain floor: the ratio test leaves almost no correct SIFT matches, mutual
 neighbours and PnP-RANSAC sort them out.
 """
 from __future__ import annotations
@@ -81,9 +83,19 @@ def run(features: str = "orb", pairs=None, seq=None, params: Optional[MetricPose
             grey[i] = cv2.cvtColor(seq.load_rgb(i), cv2.COLOR_RGB2GRAY)
         return grey[i]
 
+    local = {}
+
+    def verifier_matches(q, m):
+        from megaloc_ros.verification import features as F
+        for i in (q, m):
+            if i not in local:
+                local[i] = F.extract(seq.load_rgb(i), features, max_keypoints=2000)
+        pr = F.match(local[q], local[m], ratio=0.9, mutual=True)
+        return local[q].keypoints[pr[:, 0]], local[m].keypoints[pr[:, 1]]
+
     out = BenchResult(features)
     for q, m in pairs:
-        qxy, mxy = mutual_matches(g(q), g(m), features)
+        qxy, mxy = verifier_matches(q, m) if features == "xfeat" else mutual_matches(g(q), g(m), features)
         r = PairResult(q, m, len(qxy))
         res = estimate_metric_pose(mxy, qxy, seq.load_depth(m), seq.K, seq.K, params)
         if res is not None:
@@ -97,7 +109,7 @@ def run(features: str = "orb", pairs=None, seq=None, params: Optional[MetricPose
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--features", choices=["orb", "sift"], default="orb")
+    ap.add_argument("--features", choices=["orb", "sift", "xfeat"], default="orb")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     res = run(a.features)
