@@ -472,7 +472,7 @@ def download_official(dest: Path) -> Path:
             f"cannot download the MegaLoc weights from {url} ({exc}). On a machine with internet, fetch "
             f"{OFFICIAL_URL} (Hugging Face repo gberton/MegaLoc, file model.safetensors), copy it here "
             f"and run `megaloc-ros export --weights model.safetensors --output megaloc.onnx`; or "
-            f"export the offline DINOv2 backbone: `megaloc-ros export --weights .cache/weights/vit_s_focus.onnx "
+            f"export the offline DINOv2 backbone: `megaloc-ros export --weights {cache_root() / 'weights' / 'vit_s_focus.onnx'} "
             f"--output dinov2_vits14.onnx`") from exc
     return dest
 

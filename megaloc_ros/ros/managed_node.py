@@ -132,6 +132,9 @@ class ManagedNode(LifecycleNode):
                                   for t, name, cb in services + self._extra_services()]
             self._own_timers = [self.create_timer(self._param("diagnostics_period"), self._tick,
                                                   callback_group=MutuallyExclusiveCallbackGroup())]
+            if self._param("autosave_period") > 0 and self._param("map_path"):
+                self._own_timers.append(self.create_timer(self._param("autosave_period"), self._autosave,
+                                                          callback_group=MutuallyExclusiveCallbackGroup()))
             self._configured = True
         except Exception as exc:  # rclpy swallows exceptions of transition callbacks: say it here
             self.last_error = str(exc)
@@ -238,6 +241,16 @@ class ManagedNode(LifecycleNode):
         except Exception as exc:
             self.get_logger().error(f"saving the {self.STATE_NAME} to {path} failed: {exc}")
 
+    def _autosave(self) -> None:
+        """Timer: save to map_path when the state changed (bounds what a crash can lose)."""
+        if self._dirty:
+            try:
+                self.save_map(self._param("map_path"))
+            except Exception as exc:
+                self.stats.error("save_errors", str(exc))
+                self.get_logger().error(f"autosave to {self._param('map_path')} failed: {exc}",
+                                        throttle_duration_sec=60.0)
+
     def _srv_save_map(self, req, res):
         return self._answer_map_service(res, self.save_map, req.path, "saved {} keyframes to {}")
 
@@ -258,8 +271,11 @@ class ManagedNode(LifecycleNode):
 
 
 def spin_single(node_cls, args=None) -> None:
-    """Run one node until Ctrl-C (the installed executables); a bad parameter is one line on
-    stderr and exit status 2, not a traceback."""
+    """Run one node until Ctrl-C (the installed executables). A bad parameter or a failed
+    autostart is one line on stderr and exit status 2, not a traceback. Once stopping, further
+    SIGINT/SIGTERM are ignored: `ros2 launch` and the terminal both send SIGINT, and the second
+    must not interrupt the shutdown save."""
+    import signal
     import sys
 
     import rclpy
@@ -273,6 +289,11 @@ def spin_single(node_cls, args=None) -> None:
         print(f"{node_cls.__name__}: bad parameter: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
+    if node._values["autostart"] and not node._configured:
+        print(f"{node.get_name()}: could not start: {node.last_error or 'see the log'}", file=sys.stderr)
+        node.destroy_node()
+        rclpy.try_shutdown()
+        sys.exit(2)
     executor = MultiThreadedExecutor()
     executor.add_node(node)
     try:
@@ -280,6 +301,8 @@ def spin_single(node_cls, args=None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         node.close()
         node.destroy_node()
         rclpy.try_shutdown()

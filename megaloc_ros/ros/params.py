@@ -57,6 +57,9 @@ class CommonNodeSettings:
     map_path: str = setting("", "map file: loaded at start when it exists, saved on shutdown; the verifier "
                             "keeps its state in <map_path>.verifier. Empty: in-memory only")
     save_map_on_shutdown: bool = setting(True, "save to map_path on deactivate, cleanup and shutdown")
+    autosave_period: float = setting(0.0, "seconds between saves to map_path while running, when the map "
+                                     "changed (bounds what a crash loses); 0: only on shutdown",
+                                     range=(0.0, 86400.0), read_only=True)
     diagnostics_period: float = setting(1.0, "seconds between /diagnostics messages", range=(0.1, 60.0),
                                         read_only=True)
 

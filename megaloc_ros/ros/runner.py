@@ -117,9 +117,9 @@ class NodeSet:
         except (InvalidParameterValueException, InvalidParameterTypeException, ValueError) as exc:
             raise MegalocError(f"bad parameter: {exc}") from None
         if node._values["autostart"] and not node._configured:
-            err = node.last_error or "see the log"
+            err, name = node.last_error or "see the log", node.get_name()  # no handle after destroy
             node.destroy_node()
-            raise MegalocError(f"{node.get_name()} could not start: {err}")
+            raise MegalocError(f"{name} could not start: {err}")
         return node
 
     def _spin(self) -> None:
