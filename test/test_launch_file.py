@@ -103,8 +103,8 @@ class Node:
         self.kwargs = kwargs
 
 
-def launch(monkeypatch, **arguments) -> dict[str, dict]:
-    """Evaluate generate_launch_description() with ``name:=value`` arguments; {node name: Node kwargs}."""
+def _launch_module(monkeypatch):
+    """launch/loop_closure.launch.py imported against the stand-ins above."""
     import importlib.util
     import sys
     import types
@@ -120,6 +120,12 @@ def launch(monkeypatch, **arguments) -> dict[str, dict]:
     spec = importlib.util.spec_from_file_location("loop_closure_launch", LAUNCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def launch(monkeypatch, **arguments) -> dict[str, dict]:
+    """Evaluate generate_launch_description() with ``name:=value`` arguments; {node name: Node kwargs}."""
+    module = _launch_module(monkeypatch)
     context, nodes = {}, []
     for e in module.generate_launch_description().entities:
         if isinstance(e, DeclareLaunchArgument):
@@ -241,3 +247,15 @@ def test_run_command_line_goes_through_the_one_set_parser(tmp_path):
                      ("map.index:=lsh", "map.index must be one of"), ("detector.top_kk:=3", "unknown parameter")]:
         with pytest.raises(MegalocError, match=msg):
             _cli_params(parser.parse_args(["-p", bad]))
+
+
+def test_readme_launch_argument_table_matches_the_launch_file(monkeypatch):
+    """README's launch-argument table lists exactly the arguments the launch file declares."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("Launch arguments ("):]
+    table = table[:table.index("\n\n", table.index("| argument"))]
+    in_readme = re.findall(r"^\| `([\w.]+)` \|", table, re.M)
+    declared = [a.name for a in _launch_module(monkeypatch).generate_launch_description().entities
+                if type(a).__name__ == "DeclareLaunchArgument"]
+    assert sorted(in_readme) == sorted(declared)
