@@ -35,6 +35,8 @@ _DIGEST = 32
 _DTYPE_KINDS = "biuf"  # numbers only: nothing in a map file can carry code
 # what the header carries of PlaceMap.state()'s meta
 HEADER_KEYS = ("model_name", "dim", "index", "options", "count", "frame_names")
+# written by this version, optional when reading (files from before it have none)
+OPTIONAL_KEYS = ("map_id",)
 
 
 def _le(a: np.ndarray) -> np.ndarray:
@@ -56,7 +58,7 @@ def save_map(path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
                       "offset": offset, "nbytes": a.nbytes})
         offset += a.nbytes
     from megaloc_ros import __version__
-    header = json.dumps({"writer": f"megaloc_ros {__version__}", **{k: meta[k] for k in HEADER_KEYS},
+    header = json.dumps({"writer": f"megaloc_ros {__version__}", **{k: meta[k] for k in HEADER_KEYS + OPTIONAL_KEYS if k in meta},
                          "payload_size": offset, "arrays": table}).encode()
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
@@ -138,4 +140,5 @@ def load_map(path, expected_model: Optional[str] = None,
     missing = [k for k in HEADER_KEYS if k not in header]
     if missing:
         raise MapFileError(f"{path} has a corrupt header (no {', '.join(missing)}); the file is damaged")
-    return {k: header[k] for k in HEADER_KEYS}, read_arrays(header, payload, path)
+    return ({k: header[k] for k in HEADER_KEYS + OPTIONAL_KEYS if k in header},
+            read_arrays(header, payload, path))

@@ -38,7 +38,9 @@ Persistence lives in ``map_file`` (no pickle); ``save`` is atomic.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -152,6 +154,9 @@ class PlaceMap:
             raise MegalocError(f"PlaceMap settings must be a MapSettings, got {type(self.settings).__name__}")
         if self.settings.index != "flat" and not self.settings.pca_dim <= self.dim:
             raise MegalocError(f"map.pca_dim={self.settings.pca_dim} must be in 1..{self.dim}")
+        # One id per map, kept by its files: the verifier state of this map carries the same one,
+        # so a node never verifies against keyframes of another map (ids repeat across maps).
+        self.map_id = new_map_id()
         self.extras: dict[str, np.ndarray] = {}
         self._cols = _Columns()
         self._frame_names: list[str] = []
@@ -547,7 +552,8 @@ class PlaceMap:
                 if not isinstance(name, str) or not name or "/" in name:
                     raise MapFileError(f"extra array name {name!r} must be a non-empty string without '/'")
                 arrays[f"extra/{name}"] = np.asarray(a)
-            meta = {"model_name": self.model_name, "dim": self.dim, "index": self.settings.index,
+            meta = {"map_id": self.map_id, "model_name": self.model_name, "dim": self.dim,
+                    "index": self.settings.index,
                     "options": self.settings.options(), "count": n, "frame_names": list(self._frame_names)}
         return meta, arrays
 
@@ -557,6 +563,10 @@ class PlaceMap:
         n, dim = int(meta["count"]), int(meta["dim"])
         a = arrays
         pmap = cls(dim, meta["model_name"], MapSettings.from_file(meta["index"], meta["options"]))
+        # a file from before map ids: an id derived from its contents, the same on every load
+        pmap.map_id = str(meta.get("map_id") or "legacy-" + hashlib.sha256(
+            np.ascontiguousarray(arrays["ids"]).tobytes() + np.ascontiguousarray(arrays["stamps_ns"]).tobytes()
+        ).hexdigest()[:24])
         c = pmap._cols
         c.n = n
         c.ids, c.stamps = a["ids"].copy(), a["stamps_ns"].copy()
@@ -602,6 +612,10 @@ class PlaceMap:
             raise
         except Exception as exc:  # consistent checksum but inconsistent content: a writer bug or forgery
             raise MapFileError(f"{path} is inconsistent ({exc}); the file is damaged") from exc
+
+
+def new_map_id() -> str:
+    return uuid.uuid4().hex
 
 
 def fit_projection(x: np.ndarray, out_dim: int, whiten: bool = False, seed: int = 0) -> np.ndarray:

@@ -55,7 +55,7 @@ from typing import Optional
 import numpy as np
 
 from megaloc_ros.verification import geometry, segments, segvlad
-from megaloc_ros.errors import MapFileError, MegalocError
+from megaloc_ros.errors import DuplicateId, MapFileError, MegalocError
 from megaloc_ros.io.files import atomic_write
 from megaloc_ros.settings import section, setting, validate
 from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, KeyframeId, VerifiedLoop
@@ -172,6 +172,7 @@ class Verifier:
                  camera_matrix: Optional[np.ndarray] = None,
                  camera_size: Optional[tuple[int, int]] = None):
         self.params = params
+        self.map_id = ""  # the place map this state belongs to ("" until it is bound to one)
         self.camera_matrix = None if camera_matrix is None else np.asarray(camera_matrix, np.float64).reshape(3, 3)
         self.camera_size = None if camera_size is None else (int(camera_size[0]), int(camera_size[1]))
         self.centroids: Optional[np.ndarray] = None  # [K, C]
@@ -223,7 +224,11 @@ class Verifier:
         return self.pca.project(v).astype(np.float16)
 
     def add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures) -> None:
-        """Store what verification needs for ``keyframe`` (see the module docstring for sizes)."""
+        """Store what verification needs for ``keyframe`` (see the module docstring for sizes).
+        DuplicateId when the id is taken: a collision is another map's keyframe, never replaced."""
+        if keyframe.id in self._entries:
+            raise DuplicateId(f"keyframe {keyframe.id} is already in the verifier state; not replaced "
+                              "(a keyframe of another map or session with a colliding id?)")
         with _one_blas_thread():
             self._add_keyframe(keyframe, image_rgb, features)
 
@@ -347,7 +352,7 @@ class Verifier:
             ids = sorted(self._entries)
             es = [self._entries[i] for i in ids]
             meta = {"format": FORMAT, "version": VERSION, "params": asdict(self.params),
-                    "camera_size": self.camera_size}
+                    "camera_size": self.camera_size, "map_id": self.map_id}
             arrays = {
                 "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
                 "ids": np.array(ids, np.int64),
@@ -400,6 +405,7 @@ class Verifier:
             params = VerifierParams.from_dict(meta["params"])
             K = camera_matrix if camera_matrix is not None else d.get("camera_matrix")
             v = cls(params, K, meta.get("camera_size"))
+            v.map_id = str(meta.get("map_id", ""))
             if "centroids" in d:
                 v.centroids = d["centroids"].astype(np.float32)
                 v.pca = segvlad.Pca(d["pca_mean"], d["pca_components"], d["pca_scale"])
