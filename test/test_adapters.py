@@ -18,7 +18,7 @@ rclpy = pytest.importorskip("rclpy")
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
 from megaloc_ros.msg import LoopClosure, LoopClosureArray  # noqa: E402
 from megaloc_ros.ros import conversions as conv  # noqa: E402
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.ros
 
 NS = conv.NS
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 BASE = 1_700_000_000 * NS
 # camera optical frame on a base: x forward / y left / z up -> z forward / x right / y down, 10 cm ahead, 20 cm up
@@ -301,7 +300,7 @@ def test_pose_graph_node_closes_the_loop_and_publishes(ros, interfaces, tmp_path
     h.create_subscription(TFMessage, "/tf", tfs.append, 100)
     h.create_subscription(TransformStamped, "pose_graph_node/map_to_odom", corrections.append, 10)
     h.create_subscription(MarkerArray, "pose_graph_node/markers", markers.append, LATCHED)
-    pub_odom = h.create_publisher(Odometry, "odom", KEEP_ALL)
+    pub_odom = h.create_publisher(Odometry, "odom", QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
     pub_loops = h.create_publisher(LoopClosureArray, "verifier_node/loop_closures", RELIABLE)
     wait_matched(pub_odom)
     wait_matched(pub_loops)
@@ -312,8 +311,7 @@ def test_pose_graph_node_closes_the_loop_and_publishes(ros, interfaces, tmp_path
         m = Odometry(child_frame_id="base_link")
         m.header = conv.make_header(BASE + int(round(t * NS)), "odom")
         m.pose.pose = conv.matrix_to_pose(T)
-        pub_odom.publish(m)
-        time.sleep(0.005)   # a 200 Hz odometry (keep-last queues: a burst would drop samples)
+        pub_odom.publish(m)   # a burst: the queues on both sides hold 1000
     assert wait_for(lambda: node.stats.count("odometry_received") == len(times))
     n_nodes = len(node.graph)
     cov = np.diag([1e-4] * 3 + [1e-5] * 3)

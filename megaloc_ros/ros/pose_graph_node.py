@@ -21,6 +21,7 @@ All the work is ``PoseGraph``'s; this node moves messages and parameters (``grap
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,7 @@ from geometry_msgs.msg import Point, PoseStamped, TransformStamped
 from nav_msgs.msg import Odometry, Path as PathMsg
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from scipy.spatial.transform import Rotation
 from std_msgs.msg import ColorRGBA
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -45,7 +47,7 @@ from megaloc_ros.types import RelativePose
 NODE_NAME = "pose_graph_node"
 SUFFIX = ".graph"
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-ODOM_QOS = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+ODOM_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)   # seconds of odometry at 200 Hz
 
 
 @dataclass
@@ -60,6 +62,8 @@ class PoseGraphNodeSettings(P.CommonNodeSettings):
     publish_tf: bool = setting(True, "publish map_frame -> odom_frame on /tf (needs tf2_msgs)")
     tf_period: float = setting(0.05, "seconds between /tf and ~/map_to_odom messages", range=(0.001, 60.0),
                                read_only=True)
+    path_period: float = setting(0.5, "seconds between ~/path and ~/markers messages while only odometry "
+                                 "comes in (a graph changed by a loop is published at once)", range=(0.0, 60.0))
 
 
 def pose_graph_node_specs() -> list:
@@ -95,6 +99,7 @@ class PoseGraphNode(ManagedNode):
         self._tf_cls = _tf_message_class()
         self._pub_tf = None
         self._tf_timer = None
+        self._last_path = 0.0
         self._autostart()
 
     # ----------------------------------------------------------------- lifecycle
@@ -166,7 +171,8 @@ class PoseGraphNode(ManagedNode):
             self.stats.error("odometry_errors", str(exc))
             self.get_logger().error(f"odometry not used: {exc}", throttle_duration_sec=2.0)
             return
-        self._publish_graph()
+        if time.monotonic() - self._last_path >= self._param("path_period"):
+            self._publish_graph()
 
     def _on_loops(self, msg: LoopClosureArray) -> None:
         changed = False
@@ -206,6 +212,7 @@ class PoseGraphNode(ManagedNode):
 
     # ----------------------------------------------------------------- output
     def _publish_graph(self) -> None:
+        self._last_path = time.monotonic()
         with self._lock:
             poses = self.graph.poses()
             stamps = list(self.graph.stamps)
@@ -213,8 +220,13 @@ class PoseGraphNode(ManagedNode):
             weights = self.graph.loop_weights()
         frame = self._param("map_frame")
         path = PathMsg(header=conv.make_header(stamps[-1] if stamps else 0, frame))
-        path.poses = [PoseStamped(header=conv.make_header(s, frame), pose=conv.matrix_to_pose(T))
-                      for s, T in zip(stamps, poses)]
+        quats = Rotation.from_matrix(poses[:, :3, :3]).as_quat() if len(poses) else np.zeros((0, 4))
+        for s, T, q in zip(stamps, poses, quats):
+            ps = PoseStamped(header=conv.make_header(s, frame))
+            ps.pose.position.x, ps.pose.position.y, ps.pose.position.z = (float(v) for v in T[:3, 3])
+            ps.pose.orientation.x, ps.pose.orientation.y, ps.pose.orientation.z, ps.pose.orientation.w = \
+                (float(v) for v in q)
+            path.poses.append(ps)
         self._pub_path.publish(path)
         traj = Marker(ns="trajectory", id=0, type=Marker.LINE_STRIP, action=Marker.ADD)
         traj.header = path.header
