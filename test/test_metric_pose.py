@@ -159,3 +159,19 @@ def test_tum_cabinet_sift(tum):
     s = run("sift", seq=tum).summary()["all"]
     assert s["with_pose"] >= 10
     assert s["median_t_cm"] <= 5.0 and s["median_r_deg"] <= 2.0
+
+
+def test_pose_from_stored_points_equals_from_depth():
+    """Backprojecting once (when a keyframe is stored) and solving later gives the same pose."""
+    from megaloc_ros.verification.metric_pose import pose_from_points
+    T_mq = _pose([1.0, -6.0, 2.0], [0.15, 0.03, -0.08])
+    depth, xy_m, xy_q = _scene(T_mq, n=200, noise_px=0.5, seed=5)
+    params = MetricPoseParams()
+    X, valid = backproject(xy_m, depth_to_metres(depth), K, params)
+    a = estimate_metric_pose(xy_m, xy_q, depth, K, params=params)
+    b = pose_from_points(X, valid, xy_q, K, params)
+    assert a is not None and b is not None
+    assert np.array_equal(a.inliers, b.inliers) and np.allclose(a.matrix, b.matrix)
+    assert pose_error(b.matrix, T_mq)[0] < 0.005
+    with pytest.raises(ValueError):
+        pose_from_points(X[:10], valid, xy_q, K)

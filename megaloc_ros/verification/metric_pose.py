@@ -29,6 +29,9 @@ Usage::
                                MetricPoseParams(depth_scale=5000.0))
     if res is not None:
         loop.transform = res.pose          # RelativePose, metric_scale=True
+
+A verifier that stores keyframes without their images keeps ``backproject(keypoints, depth_m, K)``
+per keyframe (3 floats + a flag per keypoint) and calls ``pose_from_points`` at verification.
 """
 from __future__ import annotations
 
@@ -179,6 +182,20 @@ def estimate_metric_pose(match_keypoints_xy: np.ndarray, query_keypoints_xy: np.
     K_m = np.asarray(K_match, np.float64)
     K_q = K_m if K_query is None else np.asarray(K_query, np.float64)
     X, valid = backproject(mxy, depth_to_metres(match_depth, params.depth_scale), K_m, params)
+    return pose_from_points(X, valid, qxy, K_q, params)
+
+
+def pose_from_points(match_points: np.ndarray, valid: np.ndarray, query_keypoints_xy: np.ndarray,
+                     K_query: np.ndarray, params: MetricPoseParams = MetricPoseParams()) -> Optional[MetricPoseResult]:
+    """The same from 3D points already in the match camera frame (``backproject`` of the match
+    keyframe's keypoints, e.g. computed once when the keyframe was stored, so that no depth image
+    needs keeping): ``match_points[i]`` (valid where ``valid[i]``) <-> ``query_keypoints_xy[i]``."""
+    X = np.asarray(match_points, np.float64).reshape(-1, 3)
+    qxy = np.asarray(query_keypoints_xy, np.float64).reshape(-1, 2)
+    valid = np.asarray(valid, bool).reshape(-1)
+    if not len(X) == len(qxy) == len(valid):
+        raise ValueError(f"{len(X)} points, {len(valid)} valid flags and {len(qxy)} query keypoints")
+    K_q = np.asarray(K_query, np.float64)
     idx = np.flatnonzero(valid)
     if len(idx) < max(params.min_inliers, 6):
         return None
