@@ -48,7 +48,7 @@ def rtabmap_msgs():
         from rtabmap_msgs.msg import Info, Link, MapData
         from rtabmap_msgs.srv import AddLink
     except ImportError as exc:
-        raise MegalocError(f"rtabmap_adapter needs the rtabmap_msgs package (apt install "
+        raise MegalocError(f"the rtabmap_msgs package is missing (apt install "
                            f"ros-$ROS_DISTRO-rtabmap-msgs, or RTAB-Map's workspace sourced): {exc}") from None
     return Link, AddLink, MapData, Info
 
