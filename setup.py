@@ -23,7 +23,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megaloc_ros", "megaloc_ros.*"]),
-    package_data={"megaloc_ros": ["py.typed"]},
+    package_data={"megaloc_ros": ["py.typed", "verification/vocabularies/*.npz"]},
     install_requires=requirements("runtime"),
     extras_require={
         # `megaloc-ros export` and the PyTorch fallback; pick the torch build for your machine yourself.

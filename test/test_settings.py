@@ -113,7 +113,10 @@ def test_read_only_metadata_is_what_may_change_live():
     live = {s.name for s in P.verifier_node_specs() if s.name.startswith("verifier.") and not s.read_only}
     assert live == {f"verifier.{n}" for n in ("min_global_score", "min_segvlad_score", "min_inliers", "ratio",
                                               "mutual", "ransac_threshold_px", "vote_top_k",
-                                              "max_accepted_per_query")}
+                                              "max_accepted_per_query", "max_threshold_px",
+                                              "min_significance", "min_significance_segvlad",
+                                              "min_segvlad_z", "segvlad_background",
+                                              "segvlad_exclude_recent")}
     lc = {s.name: s for s in P.loop_closure_specs()}
     assert lc["encoder.model_path"].read_only and lc["map.index"].read_only
     assert not lc["detector.similarity_threshold"].read_only

@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a verifier setting, e.g. --set verifier.min_inliers=30 (repeatable)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--sets", nargs="+", default=None, metavar="SET",
+                   choices=["all", "rtabmap", "corridor", "tum_fr3_cabinet", "tum_pairs"],
+                   help="instead of --sequence: the verifier on several real sets with one table "
+                        "(accepted true/false, verification recall, ROC AUC per signal, latency; "
+                        "megaloc_ros/bench/verify_sets.py); 'all' = rtabmap corridor tum_fr3_cabinet tum_pairs")
 
 
 def parse_overrides(items: list[str]):
@@ -205,6 +210,20 @@ def print_table(r: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.sets:
+        from megaloc_ros.bench import verify_sets
+        sets = verify_sets.SETS if "all" in args.sets else tuple(args.sets)
+        vp = parse_overrides(args.set)
+        encoder = None
+        if args.model_path:
+            from megaloc_ros.encoding.loader import load_encoder
+            encoder = load_encoder(args.model_path)
+        res = verify_sets.run(sets, encoder, vp)
+        verify_sets.print_sets(res, vp)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return 0
     r = run(args.sequence, args.model_path, args.threshold, args.exclude_s,
             verifier_params=parse_overrides(args.set))
     print_table(r)

@@ -3,40 +3,56 @@
 ``Verifier.add_keyframe`` reduces each keyframe to what verification needs, and only that:
 
   * SegVLAD: at most ``max_supersegments`` SuperSegment descriptors, PCA-reduced to
-    ``pca_dim`` and stored as fp16 (default at most 48 x 256 x 2 B = 24 KiB);
+    the vocabulary's PCA length (128 shipped, ``pca_dim`` when fitted on the map) and stored as
+    fp16 (at most 48 x 256 x 2 B = 24 KiB);
   * geometry: at most ``max_keypoints`` keypoints (float32 x, y: 8 B) with SIFT descriptors
-    stored as uint8 (128 B) or ORB (32 B) (default at most 500 x 136 B = 66 KiB).
+    stored as uint8 (128 B), ORB (32 B) or XFeat int8 (64 B) (default at most 500 x 136 B = 66 KiB).
 
 So a keyframe costs at most ~90 KiB by default; 55 KiB on average on the rtabmap sequence
 (``Verifier.bytes_per_keyframe`` reports the measured mean; `megaloc-ros bench verify` prints
 it). No image is kept. Fixed cost per map: the vocabulary (32 x C floats) and the PCA matrix
 (pca_dim x 32*C floats: 12 MiB for C = 384).
 
-Vocabulary policy. The SegVLAD vocabulary (k-means centroids of the L2-normalised patch
-features) and its PCA are fitted once, on the map's own first ``vocab_keyframes`` keyframes
-that carry patch features, and are saved with the verifier state. Until then those keyframes
-are held in a pending form (their fp16 patch features and SuperSegment membership, ~220 KiB
-each) and converted when the fit happens; meanwhile decisions use the global score and
-geometry only, and the reason says so. There is no automatic refit: stored descriptors are
-lossy (PCA, fp16), so a new vocabulary would orphan every keyframe already described; start a
-new map to change it.
+Vocabulary policy (``vocabulary``). "auto": the SegVLAD vocabulary (k-means centroids of the
+L2-normalised patch features + PCA of SuperSegment VLADs) shipped with the package for the
+backbone (``megaloc_ros/verification/vocabulary.py``; picked by the model name when known, else
+by the patch-feature width) is used from the first keyframe. For a backbone without one (and with
+"map"), it is fitted once on the map's own first ``vocab_keyframes`` keyframes that carry patch
+features; until then those keyframes are held pending (fp16 patch features and SuperSegment
+membership, ~220 KiB each) and converted when the fit happens, and decisions use geometry only
+(the reason says so). Either way the vocabulary is saved with the verifier state (and which one
+it is, ``vocabulary_source``). There is no automatic refit: stored descriptors are lossy (PCA,
+fp16), so a new vocabulary would orphan every keyframe already described.
 
-Decision rule for each candidate, in order (thresholds in ``VerifierParams``):
-  1. global score >= ``min_global_score``;
-  2. SegVLAD score >= ``min_segvlad_score`` when both keyframes have SegVLAD descriptors;
-  3. RANSAC inliers >= ``min_inliers`` (essential matrix with intrinsics, else fundamental).
-The first failing test rejects; geometry is skipped after an earlier rejection. Of the
-candidates that pass, only the ``max_accepted_per_query`` with the most inliers are accepted
-(default 1): a query near a revisited stretch has several overlapping candidates, and the
-neighbours of the true match also pass with fewer inliers; one well-supported loop per keyframe
-is what a pose graph needs.
+Decision rule (megaloc_ros/verification/decision.py): each signal is judged against chance for
+this pair and this map, so that no threshold depends on the camera or the scene:
+  * geometry: tentative matches (ratio test + mutual) -> USAC essential matrix (intrinsics
+    known) or fundamental matrix -> a-contrario significance, -log10 NFA
+    (``acontrario.significance``): the inlier count weighed against the number of tentative
+    matches, the image area they cover and how often a wrong partner fits as well;
+  * SegVLAD: the query's score on the candidate as a z-score against its scores on up to
+    ``segvlad_background`` other map keyframes (not the candidates' neighbourhoods, not the
+    query's ``segvlad_exclude_recent`` predecessors).
+Accepted: -log10 NFA >= ``min_significance``, or >= ``min_significance_segvlad`` with segvlad
+z >= ``min_segvlad_z``. SegVLAD adds evidence and re-ranks, it never vetoes strong geometry
+(``min_segvlad_score`` is an optional absolute floor, off by default). Of a query's accepted
+candidates only the ``max_accepted_per_query`` with the most evidence (-log10 NFA + max(z, 0))
+are kept (default 1): the neighbours of the true match also pass, and one well-supported loop
+per keyframe is what a pose graph needs. The thresholds were chosen on rtabmap only (with the
+offline DINOv2 ViT-S/14); `megaloc-ros bench verify --sets all` reports them on the other sets.
+Every reason names the statistics (e.g. "accepted: 34/61 inliers within 1.6 px, -log10 NFA
+12.3 >= 6; segvlad 0.31 z 4.1 (over 32 keyframes)").
 
 SegVLAD score (``verification_score``): ``segvlad.vote`` with the retrieval restricted to one
 candidate at a time, i.e. the mean over the query's SuperSegments of their ``vote_top_k`` best
 cosine similarities to the candidate's SuperSegments. The paper pools all candidates' segments
 before voting; pooled votes split between the adjacent keyframes of a revisited stretch and
-depend on how many candidates came, so no fixed threshold fits them (on rtabmap top-5
-candidates, true-vs-false AUC was 0.69 pooled against 0.92 per candidate).
+depend on how many candidates came (on rtabmap top-5 candidates, true-vs-false AUC was 0.69
+pooled against 0.92 per candidate).
+
+Local features (``local_features``): SIFT (default), ORB or XFeat (ONNX Runtime,
+``megaloc_ros/verification/xfeat.py``), detected at a scale that adapts to the image
+(``features.extract``: images smaller than ``feature_min_side`` are upsampled).
 
 Transform: with intrinsics, ``RelativePose`` (rotation, unit translation direction,
 ``metric_scale`` False) with the rough covariance of ``geometry.pose_covariance`` (angular
@@ -54,7 +70,8 @@ from typing import Optional
 
 import numpy as np
 
-from megaloc_ros.verification import geometry, segments, segvlad
+from megaloc_ros.verification import acontrario, decision, geometry, segments, segvlad, vocabulary
+from megaloc_ros.verification import features as local
 from megaloc_ros.errors import DuplicateId, MapFileError, MegalocError
 from megaloc_ros.io.files import atomic_write
 from megaloc_ros.settings import section, setting, validate
@@ -79,10 +96,10 @@ VERSION = 1
 
 @dataclass
 class VerifierParams:
-    """Verifier settings. The decision thresholds were chosen on the rtabmap sequence with the
-    offline DINOv2 ViT-S/14 backbone (`megaloc-ros bench verify` shows the effect of changing
-    them with ``--set verifier.NAME=VALUE``); SegVLAD scores depend on the backbone, so re-check
-    ``min_segvlad_score`` with `megaloc-ros eval` on your own bag when using MegaLoc features.
+    """Verifier settings. The decision thresholds are significance levels (-log10 NFA, SegVLAD
+    z-score), not scores of one backbone or camera; their values were checked on the rtabmap
+    sequence only (offline DINOv2 ViT-S/14) and are reported on the other sets by `megaloc-ros
+    bench verify --sets all` (change them with ``--set verifier.NAME=VALUE``).
 
     Only the decision settings may change at run time (``read_only`` False); the others shape the
     stored keyframe data, which a loaded verifier state keeps."""
@@ -93,31 +110,56 @@ class VerifierParams:
                                  "SegVLAD uses; empty: the keyframe's own", read_only=True)
     order: int = setting(3, "SuperSegment neighbourhood order o (graph hops)", range=(0, 16), read_only=True)
     vocab_size: int = setting(32, "k-means clusters of the SegVLAD vocabulary", range=(2, 1024), read_only=True)
-    vocab_keyframes: int = setting(30, "fit the vocabulary once this many keyframes exist", range=(1, None),
+    vocab_keyframes: int = setting(30, "map-fitted vocabulary: fit once this many keyframes exist", range=(1, None),
                                    read_only=True)
-    pca_dim: int = setting(256, "SuperSegment descriptor length after PCA", range=(1, None), read_only=True)
-    pca_whiten: bool = setting(False, "PCA-whitening; lowers scores: re-tune min_segvlad_score (at 0.30 it kept "
-                               "6 of 35 true loops on rtabmap)", read_only=True)
+    pca_dim: int = setting(256, "SuperSegment descriptor length after PCA of a map-fitted vocabulary (a shipped "
+                           "one brings its own)", range=(1, None), read_only=True)
+    pca_whiten: bool = setting(False, "PCA-whitening of a map-fitted vocabulary (lowers absolute scores; the "
+                               "decisions use z-scores)", read_only=True)
     max_supersegments: int = setting(48, "SuperSegments kept per keyframe (largest by area)", range=(1, None),
                                      read_only=True)
     vote_top_k: int = setting(5, "segment-level retrieval depth per query SuperSegment", range=(1, None))
+    vocabulary: str = setting("auto", "SegVLAD vocabulary: auto (the one shipped for the backbone's patch "
+                              "features, from the first keyframe; else fitted on the map), map (fitted on the "
+                              "map's first vocab_keyframes keyframes) or the path of a vocabulary .npz",
+                              read_only=True)
+    segvlad_background: int = setting(32, "map keyframes the query is also scored on, for the SegVLAD z-score",
+                                      range=(0, None))
+    segvlad_exclude_recent: int = setting(20, "keyframe ids just before the query left out of that background "
+                                          "(its recent past)", range=(0, None))
     # Geometry
-    local_features: str = setting("sift", "local features: sift or orb", choices=("sift", "orb"), read_only=True)
+    local_features: str = setting("sift", "local features: sift, orb or xfeat (ONNX; needs the XFeat weights)",
+                                  choices=local.KINDS, read_only=True)
     max_keypoints: int = setting(500, "keypoints kept per keyframe (strongest)", range=(8, None), read_only=True)
-    feature_max_side: int = setting(640, "detect keypoints at this longest side", range=(16, None), read_only=True)
-    sift_contrast: float = setting(0.02, "SIFT contrastThreshold (OpenCV default 0.04: too few indoors)",
-                                   range=(0.0, 1.0), read_only=True)
+    feature_max_side: int = setting(640, "detect keypoints at most at this longest side", range=(16, None),
+                                    read_only=True)
+    feature_min_side: int = setting(480, "smaller images are upsampled to this longest side for detection "
+                                    "(160x120 frames give a handful of keypoints otherwise)", range=(16, None),
+                                    read_only=True)
+    sift_contrast: float = setting(0.005, "SIFT contrastThreshold at 640 px (scaled for upsampled images); the "
+                                   "max_keypoints strongest are kept, so a low value only adds keypoints where "
+                                   "texture is poor", range=(0.0, 1.0), read_only=True)
     ratio: float = setting(0.8, "Lowe ratio test", range=(0.01, 1.0))
     mutual: bool = setting(True, "keep mutual nearest neighbours only")
-    ransac_threshold_px: float = setting(2.0, "epipolar inlier threshold in pixels", range=(0.01, None))
-    # Decision
+    ransac_threshold_px: float = setting(2.0, "RANSAC fit threshold in pixels of a 640 px image (scaled with "
+                                         "the image)", range=(0.01, None))
+    max_threshold_px: float = setting(8.0, "largest epipolar distance the a-contrario test tries (640 px "
+                                      "image)", range=(0.5, None))
+    # Decision (see megaloc_ros/verification/decision.py)
+    min_significance: float = setting(6.0, "-log10 NFA of the epipolar fit that accepts on geometry "
+                                      "alone (a-contrario: fewer than 10^-x such fits expected by chance)")
+    min_significance_segvlad: float = setting(1.0, "-log10 NFA that accepts when SegVLAD also singles the "
+                                              "candidate out (segvlad z >= min_segvlad_z)")
+    min_segvlad_z: float = setting(3.0, "SegVLAD z-score (candidate vs the query's scores on other map "
+                                   "keyframes) that supports weaker geometry")
     min_global_score: float = setting(0.0, "global cosine score a candidate needs (the detector already "
                                       "thresholds; raise to be stricter)", range=(-1.0, 1.0))
-    min_segvlad_score: float = setting(0.30, "SegVLAD score a candidate needs: mean top-k SuperSegment cosine "
-                                       "similarity", range=(-1.0, 1.0))
-    min_inliers: int = setting(20, "RANSAC inliers a candidate needs", range=(0, None))
-    max_accepted_per_query: int = setting(1, "keep the N passing candidates with most inliers (0 = all)",
-                                          range=(0, None))
+    min_segvlad_score: float = setting(-1.0, "absolute SegVLAD score floor (-1: off; absolute scores do not "
+                                       "transfer across backbones and scenes, the z-score is used instead)",
+                                       range=(-1.0, 1.0))
+    min_inliers: int = setting(0, "inlier floor on top of the a-contrario test (0: none)", range=(0, None))
+    max_accepted_per_query: int = setting(1, "keep the N accepted candidates with the most evidence (-log10 NFA "
+                                          "+ segvlad z) (0 = all)", range=(0, None))
 
     def __post_init__(self) -> None:
         validate(self, "verifier")
@@ -170,8 +212,13 @@ class Verifier:
 
     def __init__(self, params: VerifierParams = VerifierParams(),
                  camera_matrix: Optional[np.ndarray] = None,
-                 camera_size: Optional[tuple[int, int]] = None):
+                 camera_size: Optional[tuple[int, int]] = None, backbone: Optional[str] = None):
+        """``backbone``: the model name of the patch features, to pick its shipped vocabulary
+        (unknown: the only shipped vocabulary of their width, if any)."""
         self.params = params
+        self.backbone = backbone
+        self.vocabulary_source = ""    # which vocabulary SegVLAD uses, once it has one
+        self.last_evidence: list = []  # decision.Evidence per candidate of the last verify()
         self.map_id = ""  # the place map this state belongs to ("" until it is bound to one)
         self.camera_matrix = None if camera_matrix is None else np.asarray(camera_matrix, np.float64).reshape(3, 3)
         self.camera_size = None if camera_size is None else (int(camera_size[0]), int(camera_size[1]))
@@ -234,9 +281,9 @@ class Verifier:
 
     def _add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures) -> None:
         p = self.params
-        local = geometry.extract(image_rgb, p.local_features, p.max_keypoints, p.feature_max_side,
-                                 p.sift_contrast)
-        entry = _Entry((image_rgb.shape[1], image_rgb.shape[0]), local)
+        feats = local.extract(image_rgb, p.local_features, p.max_keypoints, p.feature_max_side,
+                              p.sift_contrast, p.feature_min_side)
+        entry = _Entry((image_rgb.shape[1], image_rgb.shape[0]), feats)
         pf = features.patch_features
         if self._patch_encoder is not None:
             pf = self._patch_encoder.encode([image_rgb])[0].patch_features
@@ -244,6 +291,8 @@ class Verifier:
             pf = np.asarray(pf, np.float32)
             weights = self._supersegment_weights(image_rgb, pf.shape[:2])
             patches = pf.reshape(-1, pf.shape[2])
+            if not self.has_vocabulary:
+                self._use_shipped_vocabulary(patches.shape[1])
             if self.has_vocabulary:
                 if patches.shape[1] != self.centroids.shape[1]:
                     raise MapFileError(f"patch features have {patches.shape[1]} channels, the "
@@ -256,6 +305,35 @@ class Verifier:
             self._entries[keyframe.id] = entry
             if not self.has_vocabulary and self._pending_count() >= p.vocab_keyframes:
                 self._fit_vocabulary()
+
+    def _use_shipped_vocabulary(self, width: int) -> None:
+        """Adopt the vocabulary ``params.vocabulary`` names (module doc), converting keyframes
+        held pending; nothing for "map" or when none fits ``width``."""
+        choice = self.params.vocabulary
+        if choice == "map":
+            return
+        if choice == "auto":
+            voc = vocabulary.shipped(self.backbone, width)
+        else:
+            try:
+                voc = vocabulary.Vocabulary.load(choice)
+            except (OSError, ValueError, KeyError) as exc:
+                raise MegalocError(f"verifier vocabulary {choice!r} cannot be read: {exc}") from None
+            if voc.width != width:
+                raise MapFileError(f"vocabulary {choice} is for {voc.width}-channel patch features, "
+                                   f"these have {width}")
+        if voc is None or voc.width != width:
+            return
+        with self._lock:
+            if self.has_vocabulary:
+                return
+            self.centroids, self.pca = voc.centroids, voc.pca
+            self.vocabulary_source = voc.describe()
+            for e in self._entries.values():
+                if e.pending_patches is not None:
+                    e.supersegments = self._describe(e.pending_patches.astype(np.float32),
+                                                     e.pending_weights.astype(np.float32))
+                    e.pending_patches = e.pending_weights = None
 
     def _pending_count(self) -> int:
         return sum(e.pending_patches is not None for e in self._entries.values())
@@ -270,6 +348,7 @@ class Verifier:
         vlads = [segvlad.vlad(e.pending_patches.astype(np.float32), e.pending_weights.astype(np.float32),
                               self.centroids) for e in pend]
         self.pca = segvlad.Pca.fit(np.concatenate(vlads), self.params.pca_dim, self.params.pca_whiten)
+        self.vocabulary_source = f"SegVLAD vocabulary fitted on this map's first {len(pend)} keyframes"
         for e, v in zip(pend, vlads):
             e.supersegments = self.pca.project(v).astype(np.float16)
             e.pending_patches = e.pending_weights = None
@@ -283,66 +362,91 @@ class Verifier:
         return geometry.scale_intrinsics(self.camera_matrix, self.camera_size, size)
 
     def verify(self, candidates: list[Candidate]) -> list[VerifiedLoop]:
-        """Decide on each candidate of one query keyframe (added before); same order as given."""
+        """Decide on each candidate of one query keyframe (added before); same order as given.
+        ``last_evidence`` and ``last_candidate_ms`` then hold each candidate's evidence and time."""
         if not candidates:
             return []
         qid = candidates[0].query.id
         if any(c.query.id != qid for c in candidates):
             raise ValueError("verify() takes the candidates of one query keyframe at a time")
         p = self.params
+        t_start = time.perf_counter()
         with self._lock:
             q = self._entries.get(qid)
             entries = [self._entries.get(c.match.id) for c in candidates]
             vocab_note = (None if self.has_vocabulary else
                           f"no segvlad yet (vocabulary after {p.vocab_keyframes} keyframes, "
                           f"{self._pending_count()} so far)")
-        out, ms = [], []
-        self.last_candidate_ms = ms  # wall time per decided candidate, for benchmarks
+            bg_ids = decision.background_ids(
+                [i for i, e in sorted(self._entries.items()) if e.supersegments is not None], qid,
+                [c.match.id for c in candidates], p.segvlad_background, p.segvlad_exclude_recent, 2)
+            background = [self._entries[i].supersegments for i in bg_ids]
+        bg_scores = None
+        if q is not None and q.supersegments is not None and background:
+            with _one_blas_thread():
+                bg_scores = decision.segvlad_scores(q.supersegments.astype(np.float32),
+                                                    [b.astype(np.float32) for b in background], p.vote_top_k)
+        shared_ms = (time.perf_counter() - t_start) * 1e3 / len(candidates)
+        out, ms, evs = [], [], []
+        self.last_candidate_ms, self.last_evidence = ms, evs  # for benchmarks
         for cand, m in zip(candidates, entries):
             if q is None or m is None:
                 which = qid if q is None else cand.match.id
                 out.append(VerifiedLoop(cand, False, reason=f"rejected: keyframe {which} was never "
                                         "added to the verifier"))
+                evs.append(None)
                 continue
             t0 = time.perf_counter()
             with _one_blas_thread():
-                out.append(self._decide(cand, q, m, vocab_note))
-            ms.append((time.perf_counter() - t0) * 1e3)
+                loop, ev = self._decide(cand, q, m, vocab_note, bg_scores)
+            out.append(loop)
+            evs.append(ev)
+            ms.append((time.perf_counter() - t0) * 1e3 + shared_ms)
         cap = p.max_accepted_per_query
-        passed = sorted((r for r in out if r.accepted), key=lambda r: -r.inliers)
-        if cap > 0 and len(passed) > cap:
-            for r in passed[cap:]:
+        order = sorted((k for k, r in enumerate(out) if r.accepted), key=lambda k: -evs[k].rank)
+        if cap > 0 and len(order) > cap:
+            best = out[order[0]]
+            for k in order[cap:]:
+                r = out[k]
                 r.accepted = False
                 r.reason = (f"rejected: passed ({r.reason[len('accepted: '):]}) but keyframe "
-                            f"{passed[0].candidate.match.id} has more inliers ({passed[0].inliers})")
+                            f"{best.candidate.match.id} has more evidence ({evs[order[0]].rank:.1f} "
+                            f"vs {evs[k].rank:.1f})")
         return out
 
-    def _decide(self, cand: Candidate, q: _Entry, m: _Entry, vocab_note: Optional[str]) -> VerifiedLoop:
+    def _decide(self, cand: Candidate, q: _Entry, m: _Entry, vocab_note: Optional[str],
+                bg_scores: Optional[np.ndarray]):
+        """(VerifiedLoop, decision.Evidence) for one candidate."""
         p = self.params
-        notes = []
+        ev = decision.Evidence(None)
         if cand.score < p.min_global_score:
-            return VerifiedLoop(cand, False, reason=f"rejected: global {cand.score:.2f} < {p.min_global_score:.2f}")
+            return VerifiedLoop(cand, False, reason=f"rejected: global {cand.score:.2f} < "
+                                f"{p.min_global_score:.2f}"), ev
         sv = 0.0
         if q.supersegments is not None and m.supersegments is not None:
-            sv = float(segvlad.vote(q.supersegments.astype(np.float32),
-                                    [m.supersegments.astype(np.float32)], p.vote_top_k)[0])
+            sv = float(decision.segvlad_scores(q.supersegments.astype(np.float32),
+                                               [m.supersegments.astype(np.float32)], p.vote_top_k)[0])
+            ev.segvlad = sv
+            if bg_scores is not None:
+                ev.segvlad_z, ev.segvlad_note = decision.zscore(sv, bg_scores)
+                ev.background = len(bg_scores)
+            else:
+                ev.segvlad_note = "no segvlad z (no other keyframes to compare with)"
             if sv < p.min_segvlad_score:
                 return VerifiedLoop(cand, False, sv, reason=f"rejected: segvlad {sv:.2f} < "
-                                    f"{p.min_segvlad_score:.2f} (geometry skipped)")
-            notes.append(f"segvlad {sv:.2f} >= {p.min_segvlad_score:.2f}")
+                                    f"{p.min_segvlad_score:.2f} (geometry skipped)"), ev
         else:
-            notes.append(vocab_note or "no segvlad (keyframe without patch features)")
-        res = geometry.verify_pair(q.local, m.local, self._intrinsics(q.image_size),
-                                   self._intrinsics(m.image_size), p.ratio, p.mutual,
-                                   p.ransac_threshold_px)
-        if res.inliers < p.min_inliers:
-            return VerifiedLoop(cand, False, sv, res.inliers, res.pose,
-                                reason=f"rejected: {res.inliers} inliers < {p.min_inliers}"
-                                       f" ({res.matches} matches); " + ", ".join(notes))
-        notes.append(f"{res.inliers} inliers >= {p.min_inliers}")
-        if res.pose is None:
-            notes.append("no transform (no intrinsics)")
-        return VerifiedLoop(cand, True, sv, res.inliers, res.pose, reason="accepted: " + ", ".join(notes))
+            ev.segvlad_note = vocab_note or "no segvlad (keyframe without patch features)"
+        pairs = local.match(q.local, m.local, p.ratio, p.mutual)
+        chk = acontrario.check_pair(q.local, m.local, self._intrinsics(q.image_size),
+                                    self._intrinsics(m.image_size), threshold_px=p.ransac_threshold_px,
+                                    max_threshold_px=p.max_threshold_px, pairs=pairs)
+        ev.significance = chk.significance
+        ok, reason = decision.decide(ev, p.min_significance, p.min_significance_segvlad, p.min_segvlad_z,
+                                     p.min_inliers)
+        if ok and chk.pose is None:
+            reason += "; no transform (no intrinsics)"
+        return VerifiedLoop(cand, ok, sv, chk.inliers, chk.pose, reason=reason), ev
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
@@ -352,7 +456,8 @@ class Verifier:
             ids = sorted(self._entries)
             es = [self._entries[i] for i in ids]
             meta = {"format": FORMAT, "version": VERSION, "params": asdict(self.params),
-                    "camera_size": self.camera_size, "map_id": self.map_id}
+                    "camera_size": self.camera_size, "map_id": self.map_id,
+                    "vocabulary_source": self.vocabulary_source, "backbone": self.backbone}
             arrays = {
                 "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
                 "ids": np.array(ids, np.int64),
@@ -360,7 +465,8 @@ class Verifier:
                 "kp_count": np.array([len(e.local.keypoints) for e in es], np.int64),
                 "keypoints": _cat([e.local.keypoints for e in es], (0, 2), np.float32),
                 "descriptors": _cat([e.local.descriptors for e in es],
-                                    (0, 128 if self.params.local_features == "sift" else 32), np.uint8),
+                                    (0, local.DESCRIPTOR_BYTES[self.params.local_features]),
+                                    np.int8 if self.params.local_features == "xfeat" else np.uint8),
                 "ss_count": np.array([-1 if e.supersegments is None else len(e.supersegments) for e in es], np.int64),
                 "supersegments": _cat([e.supersegments for e in es if e.supersegments is not None],
                                       (0, self.pca.dim if self.pca else 0), np.float16),
@@ -404,7 +510,8 @@ class Verifier:
         try:
             params = VerifierParams.from_dict(meta["params"])
             K = camera_matrix if camera_matrix is not None else d.get("camera_matrix")
-            v = cls(params, K, meta.get("camera_size"))
+            v = cls(params, K, meta.get("camera_size"), meta.get("backbone"))
+            v.vocabulary_source = meta.get("vocabulary_source", "")
             v.map_id = str(meta.get("map_id", ""))
             if "centroids" in d:
                 v.centroids = d["centroids"].astype(np.float32)

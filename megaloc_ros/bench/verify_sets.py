@@ -1,0 +1,251 @@
+"""`megaloc-ros bench verify --sets ...`: the verifier on several real sets, with decisions that
+must transfer (no threshold chosen per set).
+
+Sets:
+  rtabmap          84 indoor frames, loop matrix (data/rtabmap)        -- the set every verifier
+                   setting was chosen on (and one of the SegVLAD vocabulary's sources)
+  corridor         111 + 111 frames, 160x120 fisheye, ground_truth.csv (no intrinsics)
+  tum_fr3_cabinet  58 RGB-D keyframes, ground truth from covisibility (max of both directions
+                   >= 0.25; megaloc_ros/evaluation/covisibility.py), TUM fr3 intrinsics
+  tum_pairs        the viewpoint-heavy pair set (megaloc_ros/evaluation/viewpoint_pairs.py):
+                   TUM pairs >= 30 deg apart and >= 25% covisible both ways, and as many
+                   zero-covisibility pairs (a TUM frame against an rtabmap frame)
+
+Sequences run through the pipeline's stages (``LoopClosurePipeline.process`` with cached encoder
+features, default ``DetectorParams``): the verifier decides on the detector's raw top-k of every
+keyframe. The pair set calls the Verification stage directly: every frame of both scenes is
+added as a keyframe, then each pair is verified as a one-candidate query.
+
+Per set:
+  accepted true / false  loops the verifier accepted whose pair is / is not the same place
+                         (sequences: ``gt`` outside the detector's exclusion window, as in
+                         megaloc_ros.evaluation.metrics; pairs: the pair's label);
+  verification recall    queries with an accepted true loop / queries whose top-k holds a true
+                         match (pairs: accepted positives / positives): what the verifier keeps
+                         of what retrieval offered, separate from the backbone's own recall;
+  ROC AUC                of each signal over all verified candidates (true vs false):
+                         global cosine, SegVLAD z-score, geometry (-log10 NFA);
+  latency                ms per keyframe added (median, p90), ms per verified candidate (median).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+SETS = ("rtabmap", "corridor", "tum_fr3_cabinet", "tum_pairs")
+GOALS = {"rtabmap": 0.8, "tum_fr3_cabinet": 0.8, "tum_pairs": 0.7, "corridor": 0.5}
+ADD_MS_GOAL, CAND_MS_GOAL = 150.0, 20.0
+
+
+def roc_auc(labels, scores) -> Optional[float]:
+    """Area under the ROC curve (Mann-Whitney, ties count half); None without both classes.
+    Candidates without the signal (NaN) are left out."""
+    y = np.asarray(labels, bool)
+    s = np.asarray(scores, np.float64)
+    ok = np.isfinite(s)
+    y, s = y[ok], s[ok]
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks of ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def _sequence(name: str):
+    """(ImageSequence, camera matrix or None, camera size or None)."""
+    from megaloc_ros.evaluation.covisibility import as_image_sequence
+    from megaloc_ros.io import datasets, tum
+    if name == "tum_fr3_cabinet":
+        t = tum.tum_fr3_cabinet()
+        return as_image_sequence(t), t.K, t.image_size
+    return datasets.SEQUENCES[name](), None, None
+
+
+def _features(encoder, paths):
+    from megaloc_ros.encoding.encoder import encode_files
+    return encode_files(encoder, paths)
+
+
+def _signals(ev, cand) -> tuple[float, float, float]:
+    z = np.nan if ev is None or ev.segvlad_z is None else ev.segvlad_z
+    g = np.nan if ev is None or ev.significance is None else ev.significance.score
+    return float(cand.score), float(z), float(g)
+
+
+def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -> dict:
+    from megaloc_ros import pipeline as PL
+    from megaloc_ros.evaluation import metrics
+    from megaloc_ros.mapping.detector import DetectorParams
+    from megaloc_ros.verification.verifier import VerifierParams
+    seq, K, size = _sequence(name)
+    feats = features if features is not None else _features(encoder, seq.image_paths)
+    dp = DetectorParams()
+    vp = verifier_params or VerifierParams()
+    settings = PL.PipelineSettings(detector=dp, verifier=vp)
+    pipe = PL.LoopClosurePipeline(None, PL.build_mapping(settings, "bench", feats[0].descriptor.shape[0]),
+                                  PL.build_verification(vp, K, size))
+    verifier = pipe.verifier
+    valid = metrics.valid_pairs(seq.gt, seq.stamps_ns, dp.exclude_recent_s)
+    frame_of: dict[int, int] = {}
+    rows = []            # (query frame, match frame, label, global, z, geometry, accepted)
+    t_add, t_cand = [], []
+    offered, confirmed = set(), set()
+    true_acc = false_acc = 0
+    for i in range(len(seq)):
+        out = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), int(seq.sessions[i]), features=feats[i])
+        det = out.detection
+        if det.keyframe is None:
+            continue
+        frame_of[det.keyframe.id] = i
+        t_add.append(out.timings_ms["add_keyframe"])
+        if not det.retrieved:
+            continue
+        t_cand.extend(verifier.last_candidate_ms)
+        evs = list(verifier.last_evidence)
+        for k, r in enumerate(out.loops):
+            m = frame_of[r.candidate.match.id]
+            y = bool(valid[i, m])
+            ev = evs[k] if k < len(evs) else None
+            rows.append((i, m, y, *_signals(ev, r.candidate), r.accepted))
+            if y:
+                offered.add(i)
+            if r.accepted:
+                true_acc += y
+                false_acc += not y
+                if y:
+                    confirmed.add(i)
+    return _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier,
+                    f"{len(seq)} frames, {len(frame_of)} keyframes")
+
+
+def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = None, n: int = 60) -> dict:
+    from megaloc_ros.evaluation import viewpoint_pairs as VP
+    from megaloc_ros.io import datasets, tum
+    from megaloc_ros.types import Candidate, Keyframe
+    from megaloc_ros.verification.verifier import Verifier, VerifierParams
+    t = tum.tum_fr3_cabinet()
+    other = datasets.rtabmap()
+    features = features or {}
+    f_t = features.get("tum_fr3_cabinet") or _features(encoder, t.rgb_paths)
+    f_o = features.get("rtabmap") or _features(encoder, other.image_paths)
+    pairs = VP.pairs(n, t, n_other=len(other))
+    vp = verifier_params or VerifierParams()
+    v = Verifier(vp, t.K, t.image_size)
+    # the map: the other scene first (ids 0..), then the TUM frames (ids 1000 + i)
+    base = {"rtabmap": 0, "tum": 1000}
+    kfs = {}
+    t_add = []
+    for s, seq, f in (("rtabmap", other, f_o), ("tum", t, f_t)):
+        for i in range(len(seq)):
+            kf = Keyframe(base[s] + i, (base[s] + i) * 1_000_000_000)
+            kfs[(s, i)] = kf
+            t0 = time.perf_counter()
+            v.add_keyframe(kf, seq.load_rgb(i), f[i])
+            t_add.append((time.perf_counter() - t0) * 1e3)
+    desc = {("rtabmap", i): f_o[i].descriptor for i in range(len(other))}
+    desc.update({("tum", i): f_t[i].descriptor for i in range(len(t))})
+    rows, t_cand = [], []
+    offered, confirmed = set(), set()
+    true_acc = false_acc = 0
+    for k, p in enumerate(pairs):
+        c = Candidate(kfs[p.query], kfs[p.match], float(desc[p.query] @ desc[p.match]), 0)
+        r = v.verify([c])[0]
+        t_cand.extend(v.last_candidate_ms)
+        ev = v.last_evidence[0] if v.last_evidence else None
+        rows.append((k, k, p.positive, *_signals(ev, c), r.accepted))
+        if p.positive:
+            offered.add(k)
+        if r.accepted:
+            true_acc += p.positive
+            false_acc += not p.positive
+            if p.positive:
+                confirmed.add(k)
+    n_pos = sum(p.positive for p in pairs)
+    angles = [p.angle_deg for p in pairs if p.positive]
+    return _summary("tum_pairs", rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, v,
+                    f"{n_pos} positive pairs ({min(angles):.0f}-{max(angles):.0f} deg), "
+                    f"{len(pairs) - n_pos} zero-covisibility pairs")
+
+
+def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what) -> dict:
+    a = np.array([r[2:6] for r in rows], np.float64).reshape(-1, 4)
+    y = a[:, 0] > 0
+    return {
+        "set": name, "what": what, "candidates": len(rows),
+        "accepted_true": int(true_acc), "accepted_false": int(false_acc),
+        "queries_offered": len(offered), "queries_confirmed": len(confirmed),
+        "verification_recall": (len(confirmed) / len(offered)) if offered else None,
+        "auc": {"global": roc_auc(y, a[:, 1]), "segvlad_z": roc_auc(y, a[:, 2]),
+                "geometry": roc_auc(y, a[:, 3])},
+        "add_ms": {"median": float(np.median(t_add)), "p90": float(np.percentile(t_add, 90)),
+                   "n": len(t_add)},
+        "candidate_ms": {"median": float(np.median(t_cand)) if t_cand else None, "n": len(t_cand)},
+        "vocabulary": getattr(verifier, "vocabulary_source", ""),
+        "bytes_per_keyframe": verifier.bytes_per_keyframe(),
+        # per candidate: query, match, label, global, segvlad z, -log10 NFA, accepted
+        "rows": [list(r) for r in rows],
+    }
+
+
+def run(sets=SETS, encoder=None, verifier_params=None, features: Optional[dict] = None) -> list[dict]:
+    """Each named set in turn; ``features``: {set name: list of ImageFeatures} to skip encoding."""
+    if encoder is None and not features:
+        from megaloc_ros.encoding.loader import load_encoder
+        encoder = load_encoder(device="cpu")
+    features = features or {}
+    out = []
+    for s in sets:
+        if s == "tum_pairs":
+            out.append(run_pairs(encoder, verifier_params, features))
+        else:
+            out.append(run_sequence(s, encoder, verifier_params, features.get(s)))
+    return out
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def print_sets(results: list[dict], verifier_params=None) -> None:
+    from megaloc_ros.verification.verifier import VerifierParams
+    vp = verifier_params or VerifierParams()
+    print(f"verifier: local_features {vp.local_features}; decisions: -log10 NFA >= {vp.min_significance:g}, "
+          f"or >= {vp.min_significance_segvlad:g} with segvlad z >= {vp.min_segvlad_z:g} "
+          f"(chosen on rtabmap)")
+    hdr = (f"{'set':16s} {'acc true/false':>14s} {'recall':>15s} {'goal':>5s} "
+           f"{'AUC global/segvlad-z/geometry':>30s} {'add ms med/p90':>15s} {'ms/cand':>8s}")
+    print(hdr)
+    for r in results:
+        rec = f"{_f(r['verification_recall'])} ({r['queries_confirmed']}/{r['queries_offered']})"
+        auc = "/".join(_f(r["auc"][k]) for k in ("global", "segvlad_z", "geometry"))
+        add = f"{r['add_ms']['median']:.0f}/{r['add_ms']['p90']:.0f}"
+        print(f"{r['set']:16s} {r['accepted_true']:>8d} / {r['accepted_false']:<3d} {rec:>15s} "
+              f"{GOALS.get(r['set'], 0):5.2f} {auc:>30s} {add:>15s} {_f(r['candidate_ms']['median'], '{:.1f}'):>8s}")
+    for r in results:
+        print(f"  {r['set']}: {r['what']}; {r['candidates']} candidates verified; {r['vocabulary']}")
+    print("goals: zero false accepts on every set; recall >= goal column; "
+          f"<= {ADD_MS_GOAL:.0f} ms per keyframe added, <= {CAND_MS_GOAL:.0f} ms median per candidate")
+    for r in results:
+        miss = []
+        if r["accepted_false"]:
+            miss.append(f"{r['accepted_false']} false accepts")
+        rec = r["verification_recall"]
+        if rec is None or rec < GOALS.get(r["set"], 0):
+            miss.append(f"recall {_f(rec)} < {GOALS.get(r['set'], 0):.2f}")
+        if r["add_ms"]["median"] > ADD_MS_GOAL:
+            miss.append(f"add {r['add_ms']['median']:.0f} ms > {ADD_MS_GOAL:.0f}")
+        cm = r["candidate_ms"]["median"]
+        if cm is not None and cm > CAND_MS_GOAL:
+            miss.append(f"{cm:.1f} ms per candidate > {CAND_MS_GOAL:.0f}")
+        print(f"  {r['set']}: " + ("all goals met" if not miss else "NOT met: " + "; ".join(miss)))
