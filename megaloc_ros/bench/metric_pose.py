@@ -74,7 +74,7 @@ def run(features: str = "orb", pairs=None, seq=None, params: Optional[MetricPose
     import cv2
     from megaloc_ros.evaluation.trajectory_eval import load_rgbd_sequence
     seq = seq or load_rgbd_sequence("tum_fr3_cabinet")
-    params = params or MetricPoseParams(depth_scale=seq.depth_scale, ransac_iterations=10000, min_inliers=15)
+    params = params or MetricPoseParams(depth_scale=seq.depth_scale)
     pairs = pairs if pairs is not None else LOOP_PAIRS + NEIGHBOUR_PAIRS
     grey = {}
 

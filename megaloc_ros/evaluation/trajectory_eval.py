@@ -178,7 +178,7 @@ def metric_loop(seq: RgbdSequence, q: int, m: int, params=None):
     """``metric_pose`` result for frames (q, m) from ORB mutual matches, or None."""
     import cv2
     from megaloc_ros.verification.metric_pose import MetricPoseParams, estimate_metric_pose, mutual_matches
-    params = params or MetricPoseParams(depth_scale=seq.depth_scale, ransac_iterations=10000, min_inliers=15)
+    params = params or MetricPoseParams(depth_scale=seq.depth_scale)
     gq = cv2.cvtColor(seq.load_rgb(q), cv2.COLOR_RGB2GRAY)
     gm = cv2.cvtColor(seq.load_rgb(m), cv2.COLOR_RGB2GRAY)
     qxy, mxy = mutual_matches(gq, gm, "orb")

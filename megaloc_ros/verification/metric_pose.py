@@ -55,8 +55,8 @@ class MetricPoseParams:
                                            # sits on a depth edge and is dropped (0: keep all)
     ransac_threshold_px: float = 3.0       # reprojection error (query pixels) of a PnP inlier
     ransac_confidence: float = 0.999
-    ransac_iterations: int = 2000
-    min_inliers: int = 12                  # fewer: no metric pose
+    ransac_iterations: int = 10000         # AP3P hypotheses at most (stops early once confident)
+    min_inliers: int = 15                  # fewer: no metric pose
     min_inlier_ratio: float = 0.0          # inliers / points with depth; below: no metric pose
     seed: int = 0                          # RNG seed of OpenCV's RANSAC (reproducible results)
 
