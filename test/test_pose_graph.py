@@ -220,6 +220,7 @@ def test_ate_backends_agree():
 
 
 # ------------------------------------------------------------------------------ real data
+@pytest.mark.slow
 def test_tum_cabinet_pose_graph_gain(real_encoder):
     """The pipeline's loops on TUM fr3/cabinet close the drift: median optimised ATE <= half the
     odometry's over 10 drift seeds, and one wrong loop changes it by at most 10%
