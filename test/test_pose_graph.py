@@ -67,6 +67,9 @@ def test_keyframes_from_dense_odometry():
     assert steps.min() >= 0.2 - 1e-9 and steps.max() < 0.2 + 0.02
     g.add_odometry(g.stamps[-1], truth_at(1.0))   # a repeated stamp is ignored
     assert len(g) <= 17
+    g.update()   # iSAM2 with odometry only: the optimised poses are the odometry, map == odom
+    assert np.allclose(g.poses(), np.array(g.odom), atol=1e-9)
+    assert np.allclose(g.map_to_odom(), np.eye(4), atol=1e-9)
 
 
 def test_loops_close_the_drift_with_extrinsic_and_interpolated_stamps():
