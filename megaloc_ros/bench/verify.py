@@ -200,10 +200,10 @@ def print_table(r: dict) -> None:
     a, g = r["add_keyframe_ms"], r["geometry_checked_ms"]
     if g["n"]:
         print(f"candidates that reached RANSAC ({g['n']}): {g['median']:.1f} ms median, "
-              f"{g['p90']:.1f} ms p90 each (the others stop at the SegVLAD test)")
+              f"{g['p90']:.1f} ms p90 each (the others stop before geometry)")
     print(f"verify latency over {v['n']} candidates; add_keyframe {a['median']:.1f} ms median, "
           f"{a['p90']:.1f} ms p90 (segments + SIFT + SegVLAD, once per keyframe); max {a['max']:.0f} ms "
-          f"(the one-off vocabulary + PCA fit)")
+          f"(with a map-fitted vocabulary: its one-off fit)")
     print(f"verifier storage: {r['bytes_per_keyframe'] / 1024:.1f} KiB per keyframe "
           f"(SuperSegment descriptors fp16 + local features)")
     print("decisions: " + "; ".join(f"{k} x{n}" for k, n in sorted(r["reasons"].items(), key=lambda x: -x[1])))
