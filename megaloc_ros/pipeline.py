@@ -31,7 +31,8 @@ import numpy as np
 
 from megaloc_ros import settings as S
 from megaloc_ros.mapping.detector import Detection, DetectorParams, LoopDetector
-from megaloc_ros.mapping.place_map import MapSettings, PlaceMap
+from megaloc_ros.errors import MapFileError
+from megaloc_ros.mapping.place_map import MapSettings, PlaceMap, map_id_of
 from megaloc_ros.settings import EncoderSettings
 from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, VerifiedLoop
 from megaloc_ros.verification.verifier import Verifier, VerifierParams
@@ -175,11 +176,19 @@ def build_mapping(settings: PipelineSettings, model_name: str, dim: int, map_pat
 
 
 def build_verification(params: VerifierParams, camera_matrix=None, camera_size=None,
-                       state_path: str = "") -> Verification:
+                       state_path: str = "", map_path: str = "") -> Verification:
     """A new verifier, or the state at ``state_path`` when that file exists. A loaded state keeps
-    the settings that shaped its stored keyframes and takes the decision settings of ``params``."""
+    the settings that shaped its stored keyframes and takes the decision settings of ``params``.
+    With ``map_path`` (an existing place-map file) the state must belong to that map (same map
+    id; a state from before map ids is bound to it): MapFileError otherwise."""
     if state_path and Path(state_path).exists():
         v = Verifier.load(state_path, camera_matrix=camera_matrix)
+        if map_path and Path(map_path).exists():
+            mid = map_id_of(map_path)
+            if v.map_id and v.map_id != mid:
+                raise MapFileError(f"{state_path} belongs to map {v.map_id}, but {map_path} is map {mid}: "
+                                   "they were not saved together; load a matching pair or start a new map")
+            v.map_id = mid
         if camera_size is not None:
             v.camera_size = camera_size
         v.params = live_verifier_params(v.params, params)

@@ -74,6 +74,32 @@ def test_truncated_and_corrupt_jpeg(frame):
         decode_compressed("jpeg", garbage)
 
 
+def test_jpeg_corrupt_in_the_middle_is_refused(frame):
+    """End marker intact, bytes in the middle zeroed: OpenCV decodes it to garbage rows without
+    a word; the strict decoder refuses it."""
+    import cv2
+    jpg = bytearray(encode_jpeg(frame))
+    mid = len(jpg) // 2
+    jpg[mid:mid + 500] = bytes(500)
+    assert cv2.imdecode(np.frombuffer(bytes(jpg), np.uint8), cv2.IMREAD_COLOR) is not None  # the old path
+    with pytest.raises(ImageDecodeError, match="corrupt JPEG"):
+        decode_compressed("jpeg", bytes(jpg))
+
+
+def test_images_above_max_pixels_are_refused_from_the_header(frame):
+    import cv2
+    png = bytearray(cv2.imencode(".png", frame)[1].tobytes())
+    png[16:24] = (12000).to_bytes(4, "big") + (12000).to_bytes(4, "big")  # IHDR says 12000x12000
+    with pytest.raises(ImageDecodeError, match="12000x12000 px exceeds max_image_pixels"):
+        decode_compressed("png", bytes(png))
+    h, w = frame.shape[:2]
+    with pytest.raises(ImageDecodeError, match="exceeds max_image_pixels"):
+        decode_compressed("jpeg", encode_jpeg(frame), max_pixels=h * w - 1)
+    assert decode_compressed("jpeg", encode_jpeg(frame), max_pixels=h * w).shape == frame.shape
+    with pytest.raises(ImageDecodeError, match="exceeds max_image_pixels"):  # raw: before touching data
+        decode_raw("rgb8", 12000, 12000, 36000, b"")
+
+
 def test_format_mismatch(frame):
     with pytest.raises(ImageDecodeError, match="holds JPEG"):
         decode_compressed("png", encode_jpeg(frame))

@@ -151,9 +151,10 @@ def raw_run(encoder, frames, tmp_path_factory):
     with NodeSet(params(), domain_id=DOMAIN_ID, encoder=encoder) as ns:
         rec = Recorder(ns)
         replay(ns, frames, range(0, 40))
-        for node in ("loop_closure_node", "verifier_node"):
-            res = _call(ns.helper_node, SaveMap, f"{node}/save_map", SaveMap.Request(path=snapshot))
-            assert res.success, res.message
+        # one call saves both: the map and, through verifier_node/save_map, the verifier state
+        res = _call(ns.helper_node, SaveMap, "loop_closure_node/save_map", SaveMap.Request(path=snapshot))
+        assert res.success and "verifier_node" in res.message, res.message
+        assert os.path.exists(snapshot) and os.path.exists(snapshot + ".verifier")
         snapshot_size = len(ns.loop_closure.mapping.place_map)
         replay(ns, frames, range(40, len(frames)))
         stats = ns.loop_closure.stats.snapshot(), ns.verifier.stats.snapshot()
@@ -263,10 +264,14 @@ def test_saved_map_finds_the_same_loops_after_restart(encoder, frames, rtabmap_s
         assert min(lc.query_id for lc in rec.candidates) >= snapshot_size  # ids continue
         size = len(ns.loop_closure.mapping.place_map)
         req = QueryImage.Request(image=conv.rgb_to_image_msg(frames[45], BASE_NS + 45 * conv.NS), top_k=3)
-        res = _call(ns.helper_node, QueryImage, "loop_closure_node/query_image", req).result
-        assert len(res.loops) == 3 and res.loops[0].query_id == conv.NO_KEYFRAME
+        reply = _call(ns.helper_node, QueryImage, "loop_closure_node/query_image", req)
+        res = reply.result
+        assert reply.success and len(res.loops) == 3 and res.loops[0].query_id == conv.NO_KEYFRAME
         assert res.loops[0].score == pytest.approx(1.0, abs=1e-3)  # frame 45 itself is in the map now
         assert len(ns.loop_closure.mapping.place_map) == size  # the query inserted nothing
+        bad = Image(width=4, height=4, encoding="rgb8", step=12)  # no pixel data: an error, not "no match"
+        reply = _call(ns.helper_node, QueryImage, "loop_closure_node/query_image", QueryImage.Request(image=bad))
+        assert not reply.success and reply.message and not reply.result.loops
     assert os.stat(map_path).st_mtime_ns != before_stat, "the map was not saved on shutdown"
 
     after = check_loops(rec, rtabmap_seq.gt, min_loops=5)
@@ -438,3 +443,40 @@ def test_megaloc_ros_run_command_processes_frames_and_saves_on_ctrl_c(frames, tm
     assert proc.returncode == 0, out
     assert "saved map with 2 keyframes" in out, out
     assert map_path.exists() and Path(str(map_path) + ".verifier").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verifier_state", ["kept", "deleted"])
+def test_loading_another_map_never_verifies_against_the_wrong_keyframes(encoder, frames, rtabmap_seq, tmp_path,
+                                                                          verifier_state):
+    """The user's reproduction: frames 1-40 mapped and saved; restart, frames 40 -> 1 (ids now
+    name other places); only loop_closure_node/load_map is called; frames 41-84. Zero false loops:
+    the verifier follows the load (kept), or refuses, loudly and counted, to verify against
+    keyframes of a map it does not hold (deleted)."""
+    from megaloc_ros.srv import LoadMap
+    path = str(tmp_path / "first.map")
+    with NodeSet(params(), domain_id=DOMAIN_ID, encoder=encoder) as ns:
+        replay(ns, frames, range(0, 40))
+        res = _call(ns.helper_node, SaveMap, "loop_closure_node/save_map", SaveMap.Request(path=path))
+        assert res.success, res.message
+    if verifier_state == "deleted":
+        os.remove(path + ".verifier")
+    with NodeSet(params(), domain_id=DOMAIN_ID, encoder=encoder) as ns:
+        rec = Recorder(ns)
+        replay(ns, frames, range(39, -1, -1))
+        res = _call(ns.helper_node, LoadMap, "loop_closure_node/load_map", LoadMap.Request(path=path))
+        assert res.success == (verifier_state == "kept"), res.message
+        with rec.lock:
+            rec.loops.clear()
+            rec.rejected.clear()
+        replay(ns, frames, range(40, 84))
+        mismatches = ns.verifier.stats.count("map_mismatch")
+    pairs = rec.pairs(rec.loops)
+    wrong = sorted(p for p in pairs if not rtabmap_seq.gt[p])
+    assert not wrong, f"false loops after loading another map: {wrong}"
+    if verifier_state == "kept":
+        assert len(pairs) >= 10 and mismatches == 0, (len(pairs), mismatches)
+    else:
+        assert not pairs and mismatches > 0
+        with rec.lock:
+            assert rec.rejected, "refused candidates are published on ~/rejected"

@@ -24,7 +24,12 @@ RAW_ENCODINGS = {
 }
 
 
-def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigendian: bool = False) -> np.ndarray:
+# Larger images are refused before decoding (about 4096x4096): a node's memory stays bounded.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigendian: bool = False,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """``sensor_msgs/Image`` fields -> RGB uint8 [H, W, 3].
 
     16-bit mono images are scaled by their own maximum: many cameras fill only 10-12 bits.
@@ -34,6 +39,7 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
         raise ImageDecodeError(f"unsupported image encoding '{encoding}' (supported: {', '.join(RAW_ENCODINGS)})")
     if height <= 0 or width <= 0:
         raise ImageDecodeError(f"image has zero size ({width}x{height})")
+    check_pixels(width, height, max_pixels)
     channels, dtype, order = spec
     itemsize = np.dtype(dtype).itemsize
     row = width * channels * itemsize
@@ -53,8 +59,34 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
     return np.ascontiguousarray(px[:, :, list(order)])
 
 
-def decode_compressed(fmt: str, data) -> np.ndarray:
-    """``sensor_msgs/CompressedImage`` (jpeg or png) -> RGB uint8 [H, W, 3]."""
+def check_pixels(width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """ImageDecodeError when an image is larger than ``max_pixels``: checked from the header,
+    before decoding (a 431 KB PNG can hold 12000x12000 pixels, 432 MB decoded)."""
+    if max_pixels and width * height > max_pixels:
+        raise ImageDecodeError(f"image of {width}x{height} px exceeds max_image_pixels ({max_pixels}); "
+                               "downscale it at the camera or raise the limit")
+
+
+def compressed_size(buf: np.ndarray, is_jpeg: bool) -> tuple[int, int]:
+    """(width, height) from a JPEG or PNG header."""
+    if is_jpeg:
+        import simplejpeg
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(buf.tobytes())
+        except ValueError as exc:
+            raise ImageDecodeError(f"corrupt JPEG header: {exc}") from None
+        return int(width), int(height)
+    if buf.size < 24 or buf[12:16].tobytes() != b"IHDR":
+        raise ImageDecodeError("corrupt PNG header (no IHDR chunk)")
+    return int.from_bytes(buf[16:20].tobytes(), "big"), int.from_bytes(buf[20:24].tobytes(), "big")
+
+
+def decode_compressed(fmt: str, data, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (jpeg or png) -> RGB uint8 [H, W, 3].
+
+    JPEG is decoded strictly (libjpeg-turbo through simplejpeg, its warnings are errors): OpenCV
+    turns a JPEG corrupted in the middle, with its end marker intact, into a picture of garbage
+    rows without a word."""
     import cv2
 
     buf = np.frombuffer(memoryview(data), dtype=np.uint8)
@@ -67,12 +99,18 @@ def decode_compressed(fmt: str, data) -> np.ndarray:
         raise ImageDecodeError(f"compressed image (format '{fmt}') is neither JPEG nor PNG")
     if ("jpeg" in f or "jpg" in f) and not is_jpeg or "png" in f and not is_png:
         raise ImageDecodeError(f"compressed image says format '{fmt}' but holds {'JPEG' if is_jpeg else 'PNG'} data")
-    # OpenCV decodes a truncated JPEG into a grey-filled image without complaint.
     if is_jpeg and b"\xff\xd9" not in buf[-64:].tobytes():
         raise ImageDecodeError("JPEG data is truncated (no end-of-image marker)")
+    check_pixels(*compressed_size(buf, is_jpeg), max_pixels)
+    if is_jpeg:
+        import simplejpeg
+        try:
+            return simplejpeg.decode_jpeg(buf.tobytes(), colorspace="RGB", strict=True)
+        except ValueError as exc:
+            raise ImageDecodeError(f"corrupt JPEG data ({buf.size} bytes): {str(exc).splitlines()[0]}") from None
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if img is None or img.size == 0:
-        raise ImageDecodeError(f"corrupt {'JPEG' if is_jpeg else 'PNG'} data ({buf.size} bytes)")
+        raise ImageDecodeError(f"corrupt PNG data ({buf.size} bytes)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

@@ -563,10 +563,7 @@ class PlaceMap:
         n, dim = int(meta["count"]), int(meta["dim"])
         a = arrays
         pmap = cls(dim, meta["model_name"], MapSettings.from_file(meta["index"], meta["options"]))
-        # a file from before map ids: an id derived from its contents, the same on every load
-        pmap.map_id = str(meta.get("map_id") or "legacy-" + hashlib.sha256(
-            np.ascontiguousarray(arrays["ids"]).tobytes() + np.ascontiguousarray(arrays["stamps_ns"]).tobytes()
-        ).hexdigest()[:24])
+        pmap.map_id = str(meta.get("map_id") or _legacy_map_id(arrays))
         c = pmap._cols
         c.n = n
         c.ids, c.stamps = a["ids"].copy(), a["stamps_ns"].copy()
@@ -616,6 +613,21 @@ class PlaceMap:
 
 def new_map_id() -> str:
     return uuid.uuid4().hex
+
+
+def _legacy_map_id(arrays: dict[str, np.ndarray]) -> str:
+    """A file from before map ids: an id derived from its keyframes, the same on every load."""
+    h = hashlib.sha256(np.ascontiguousarray(arrays["ids"]).tobytes()
+                       + np.ascontiguousarray(arrays["stamps_ns"]).tobytes())
+    return "legacy-" + h.hexdigest()[:24]
+
+
+def map_id_of(path) -> str:
+    """The map id of the map file at ``path`` (checked like ``PlaceMap.load``; MapFileError)."""
+    header, payload = map_file.read_header(path)
+    if header.get("map_id"):
+        return str(header["map_id"])
+    return _legacy_map_id(map_file.read_arrays(header, payload, path))
 
 
 def fit_projection(x: np.ndarray, out_dim: int, whiten: bool = False, seed: int = 0) -> np.ndarray:

@@ -17,7 +17,8 @@ from std_msgs.msg import Header
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosure, LoopClosureArray
 
-from megaloc_ros.io.images import decode_compressed, decode_raw, downscale, encode_jpeg, encode_raw
+from megaloc_ros.io.images import (MAX_IMAGE_PIXELS, decode_compressed, decode_raw, downscale, encode_jpeg,
+                                   encode_raw)
 from megaloc_ros.transforms import matrix_to_quaternion, quaternion_to_matrix
 from megaloc_ros.types import SECOND_NS, Candidate, ImageFeatures, Keyframe, RelativePose, VerifiedLoop
 
@@ -83,11 +84,12 @@ def odometry_to_matrix(odom) -> np.ndarray:
 ImageMsg = Union[Image, CompressedImage]
 
 
-def image_msg_to_rgb(msg: ImageMsg) -> np.ndarray:
-    """Decode an Image or CompressedImage to RGB uint8; raises ImageDecodeError on bad input."""
+def image_msg_to_rgb(msg: ImageMsg, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an Image or CompressedImage to RGB uint8; raises ImageDecodeError on bad input,
+    and on images larger than ``max_pixels`` (checked before decoding)."""
     if isinstance(msg, CompressedImage):
-        return decode_compressed(msg.format, msg.data)
-    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data, bool(msg.is_bigendian))
+        return decode_compressed(msg.format, msg.data, max_pixels)
+    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data, bool(msg.is_bigendian), max_pixels)
 
 
 def rgb_to_image_msg(rgb: np.ndarray, stamp_ns: int = 0, frame_id: str = "", encoding: str = "rgb8") -> Image:
@@ -108,12 +110,13 @@ def _f32(x: np.ndarray) -> array.array:
 
 
 def keyframe_to_msg(kf: Keyframe, image_rgb: Optional[np.ndarray], features: ImageFeatures,
-                    image_max_side: int = 0) -> KeyframeMsg:
+                    image_max_side: int = 0, map_id: str = "") -> KeyframeMsg:
     """A keyframe with what the verifier needs: the (downscaled) rgb8 image and the features."""
     m = KeyframeMsg()
     m.header = make_header(kf.stamp_ns, kf.frame_id)
     m.id = int(kf.id)
     m.session = int(kf.session)
+    m.map_id = map_id
     if image_rgb is not None:
         m.image = rgb_to_image_msg(downscale(image_rgb, image_max_side), kf.stamp_ns, kf.frame_id)
     m.descriptor = _f32(features.descriptor)
@@ -183,6 +186,7 @@ def msg_to_verified_loop(m: LoopClosure) -> VerifiedLoop:
                         verification_score=float(m.verification_score), inliers=int(m.inliers), transform=tf)
 
 
-def loops_to_array(items: Iterable[Union[Candidate, VerifiedLoop]], stamp_ns: int, frame_id: str = "") -> LoopClosureArray:
-    return LoopClosureArray(header=make_header(stamp_ns, frame_id),
+def loops_to_array(items: Iterable[Union[Candidate, VerifiedLoop]], stamp_ns: int, frame_id: str = "",
+                   map_id: str = "") -> LoopClosureArray:
+    return LoopClosureArray(header=make_header(stamp_ns, frame_id), map_id=map_id,
                             loops=[loop_to_msg(i, frame_id) for i in items])

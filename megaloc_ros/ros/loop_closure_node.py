@@ -34,14 +34,14 @@ from typing import Optional
 import numpy as np
 from geometry_msgs.msg import Point
 from nav_msgs.msg import Odometry
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from visualization_msgs.msg import Marker, MarkerArray
 
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
-from megaloc_ros.srv import QueryImage
+from megaloc_ros.srv import LoadMap, QueryImage, SaveMap
 
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.pipeline import PipelineSettings, build_encoding, build_mapping
@@ -78,6 +78,8 @@ class LoopClosureNode(ManagedNode):
         self.encoding = None   # pipeline stages (megaloc_ros.pipeline), built on configure
         self.mapping = None
         self.session = 0
+        self._verifier_clients: dict = {}
+        self._client_group = ReentrantCallbackGroup()  # replies arrive while our service callback waits
         self._cv = threading.Condition()
         self._queue: deque[_Frame] = deque()
         self._busy = False
@@ -164,7 +166,7 @@ class LoopClosureNode(ManagedNode):
         self.stats.inc("frames_received")
         t = time.monotonic()
         try:
-            rgb = conv.image_msg_to_rgb(msg)
+            rgb = conv.image_msg_to_rgb(msg, self._param("max_image_pixels"))
         except Exception as exc:  # ImageDecodeError, and anything else a malformed message causes
             self.stats.error("decode_errors", str(exc))
             self._log_error(f"frame dropped: {exc}")
@@ -242,6 +244,7 @@ class LoopClosureNode(ManagedNode):
         pose = self._pose_at(f.stamp_ns) if self._param("odom_topic") else None
         feats, encode_ms = self.encoding.encode(f.rgb)
         det, search_ms = self.mapping.detect(feats.descriptor, f.stamp_ns, self.session, f.frame_id, pose)
+        map_id = self.mapping.place_map.map_id  # the map whose ids det names (a load waits for us)
         if det.keyframe is not None:
             self._dirty = True
         self.stats.latency("encode", encode_ms)
@@ -254,12 +257,13 @@ class LoopClosureNode(ManagedNode):
         self.stats.inc("keyframes")
         if not self._param("publish_patch_features"):
             feats = type(feats)(feats.descriptor, None)
-        self._pub_keyframes.publish(conv.keyframe_to_msg(kf, f.rgb, feats, self._param("keyframe_image_max_side")))
+        self._pub_keyframes.publish(conv.keyframe_to_msg(kf, f.rgb, feats, self._param("keyframe_image_max_side"),
+                                                         map_id))
         if det.retrieved:
-            self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id))
+            self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id, map_id))
             self.stats.inc("retrieved", len(det.retrieved))
         if det.candidates:
-            self._pub_candidates.publish(conv.loops_to_array(det.candidates, kf.stamp_ns, kf.frame_id))
+            self._pub_candidates.publish(conv.loops_to_array(det.candidates, kf.stamp_ns, kf.frame_id, map_id))
             self.stats.inc("candidates", len(det.candidates))
         if kf.pose is not None:
             self._positions[kf.id] = kf.pose[:3, 3].copy()
@@ -332,16 +336,51 @@ class LoopClosureNode(ManagedNode):
 
     def _srv_query_image(self, req, res):
         try:
-            rgb = conv.image_msg_to_rgb(req.image)
+            rgb = conv.image_msg_to_rgb(req.image, self._param("max_image_pixels"))
             feats, _ = self.encoding.encode(rgb)
             stamp = conv.stamp_to_ns(req.image.header.stamp)
             cands = self.mapping.query(feats.descriptor, top_k=int(req.top_k) or None, stamp_ns=stamp,
                                        session=self.session, frame_id=req.image.header.frame_id)
-            res.result = conv.loops_to_array(cands, stamp, req.image.header.frame_id)
-        except Exception as exc:
+            res.result = conv.loops_to_array(cands, stamp, req.image.header.frame_id,
+                                             self.mapping.place_map.map_id)
+            res.success, res.message = True, f"{len(cands)} places"
+        except Exception as exc:  # an error, never an empty result that reads as "no match"
             self.stats.error("query_errors", str(exc))
             self.get_logger().error(f"query_image: {exc}")
-            res.result = LoopClosureArray()
+            res.success, res.message, res.result = False, str(exc), LoopClosureArray()
+        return res
+
+    # ----------------------------------------------------------------- one map, both nodes
+    def _srv_save_map(self, req, res):
+        return self._with_verifier(SaveMap, "save_map", req, super()._srv_save_map(req, res))
+
+    def _srv_load_map(self, req, res):
+        return self._with_verifier(LoadMap, "load_map", req, super()._srv_load_map(req, res))
+
+    def _with_verifier(self, srv_type, service: str, req, res, timeout: float = 60.0):
+        """After this node saved or loaded the map, the verifier node (``verifier_node``
+        parameter) saves or loads its state at the same path: one call does both. A verifier
+        that is absent or fails is said in the reply (it then refuses this map's keyframes)."""
+        name = self._param("verifier_node")
+        if not res.success or not name:
+            return res
+        client = self._verifier_clients.get(service)
+        if client is None:
+            client = self._verifier_clients[service] = self.create_client(
+                srv_type, f"{name}/{service}", callback_group=self._client_group)
+        if not client.wait_for_service(timeout_sec=2.0):
+            res.message += f"; {client.srv_name} is not available, its state was not {service.split('_')[0]}d"
+            return res
+        done = threading.Event()
+        future = client.call_async(srv_type.Request(path=self._map_path(req.path)))
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout) or future.result() is None:
+            res.success, res.message = False, res.message + f"; {client.srv_name} did not answer in {timeout:g} s"
+        elif not future.result().success:
+            res.success = False
+            res.message += f"; but {client.srv_name} failed: {future.result().message}"
+        else:
+            res.message += f"; {name}: {future.result().message}"
         return res
 
 

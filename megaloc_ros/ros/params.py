@@ -91,6 +91,12 @@ class LoopClosureNodeSettings(CommonNodeSettings):
                                            "~/keyframes (0: full size)", range=(0, 8192))
     publish_patch_features: bool = setting(True, "send dense backbone features on ~/keyframes (SegVLAD "
                                            "needs them)")
+    max_image_pixels: int = setting(4096 * 4096, "larger camera images are refused (counted in "
+                                    "decode_errors), checked from the header before decoding",
+                                    range=(1, 2**31 - 1))
+    verifier_node: str = setting("verifier_node", "the verifier node whose state ~/save_map and ~/load_map "
+                                 "save and load with the map, at the same path (one call does both); "
+                                 "empty: the map only", read_only=True)
     map_frame: str = setting("map", "frame of the RViz markers when no odometry frame is known")
 
 

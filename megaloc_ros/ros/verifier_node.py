@@ -31,6 +31,7 @@ from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
 
 from megaloc_ros.errors import MegalocError
+from megaloc_ros.types import VerifiedLoop
 from megaloc_ros.pipeline import build_verification, live_verifier_params
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
@@ -38,6 +39,10 @@ from megaloc_ros.ros.managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNod
 from megaloc_ros.ros.managed_node import spin_single
 
 SUFFIX = ".verifier"
+
+
+class MapMismatch(MegalocError):
+    """Input that names keyframes of another map than the verifier state holds."""
 
 
 def verifier_state_path(map_path: str) -> str:
@@ -48,7 +53,7 @@ class VerifierNode(ManagedNode):
     """See the module docstring."""
 
     STATE_NAME = "verifier state"
-    DIAG_ERRORS = ("keyframe_errors", "verify_errors")
+    DIAG_ERRORS = ("keyframe_errors", "verify_errors", "map_mismatch")
     DIAG_WARNING = ("candidates_expired", "candidates expired")
 
     def __init__(self, node_name: str = P.VERIFIER_NODE, **kwargs):
@@ -85,7 +90,7 @@ class VerifierNode(ManagedNode):
     def _build_verification(self, map_path: str):
         k, size = self._camera()
         state = verifier_state_path(map_path) if map_path else ""
-        v = build_verification(self._build_params(), k, size, state)
+        v = build_verification(self._build_params(), k, size, state, map_path)
         if state and Path(state).exists():
             self.get_logger().info(f"loaded verifier state {state}: {len(v.verifier)} keyframes")
         return v
@@ -119,15 +124,32 @@ class VerifierNode(ManagedNode):
             if rgb is None:
                 raise MegalocError(f"keyframe {kf.id} carries no image")
             with self._lock:
+                self._check_map(msg.map_id, f"keyframe {kf.id}")
                 ms = self.verification.add_keyframe(kf, rgb, feats)
                 self._keyframes[kf.id] = kf
                 self._dirty = True
             self.stats.latency("add_keyframe", ms)
+        except MapMismatch as exc:
+            self.stats.error("map_mismatch", str(exc))
+            self.get_logger().error(str(exc), throttle_duration_sec=2.0)
+            return
         except Exception as exc:
             self.stats.error("keyframe_errors", str(exc))
             self.get_logger().error(f"keyframe {msg.id} not added: {exc}", throttle_duration_sec=2.0)
             return
         self._flush_pending()
+
+    def _check_map(self, map_id: str, what: str) -> None:
+        """MapMismatch unless ``map_id`` is the map this state belongs to. A fresh state (or one
+        from before map ids) binds to the first map it is given; an empty id is not checked."""
+        v = self.verifier
+        if not map_id:
+            return
+        if not v.map_id:
+            v.map_id = map_id
+        elif v.map_id != map_id:
+            raise MapMismatch(f"{what} refused: it belongs to map {map_id}, this verifier holds the state of "
+                              f"map {v.map_id} (load the matching state: loop_closure_node/load_map loads both)")
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         k = np.array(msg.k, np.float64).reshape(3, 3)
@@ -148,8 +170,25 @@ class VerifierNode(ManagedNode):
         if not msg.loops:
             return
         with self._lock:
+            try:
+                self._check_map(msg.map_id, f"candidates of keyframe {msg.loops[0].query_id}")
+            except MapMismatch as exc:
+                self._refuse(msg, exc)
+                return
             self._pending.append((time.monotonic(), msg))
         self._flush_pending()
+
+    def _refuse(self, msg: LoopClosureArray, exc: MapMismatch) -> None:
+        """Candidates naming another map's keyframes: never verified; counted, logged, and
+        published on ~/rejected (so the verdict stays visible), and counted as verified."""
+        cands = [conv.msg_to_candidate(lc) for lc in msg.loops]
+        for _ in cands:
+            self.stats.error("map_mismatch", str(exc))
+        self.stats.inc("candidates_verified", len(cands))
+        self.get_logger().error(str(exc), throttle_duration_sec=2.0)
+        self._pub_rejected.publish(conv.loops_to_array(
+            [VerifiedLoop(c, False, reason=f"rejected: {exc}") for c in cands],
+            conv.stamp_to_ns(msg.header.stamp), msg.header.frame_id, msg.map_id))
 
     def _flush_pending(self) -> None:
         """Verify the pending candidate arrays whose query keyframe has arrived; expire old ones."""
@@ -175,7 +214,11 @@ class VerifierNode(ManagedNode):
                  for lc in msg.loops]
         try:
             with self._lock:
+                self._check_map(msg.map_id, f"candidates of keyframe {msg.loops[0].query_id}")
                 results, ms = self.verification.verify(cands)
+        except MapMismatch as exc:  # the state was replaced while these waited
+            self._refuse(msg, exc)
+            return
         except Exception as exc:
             self.stats.error("verify_errors", str(exc))
             self.get_logger().error(f"verifying keyframe {msg.loops[0].query_id} failed: {exc}",
@@ -191,14 +234,14 @@ class VerifierNode(ManagedNode):
         self.stats.inc("candidates_verified", len(results))
         stamp = conv.stamp_to_ns(msg.header.stamp)
         if accepted:
-            out = conv.loops_to_array(accepted, stamp, msg.header.frame_id)
+            out = conv.loops_to_array(accepted, stamp, msg.header.frame_id, msg.map_id)
             for i, lc in enumerate(out.loops):
                 lc.rank = i
             self._pub_loops.publish(out)
             for r in accepted:
                 self.get_logger().info(f"loop closure {r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
         if rejected:
-            self._pub_rejected.publish(conv.loops_to_array(rejected, stamp, msg.header.frame_id))
+            self._pub_rejected.publish(conv.loops_to_array(rejected, stamp, msg.header.frame_id, msg.map_id))
 
     # ----------------------------------------------------------------- output
     def pending_count(self) -> int:
