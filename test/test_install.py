@@ -27,22 +27,26 @@ DECLARED = {None: "runtime", "export": "export", "openvino": "openvino", "test":
 IMPORT_TO_DIST = {
     "numpy": "numpy", "cv2": "opencv-python-headless", "onnxruntime": "onnxruntime", "faiss": "faiss-cpu",
     "scipy": "scipy", "skimage": "scikit-image", "yaml": "pyyaml", "tqdm": "tqdm", "rosbags": "rosbags",
-    "matplotlib": "matplotlib", "threadpoolctl": "threadpoolctl",
+    "matplotlib": "matplotlib", "threadpoolctl": "threadpoolctl", "simplejpeg": "simplejpeg", "gtsam": "gtsam", "evo": "evo",
     "torch": "torch", "safetensors": "safetensors", "onnx": "onnx", "onnxscript": "onnxscript",
     "openvino": "openvino", "nncf": "nncf",
 }
 # Imports a runtime module may make inside a function (never at module level) for an optional
 # feature, with the extra that provides them: the torch backend, an OpenVINO IR.
-OPTIONAL_IMPORTS = {"torch": "export", "openvino": "openvino"}
+OPTIONAL_IMPORTS = {"torch": "export", "openvino": "openvino", "evo": "test"}
 # Provided by the ROS 2 installation; each must be a package.xml dependency.
 ROS_IMPORTS = {"rclpy", "rcl_interfaces", "builtin_interfaces", "std_msgs", "geometry_msgs", "sensor_msgs",
-               "nav_msgs", "visualization_msgs", "diagnostic_msgs", "lifecycle_msgs", "launch", "launch_ros"}
+               "nav_msgs", "visualization_msgs", "diagnostic_msgs", "lifecycle_msgs", "launch", "launch_ros",
+               "tf2_msgs"}
+# Message packages of the back ends an adapter serves, imported only when present (not declared).
+OPTIONAL_ROS_IMPORTS = {"rtabmap_msgs"}
 # runtime distribution -> its rosdep key in package.xml, or None: pip only (named in package.xml's comment)
 ROSDEP_KEYS = {
     "numpy": "python3-numpy", "opencv-python-headless": "python3-opencv", "scipy": "python3-scipy",
     "scikit-image": "python3-skimage", "pyyaml": "python3-yaml", "tqdm": "python3-tqdm",
     "matplotlib": "python3-matplotlib",
-    "onnxruntime": None, "faiss-cpu": None, "rosbags": None, "threadpoolctl": None,
+    "onnxruntime": None, "faiss-cpu": None, "rosbags": None, "threadpoolctl": None, "simplejpeg": None,
+    "gtsam": None,
 }
 
 
@@ -136,12 +140,12 @@ def test_each_requirement_is_listed_once():
 
 def test_runtime_modules_import_only_declared_packages():
     runtime = set(declared("runtime"))
-    extras = {name: set(declared(name)) for name in ("export", "openvino")}
+    extras = {name: set(declared(name)) for name in ("export", "openvino", "test")}
     problems = []
     for path in runtime_modules():
         rel = path.relative_to(ROOT)
         for top, line, module_level in third_party_imports(path):
-            if top in ROS_IMPORTS:
+            if top in ROS_IMPORTS or top in OPTIONAL_ROS_IMPORTS and not module_level:
                 continue
             dist = IMPORT_TO_DIST.get(top)
             if dist is None:
