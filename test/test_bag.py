@@ -1,6 +1,8 @@
 """rosbag2 writing and reading (`megaloc-ros make-bag`, BagReader) on the shipped real images."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -160,3 +162,61 @@ def test_garbage_message_inside_a_bag(tmp_path, rtabmap_seq):
         with pytest.raises(BagError, match="message 1 on /camera/image_raw/compressed .* cannot be "
                                            "deserialised as sensor_msgs/msg/CompressedImage"):
             next(it)
+
+
+def _corrupt_message(bag, msg_id: int, data: bytes, stamp_ns: int = 0):
+    """Replace message ``msg_id`` (1-based) of a sqlite3 compressed bag by a well-formed
+    CompressedImage whose image bytes are ``data``."""
+    import sqlite3
+    ts = B._typestore()
+    msg = ts.types[B.COMPRESSED_TYPE](header=B._header(ts, stamp_ns, "camera"), format="jpeg",
+                                      data=np.frombuffer(data, np.uint8))
+    with sqlite3.connect(next(Path(bag).glob("*.db3"))) as con:
+        con.execute("UPDATE messages SET data = ? WHERE id = ?",
+                    (bytes(ts.serialize_cdr(msg, B.COMPRESSED_TYPE)), msg_id))
+
+
+def test_reader_skips_undecodable_frames_on_request(tmp_path, rtabmap_seq):
+    bag = B.write_bag(tmp_path / "b", rtabmap_seq.image_paths[:4], [0, S, 2 * S, 3 * S], compressed=True)
+    _corrupt_message(bag, 2, b"\xff\xd8 not a jpeg", stamp_ns=S)
+    with B.BagReader(bag) as r:
+        with pytest.raises(ImageDecodeError, match="image 1 on /camera/image_raw/compressed"):
+            list(r.images("/camera/image_raw/compressed"))
+        bad = []
+        frames = list(r.images("/camera/image_raw/compressed", on_error=lambda *a: bad.append(a)))
+    assert [f.index for f in frames] == [0, 2, 3]
+    assert [(i, t) for i, t, _ in bad] == [(1, S)] and isinstance(bad[0][2], ImageDecodeError)
+
+
+def test_make_bag_checks_images_and_leaves_nothing_half_written(tmp_path, rtabmap_seq, capsys):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, p in enumerate(rtabmap_seq.image_paths[:5]):
+        (img_dir / f"{i + 1}.jpg").write_bytes(p.read_bytes())
+    jpg = (img_dir / "4.jpg").read_bytes()
+    (img_dir / "4.jpg").write_bytes(jpg[: len(jpg) // 3])  # a truncated JPEG (a copy that failed)
+    out = tmp_path / "bag"
+    for flags in (["--compressed"], []):
+        assert cli.main(["make-bag", str(img_dir), "-o", str(out), "--quiet", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "4.jpg" in err and "Traceback" not in err
+        assert not out.exists()  # no half-written bag
+        assert [p.name for p in tmp_path.iterdir()] == ["imgs"]
+    # replacing a good bag: a failure keeps the old one as it was
+    good = tmp_path / "good"
+    (good / "imgs").mkdir(parents=True)
+    for i, p in enumerate(rtabmap_seq.image_paths[:3]):
+        (good / "imgs" / f"{i + 1}.jpg").write_bytes(p.read_bytes())
+    assert cli.main(["make-bag", str(good / "imgs"), "-o", str(out), "--quiet", "--compressed"]) == 0
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    assert cli.main(["make-bag", str(img_dir), "-o", str(out), "--quiet", "--compressed", "--force"]) == 2
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bag", "good", "imgs"]
+    with B.BagReader(out) as r:
+        assert r.count("/camera/image_raw/compressed") == 3
+    # and a good replacement replaces it
+    (img_dir / "4.jpg").write_bytes(jpg)
+    assert cli.main(["make-bag", str(img_dir), "-o", str(out), "--quiet", "--compressed", "--force"]) == 0
+    with B.BagReader(out) as r:
+        assert r.count("/camera/image_raw/compressed") == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bag", "good", "imgs"]

@@ -9,6 +9,7 @@ is a ``BagError`` (or ``ImageDecodeError``) that names the bag, the topic and wh
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -115,12 +116,15 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
             raise BagError(f"{out} already exists (pass --force to replace it)")
         if not (out / "metadata.yaml").exists():
             raise BagError(f"{out} exists and is not a rosbag2 directory; not replacing it")
-        shutil.rmtree(out)
     topic = topic or ("/camera/image_raw/compressed" if compressed else "/camera/image_raw")
     ts = _typestore()
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     msgtype = COMPRESSED_TYPE if compressed else IMAGE_TYPE
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the bag being replaced stays aside until the new one is complete: a failure restores it
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}") if out.exists() else None
+    if old is not None:
+        out.rename(old)
     bar = progress_bar(len(image_paths), "make-bag", quiet=not progress)
     try:
         with Writer(out, version=Writer.VERSION_LATEST, storage_plugin=plugin) as w:
@@ -128,7 +132,7 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
             for path, t in zip(image_paths, stamps):
                 p = Path(path)
                 if compressed:
-                    data = p.read_bytes()
+                    data = _checked_file_bytes(p)
                     fmt = "png" if p.suffix.lower() == ".png" else "jpeg"
                     msg = ts.types[COMPRESSED_TYPE](header=_header(ts, int(t), frame_id), format=fmt,
                                                     data=np.frombuffer(data, np.uint8))
@@ -150,11 +154,34 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
                         orientation=G["geometry_msgs/msg/Quaternion"](x=q[0], y=q[1], z=q[2], w=q[3]))
                     msg = G[ptype](header=_header(ts, int(t), world_frame), pose=pose)
                     w.write(pconn, int(t), ts.serialize_cdr(msg, ptype))
-    except WriterError as exc:
-        raise BagError(f"cannot write {out}: {exc}") from None
+    except BaseException as exc:  # also Ctrl-C: no half-written bag stays behind
+        shutil.rmtree(out, ignore_errors=True)
+        if old is not None:
+            old.rename(out)
+        if isinstance(exc, WriterError):
+            raise BagError(f"cannot write {out}: {exc}") from None
+        raise
     finally:
         bar.close()
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _checked_file_bytes(path: Path) -> bytes:
+    """The bytes of an image file for a CompressedImage, after checking that they decode (as
+    the nodes will decode them); ImageDecodeError naming the file otherwise."""
+    from megaloc_ros.io.images import decode_compressed
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MegalocError(f"cannot read {path}: {exc.strerror}") from None
+    fmt = "png" if path.suffix.lower() == ".png" else "jpeg"
+    try:
+        decode_compressed(fmt, np.frombuffer(data, np.uint8))
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{path} is not a readable {fmt.upper()} image ({exc}); no bag written") from None
+    return data
 
 
 def progress_bar(total: int, desc: str, quiet: bool = False):
@@ -286,25 +313,36 @@ class BagReader:
             raise BagError(f"message {index} on {topic} in {self.path} cannot be deserialised as "
                            f"{msgtype}: {_why(exc)}") from None
 
-    def images(self, topic: str) -> Iterator[BagImage]:
-        """Decode every image on ``topic`` in bag order."""
+    def images(self, topic: str, on_error=None) -> Iterator[BagImage]:
+        """Decode every image on ``topic`` in bag order. A message that cannot be deserialised or
+        decoded raises (BagError / ImageDecodeError), unless ``on_error`` is given: then it is
+        called as ``on_error(index, stamp_ns, error)`` (the bag's receive time when the header
+        cannot be read) and the frame is skipped. A corrupt bag file raises either way."""
         from megaloc_ros.io.images import decode_compressed, decode_raw
 
         conns = self._connections(topic, IMAGE_TYPES, "image")
         for i, (conn, t_bag, raw) in enumerate(self._messages(conns)):
             t0 = time.perf_counter()
-            msg = self._deserialize(raw, conn.msgtype, topic, i)
+            stamp = int(t_bag)
             try:
-                if conn.msgtype == COMPRESSED_TYPE:
-                    rgb = decode_compressed(msg.format, msg.data)
-                else:
-                    rgb = decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data,
-                                     bool(msg.is_bigendian))
-            except ImageDecodeError as exc:
-                raise ImageDecodeError(f"image {i} on {topic}: {exc}") from None
+                msg = self._deserialize(raw, conn.msgtype, topic, i)
+                s = msg.header.stamp.sec * SECOND_NS + msg.header.stamp.nanosec
+                stamp = int(s) if s > 0 else int(t_bag)
+                try:
+                    if conn.msgtype == COMPRESSED_TYPE:
+                        rgb = decode_compressed(msg.format, msg.data)
+                    else:
+                        rgb = decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data,
+                                         bool(msg.is_bigendian))
+                except ImageDecodeError as exc:
+                    raise ImageDecodeError(f"image {i} on {topic}: {exc}") from None
+            except (BagError, ImageDecodeError) as exc:
+                if on_error is None:
+                    raise
+                on_error(i, stamp, exc)
+                continue
             dt = (time.perf_counter() - t0) * 1e3
-            stamp = msg.header.stamp.sec * SECOND_NS + msg.header.stamp.nanosec
-            yield BagImage(i, int(stamp) if stamp > 0 else int(t_bag), msg.header.frame_id, rgb, dt)
+            yield BagImage(i, stamp, msg.header.frame_id, rgb, dt)
 
     def raw_images(self, topic: str) -> Iterator[tuple[int, int, str, bytes]]:
         """(index, header stamp ns, message type, CDR bytes) of every image on ``topic``: what a
