@@ -24,7 +24,9 @@ Per set:
                          match (pairs: accepted positives / positives): what the verifier keeps
                          of what retrieval offered, separate from the backbone's own recall;
   ROC AUC                of each signal over all verified candidates (true vs false):
-                         global cosine, SegVLAD z-score, geometry (-log10 NFA);
+                         global cosine, SegVLAD score, SegVLAD z-score (the decision's form;
+                         "-" where no candidate of a class had one: a map too small for a
+                         background), geometry (-log10 NFA);
   latency                ms per keyframe added (median, p90), ms per verified candidate (median).
 """
 from __future__ import annotations
@@ -77,10 +79,12 @@ def _features(encoder, paths):
     return encode_files(encoder, paths)
 
 
-def _signals(ev, cand) -> tuple[float, float, float]:
+def _signals(ev, cand) -> tuple[float, float, float, float]:
+    """global cosine, SegVLAD z, -log10 NFA, raw SegVLAD score (NaN where absent)."""
     z = np.nan if ev is None or ev.segvlad_z is None else ev.segvlad_z
     g = np.nan if ev is None or ev.significance is None else ev.significance.score
-    return float(cand.score), float(z), float(g)
+    sv = np.nan if ev is None or ev.segvlad is None else ev.segvlad
+    return float(cand.score), float(z), float(g), float(sv)
 
 
 def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -> dict:
@@ -179,21 +183,21 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
 
 
 def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what) -> dict:
-    a = np.array([r[2:6] for r in rows], np.float64).reshape(-1, 4)
+    a = np.array([r[2:7] for r in rows], np.float64).reshape(-1, 5)
     y = a[:, 0] > 0
     return {
         "set": name, "what": what, "candidates": len(rows),
         "accepted_true": int(true_acc), "accepted_false": int(false_acc),
         "queries_offered": len(offered), "queries_confirmed": len(confirmed),
         "verification_recall": (len(confirmed) / len(offered)) if offered else None,
-        "auc": {"global": roc_auc(y, a[:, 1]), "segvlad_z": roc_auc(y, a[:, 2]),
-                "geometry": roc_auc(y, a[:, 3])},
+        "auc": {"global": roc_auc(y, a[:, 1]), "segvlad": roc_auc(y, a[:, 4]),
+                "segvlad_z": roc_auc(y, a[:, 2]), "geometry": roc_auc(y, a[:, 3])},
         "add_ms": {"median": float(np.median(t_add)), "p90": float(np.percentile(t_add, 90)),
                    "n": len(t_add)},
         "candidate_ms": {"median": float(np.median(t_cand)) if t_cand else None, "n": len(t_cand)},
         "vocabulary": getattr(verifier, "vocabulary_source", ""),
         "bytes_per_keyframe": verifier.bytes_per_keyframe(),
-        # per candidate: query, match, label, global, segvlad z, -log10 NFA, accepted
+        # per candidate: query, match, label, global, segvlad z, -log10 NFA, segvlad, accepted
         "rows": [list(r) for r in rows],
     }
 
@@ -224,11 +228,11 @@ def print_sets(results: list[dict], verifier_params=None) -> None:
           f"or >= {vp.min_significance_segvlad:g} with segvlad z >= {vp.min_segvlad_z:g} "
           f"(chosen on rtabmap)")
     hdr = (f"{'set':16s} {'acc true/false':>14s} {'recall':>15s} {'goal':>5s} "
-           f"{'AUC global/segvlad-z/geometry':>30s} {'add ms med/p90':>15s} {'ms/cand':>8s}")
+           f"{'AUC global/segvlad/z/geometry':>30s} {'add ms med/p90':>15s} {'ms/cand':>8s}")
     print(hdr)
     for r in results:
         rec = f"{_f(r['verification_recall'])} ({r['queries_confirmed']}/{r['queries_offered']})"
-        auc = "/".join(_f(r["auc"][k]) for k in ("global", "segvlad_z", "geometry"))
+        auc = "/".join(_f(r["auc"][k]) for k in ("global", "segvlad", "segvlad_z", "geometry"))
         add = f"{r['add_ms']['median']:.0f}/{r['add_ms']['p90']:.0f}"
         print(f"{r['set']:16s} {r['accepted_true']:>8d} / {r['accepted_false']:<3d} {rec:>15s} "
               f"{GOALS.get(r['set'], 0):5.2f} {auc:>30s} {add:>15s} {_f(r['candidate_ms']['median'], '{:.1f}'):>8s}")
