@@ -116,6 +116,7 @@ def test_loop_closure_array_roundtrip_over_dds(ros):
     sent = LoopClosureArray()
     sent.header.stamp.sec, sent.header.stamp.nanosec = 1700000005, 5
     sent.header.frame_id = "map"
+    sent.map_id = "0f3c9a"
     sent.loops = [_full_loop(i) for i in range(3)]
     _assert_every_field_set(sent)
     got = _roundtrip(ros, LoopClosureArray, "/test/loops", sent)
@@ -133,7 +134,7 @@ def test_keyframe_roundtrip_over_dds_with_real_image(ros, rtabmap_seq):
     desc /= np.linalg.norm(desc)
     feats = ImageFeatures(descriptor=desc, patch_features=rng.normal(size=(16, 12, 8)).astype(np.float32))
     kf = Keyframe(id=42, stamp_ns=1_700_000_000_123_456_789, session=2, frame_id="cam", pose=pose)
-    sent = conv.keyframe_to_msg(kf, rgb, feats, image_max_side=256)
+    sent = conv.keyframe_to_msg(kf, rgb, feats, image_max_side=256, map_id="0f3c9a")
     _assert_every_field_set(sent, allowed={"image.is_bigendian"})  # rgb8 has no byte order
     got = _roundtrip(ros, KeyframeMsg, "/test/keyframe", sent)
     assert got == sent
