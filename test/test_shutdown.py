@@ -178,3 +178,30 @@ def test_autosave_writes_the_map_while_running(tmp_path, rtabmap_seq, model):
                 Path(str(map_path) + ".verifier").exists() and map_path.exists() and len(PlaceMap.load(map_path)) == 3):
             time.sleep(0.1)  # an earlier autosave may hold fewer
         assert len(PlaceMap.load(map_path)) == 3 and Path(str(map_path) + ".verifier").exists()
+
+
+def test_stop_is_prompt_when_the_verifier_was_never_activated(tmp_path):
+    """autostart false and only loop_closure_node driven: stopping does not wait for a verifier
+    that can receive nothing."""
+    from megaloc_ros.ros.runner import NodeSet
+    ns = NodeSet({"autostart": False}, namespace=f"idle_{os.getpid()}", domain_id=DOMAIN_ID).start()
+    assert ns.loop_closure.start()
+    t0 = time.monotonic()
+    ns.stop()
+    assert time.monotonic() - t0 < 10
+
+
+def test_leftover_temporaries_of_an_interrupted_save_are_removed_on_the_next(tmp_path):
+    from megaloc_ros.io.files import atomic_write
+    target = tmp_path / "office.map"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    stale = tmp_path / f".office.map.{dead}.abcd1234.tmp"
+    stale.write_bytes(b"x" * 100)
+    with atomic_write(target) as f:
+        f.write(b"map")
+    assert target.read_bytes() == b"map" and not stale.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["office.map"]
+    with pytest.raises(IsADirectoryError):
+        with atomic_write(tmp_path) as f:
+            f.write(b"no")

@@ -1,5 +1,7 @@
 """Verifier on real images and real backbone features: decisions, reasons, storage, files."""
 import numpy as np
+from pathlib import Path
+
 import pytest
 
 from megaloc_ros.errors import MapFileError
@@ -193,3 +195,13 @@ def test_a_second_backbone_supplies_patch_features(rtabmap_seq, feats):
         v.add_keyframe(kf(i), rtabmap_seq.load_rgb(i), ImageFeatures(feats[i].descriptor, None))
     assert v.has_vocabulary
     assert all(e.supersegments is not None for e in v._entries.values())
+
+
+def test_a_jpeg_given_as_verifier_state_is_refused_plainly(tmp_path):
+    from megaloc_ros.errors import MapFileError
+    from megaloc_ros.verification.verifier import Verifier
+    bad = tmp_path / "photo.verifier"
+    bad.write_bytes((Path(__file__).resolve().parents[1] / "data" / "rtabmap" / "1.jpg").read_bytes())
+    with pytest.raises(MapFileError, match="not a megaloc_ros verifier state") as e:
+        Verifier.load(bad)
+    assert "pickle" not in str(e.value)

@@ -9,6 +9,7 @@ shutdown, and /diagnostics with per-report deltas. A node fills in the hooks bel
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -218,9 +219,14 @@ class ManagedNode(LifecycleNode):
 
     # ----------------------------------------------------------------- map files
     def _map_path(self, path: str) -> str:
+        """``path`` or the map_path parameter, absolute: a relative one is resolved against the
+        node's working directory (where it was started), and reported absolute."""
         path = path or self._param("map_path")
         if not path:
             raise MegalocError("no path given and the map_path parameter is empty")
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.path.isdir(path):
+            raise MegalocError(f"map path {path} is a directory; give a file name, e.g. {path}/map.megaloc")
         return path
 
     def _write_state(self, out: str, lock, write) -> str:

@@ -143,6 +143,8 @@ class NodeSet:
         array has reached and been handled by the verifier (DDS delivery included)."""
         deadline = time.monotonic() + timeout
         lc, vn = self.loop_closure, self.verifier
+        if vn is not None and not vn._own_subs:
+            vn = None  # not active (autostart false, never activated): nothing will reach it
         while time.monotonic() < deadline:
             if not lc.wait_idle(timeout=max(0.0, deadline - time.monotonic())):
                 return False

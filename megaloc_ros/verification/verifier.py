@@ -490,6 +490,9 @@ class Verifier:
         ``camera_matrix`` overrides the saved intrinsics."""
         path = Path(path)
         try:
+            with open(path, "rb") as f:  # npz is a zip: anything else is not a state (say so plainly)
+                if f.read(4) != b"PK\x03\x04":
+                    raise MapFileError(f"{path} is not a megaloc_ros verifier state (not an npz archive)")
             with np.load(path, allow_pickle=False) as z:
                 if "meta" not in z.files:
                     raise MapFileError(f"{path} is not a megaloc_ros verifier state")
