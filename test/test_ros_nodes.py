@@ -196,7 +196,14 @@ def _bad_images(frame):
     zero = Image(height=0, width=0, encoding="rgb8", step=0, data=b"")
     jpeg = conv.encode_jpeg(frame)
     corrupt = CompressedImage(format="jpeg", data=jpeg[: len(jpeg) // 3])
-    return [unsupported, wrong_step, zero], [corrupt]
+    middle = bytearray(jpeg)  # corrupt in the middle, end marker intact: OpenCV decodes garbage
+    middle[len(jpeg) // 2: len(jpeg) // 2 + 500] = bytes(500)
+    import cv2
+    png = bytearray(cv2.imencode(".png", frame)[1].tobytes())
+    png[16:24] = (12000).to_bytes(4, "big") * 2  # the header says 12000x12000: refused before decoding
+    huge_raw = Image(height=12000, width=12000, encoding="rgb8", step=36000, data=b"")
+    return [unsupported, wrong_step, zero, huge_raw], [corrupt, CompressedImage(format="jpeg", data=bytes(middle)),
+                                                       CompressedImage(format="png", data=bytes(png))]
 
 
 def test_bad_input_is_counted_logged_and_survived(encoder, frames):
@@ -293,10 +300,18 @@ def test_parameters_are_validated_and_detector_ones_apply_live(encoder):
         NodeSet(params(queue_size=0), domain_id=DOMAIN_ID, encoder=encoder).start()
     with pytest.raises(MegalocError, match="image_transport"):
         NodeSet(params(image_transport="theora"), domain_id=DOMAIN_ID, encoder=encoder).start()
+    for name, value in (("detector.max_similarity_to_last", -3.0), ("verifier.min_segvlad_score", 2.0),
+                        ("verifier.segments.n_segments", 0)):  # nonsense the nodes used to accept
+        with pytest.raises(MegalocError, match=name.rsplit(".", 1)[1]):
+            NodeSet(params(**{name: value}), domain_id=DOMAIN_ID, encoder=encoder).start()
     with NodeSet(params(), domain_id=DOMAIN_ID, encoder=encoder) as ns:
         lc, vn = ns.loop_closure, ns.verifier
         bad = lc.set_parameters([Parameter("detector.similarity_threshold", value=2.0)])[0]
         assert not bad.successful and "similarity_threshold" in bad.reason
+        bad = lc.set_parameters([Parameter("detector.max_similarity_to_last", value=-3.0)])[0]
+        assert not bad.successful and "max_similarity_to_last" in bad.reason
+        bad = vn.set_parameters([Parameter("verifier.min_segvlad_score", value=2.0)])[0]
+        assert not bad.successful and "min_segvlad_score" in bad.reason
         ro = lc.set_parameters([Parameter("queue_size", value=8)])[0]
         assert not ro.successful and "read-only" in ro.reason
         ok = lc.set_parameters([Parameter("detector.similarity_threshold", value=0.8)])[0]

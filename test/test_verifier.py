@@ -1,6 +1,6 @@
 """Verifier on real images and real backbone features: decisions, reasons, storage, files."""
-import numpy as np
 from pathlib import Path
+import numpy as np
 
 import pytest
 
