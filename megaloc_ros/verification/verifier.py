@@ -233,6 +233,7 @@ class Verifier:
             self._patch_encoder = Encoder(params.segvlad_model)
             if not self._patch_encoder.has_patch_features:
                 raise MegalocError(f"segvlad_model {params.segvlad_model} exports no patch features")
+            self.backbone = self._patch_encoder.model_name  # its shipped vocabulary, by name only
         self._sam = None
         seg = params.segments
         if seg.method == "sam":
