@@ -151,6 +151,28 @@ def ground_truth_source(args, n_frames: int, reader):
     return (traj if args.pose_topic else None), resolve
 
 
+def _check_decodable(reader, topic: str, n: int, tries: int = 10) -> None:
+    """Raise the first decoding error when none of the first ``tries`` images decodes (an
+    unsupported encoding); a few bad frames among good ones are skipped by the replay instead."""
+    errors = []
+
+    class _Enough(Exception):
+        pass
+
+    def bad(index, stamp_ns, exc):
+        errors.append(exc)
+        if len(errors) >= min(tries, n):
+            raise _Enough
+
+    try:
+        for _ in reader.images(topic, on_error=bad):
+            return
+    except _Enough:
+        pass
+    if errors:
+        raise errors[0]
+
+
 def run(args, encoder=None) -> tuple[dict, Path]:
     """The whole command minus printing: replay, score, write the report. Also used by the demo.
     ``encoder``: an already loaded encoder for offline mode (default: ``load_encoder``)."""
@@ -175,7 +197,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
         n = r.image_count(args.image_topic)
         if n == 0:
             raise MegalocError(f"topic {args.image_topic} in {args.bag} has no messages")
-        next(r.images(args.image_topic))  # an unknown encoding fails now, not after model loading
+        _check_decodable(r, args.image_topic, n)  # an unknown encoding fails now, not after model loading
         odometry, resolve_gt = ground_truth_source(args, n, r)
     if args.live:
         from megaloc_ros.ros.live_replay import replay_live
@@ -207,5 +229,11 @@ def main(args, encoder=None) -> int:
     print(format_loops(report))
     print()
     print(format_text(report))
+    pics = (report.get("explanations") or {})
+    if pics.get("pictures"):
+        print(f"why each loop was accepted or rejected: {len(pics['pictures'])} pictures in "
+              f"{page.parent / 'explanations'}")
+    elif pics.get("note"):
+        print(f"explanation pictures: {pics['note']}")
     print(f"report: {page}")
     return 0

@@ -13,6 +13,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -298,3 +299,89 @@ def test_parameters_from_the_nodes_yaml_and_set(tmp_path):
 def _parser():
     from megaloc_ros.cli import build_parser
     return build_parser("eval")
+
+
+def _revisit_bag(tmp_path, rtabmap_seq, n: int = 20):
+    """2n frames at 1 Hz: rtabmap frames 0..n-1, then the same n images again (n revisited
+    places, each exactly n seconds later), with its ground-truth matrix."""
+    paths = list(rtabmap_seq.image_paths[:n]) * 2
+    bag = B.write_bag(tmp_path / "revisit", paths, np.arange(2 * n) * S)
+    gt = np.zeros((2 * n, 2 * n), np.uint8)
+    for i in range(n):
+        gt[i, i + n] = gt[i + n, i] = 1
+    np.save(tmp_path / "gt.npy", gt)
+    return bag, tmp_path / "gt.npy"
+
+
+def test_eval_says_which_setting_hides_the_true_loops(tmp_path, rtabmap_seq, features, capsys):
+    """40 frames at 1 Hz, 20 places seen twice 20 s apart: the default exclusion windows hide
+    every true match; eval says so, names the setting, on the console and in the report."""
+    _, table = features
+    bag, gt = _revisit_bag(tmp_path, rtabmap_seq)
+    base = [str(bag), "--gt-matrix", str(gt)]
+    metrics, printed = run_eval(base + ["--no-verify", "-o", str(tmp_path / "a")], table, capsys)
+    m = metrics["metrics"]
+    u = m["unreachable"]
+    assert m["n_positive"] == u["n_positive"] == 20 and m["recall_unit"] == "frames"
+    assert u["n"] == 20 and u["max_recall"] == 0.0 and m["retrieval"]["recall@5"] == 0.0
+    assert "WARNING: 20 of 20 frames with a true loop cannot be found with these settings, so recall " \
+           "cannot exceed 0.0%" in printed
+    assert "detector.exclude_recent_keyframes=20" in printed
+    assert "20 frames (of all 40 frames on the topic, keyframes or not) have a true loop" in printed
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert "cannot be found with these settings" in html and "detector.exclude_recent_keyframes=20" in html
+    # without the keyframe window, the time window still hides them: 20 s old is inside 20 s
+    metrics, printed = run_eval(base + ["--no-verify", "-o", str(tmp_path / "b"),
+                                        "--set", "detector.exclude_recent_keyframes=0"], table, capsys)
+    u = metrics["metrics"]["unreachable"]
+    assert u["n"] == 20 and "detector.exclude_recent_s=20" in printed
+    assert "exclude_recent_keyframes" not in printed
+    # with neither, every keyframe finds its place again, and the verifier draws why
+    metrics, printed = run_eval(base + ["-o", str(tmp_path / "c"), "--set", "detector.exclude_recent_keyframes=0",
+                                        "--set", "detector.exclude_recent_s=19.5"], table, capsys)
+    m = metrics["metrics"]
+    hidden = m["unreachable"]["n"]
+    assert all(k.startswith("keyframe selection") for k in m["unreachable"]["by_setting"])
+    assert ("WARNING" in printed) == (hidden > 0)
+    assert m["retrieval"]["recall@1"] == pytest.approx((20 - hidden) / 20)  # the same images: rank 0
+    assert m["verified"]["operating_point"]["true_loops"] > 10
+    pics = metrics["explanations"]["pictures"]
+    accepted = [(f["query"], f["match"]) for f in pics if f["accepted"]]
+    assert sorted(accepted) == sorted((r["query"], r["match"]) for r in metrics["loops"] if r["verified"])
+    assert all(f["true"] for f in pics if not f["accepted"])  # the rejected ones drawn are true loops
+    out = tmp_path / "c"
+    html = (out / "report.html").read_text()
+    for f in pics:
+        img = cv2.imread(str(out / f["file"]))
+        assert img is not None and img.shape[1] == 2 * round(512 * 240 / 384) + 8, f["file"]
+        assert f"href='{f['file']}'" in html
+        assert f["query_stamp_s"] == f["query"] and f["match_stamp_s"] == f["match"]  # 1 Hz from 0
+    q, mt = accepted[0]
+    assert f"frame {q} (t={q}.000 s) &rarr; frame {mt} (t={mt}.000 s): accepted true" in html
+    assert f"why each loop was accepted or rejected: {len(pics)} pictures" in printed
+
+
+def test_eval_skips_a_corrupt_frame_and_prints_no_precision_without_loops(tmp_path, rtabmap_seq, features,
+                                                                          capsys):
+    from test_bag import _corrupt_message
+    _, table = features
+    bag = B.write_bag(tmp_path / "bag", rtabmap_seq.image_paths[:12], np.arange(12) * S, compressed=True)
+    _corrupt_message(bag, 6, b"\xff\xd8\xff\xe0 truncated", stamp_ns=5 * S)  # frame 5
+    gt = np.zeros((12, 12), np.uint8)
+    gt[11, 5] = gt[5, 11] = gt[10, 2] = gt[2, 10] = 1
+    np.save(tmp_path / "gt.npy", gt)
+    metrics, printed = run_eval([str(bag), "--gt-matrix", str(tmp_path / "gt.npy"), "-o", str(tmp_path / "r"),
+                                 "--gt-exclude-s", "5"], table, capsys)
+    assert metrics["n_frames"] == 12 and metrics["skipped_frames"] == 1
+    assert "note:  1 of 12 frames could not be decoded and were skipped" in printed and "frame 5" in printed
+    assert metrics["keyframes"] <= 11
+    m = metrics["metrics"]
+    # nothing can be published (the default 20 s window is longer than the bag): no precision
+    assert m["published"]["loops"] == 0 and m["published"]["precision"] is None
+    assert m["verified"]["operating_point"]["precision"] is None
+    row = next(ln for ln in printed.splitlines() if ln.startswith("precision of published loops"))
+    assert row.split()[-2:] == ["-", "-"] and "100" not in row
+    hidden = m["unreachable"]["frames"]
+    assert hidden.pop("its true matches could not be decoded (skipped)") == [11]
+    assert list(hidden.values()) == [[10]]  # by the exclusion windows, or keyframe selection (frame 2)
+    assert metrics["explanations"]["pictures"] == []

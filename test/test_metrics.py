@@ -188,3 +188,51 @@ def test_gt_matrix_files(tmp_path, rtabmap_seq, corridor_seq):
     # the VPR-Bench table shipped with the corridor set: references first, then queries
     g = G.read_gt_matrix("data/corridor/ground_truth.csv", len(corridor_seq))
     assert np.array_equal(g, corridor_seq.gt)
+
+
+def test_operating_point_without_loops_has_no_precision():
+    v = G.valid_pairs(GT, STAMPS, 2.0)
+    op = M.operating_point([[] for _ in range(5)], v)
+    assert op["loops"] == 0 and op["precision"] is None and op["recall"] == 0.0
+    op = M.operating_point([[], [], [], [(0, 0.9)], [(2, 0.8)]], v)
+    assert (op["precision"], op["recall"]) == (0.5, 0.5)
+
+
+def test_unreachable_names_the_setting_by_hand():
+    """10 frames at 1 Hz: 0-4 seen again as 5-9 (true matches 5~0 ... 9~4, 5 s apart)."""
+    n = 10
+    stamps = np.arange(n) * S
+    gt = _gt(n, [(i + 5, i) for i in range(5)])
+    v = G.valid_pairs(gt, stamps, 2.0)
+    every = list(range(n))  # every frame a keyframe, ids = frame indices
+    u = M.unreachable(v, every, stamps, exclude_recent_s=2.0, exclude_recent_keyframes=0)
+    assert u["n"] == 0 and u["max_recall"] == 1.0 and u["n_positive"] == u["n_positive_keyframes"] == 5
+    # the keyframe window reaches 5 keyframes back (inclusive): every match hidden
+    u = M.unreachable(v, every, stamps, 2.0, 5)
+    assert u["by_setting"] == {"detector.exclude_recent_keyframes=5": 5} and u["max_recall"] == 0.0
+    assert u["frames"]["detector.exclude_recent_keyframes=5"] == [5, 6, 7, 8, 9]
+    assert M.unreachable(v, every, stamps, 2.0, 4)["n"] == 0
+    # the time window is inclusive too: 5 s excludes keyframes exactly 5 s old
+    u = M.unreachable(v, every, stamps, 5.0, 0)
+    assert u["by_setting"] == {"detector.exclude_recent_s=5": 5}
+    assert M.unreachable(v, every, stamps, 4.9, 0)["n"] == 0
+    both = M.unreachable(v, every, stamps, 5.0, 5)
+    assert list(both["by_setting"]) == ["detector.exclude_recent_keyframes=5 and detector.exclude_recent_s=5 "
+                                        "(each hides every true match)"]
+    # keyframe selection: 6 is not a keyframe, 2 (the match of 7) is not either; ids skip them
+    ids = [0, 1, None, 2, 3, 4, None, 5, 6, 7]
+    u = M.unreachable(v, ids, stamps, 2.0, 0)
+    assert u["n"] == 2 and u["n_positive_keyframes"] == 4 and u["max_recall"] == pytest.approx(0.6)
+    assert u["frames"] == {M.KEYFRAME_SELECTION + ": the frame was not a keyframe": [6],
+                           M.KEYFRAME_SELECTION + ": none of its true matches was a keyframe": [7]}
+    # frames that could not be decoded are named as such, as query or as the only match
+    ids = [0, 1, None, 2, 3, 4, None, 5, 6, 7]
+    u = M.unreachable(v, ids, stamps, 2.0, 0, skipped={2, 6})
+    assert u["frames"] == {"the frame could not be decoded (skipped)": [6],
+                           "its true matches could not be decoded (skipped)": [7]}
+    # a query with two true matches is hidden only when both are
+    gt2 = _gt(n, [(9, 0), (9, 6)])
+    v2 = G.valid_pairs(gt2, stamps, 2.0)
+    assert M.unreachable(v2, every, stamps, 3.0, 5)["n"] == 0  # 6 is hidden, 0 is not
+    assert M.unreachable(v2, every, stamps, 3.0, 9)["by_setting"] == {"detector.exclude_recent_keyframes=9": 1}
+    assert M.frame_ranges([9, 3, 4, 5, 7, 11, 12]) == "3-5, 7, 9, 11-12" and M.frame_ranges([]) == ""

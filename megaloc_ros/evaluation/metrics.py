@@ -5,8 +5,13 @@
   ``stamp[q] - stamp[m] >= exclude_s`` (``valid_pairs``): an online detector only searches the
   past and excludes its most recent frames. A retrieved match inside the exclusion window counts
   as false.
-* Recall denominator (``n_positive``): queries with at least one valid true match
-  (``ground_truth.has_true_match``).
+* Recall denominator (``n_positive``): query *frames* (every image on the topic, keyframe or
+  not) with at least one valid true match (``ground_truth.has_true_match``); ``RECALL_UNIT``.
+  Only keyframes query the map, so a frame that is not a keyframe counts as a miss.
+* Unreachable (``unreachable``): positive frames the detector could not report whatever its
+  thresholds, because keyframe selection skipped the frame or all its true matches, or its
+  exclusion windows (``exclude_recent_keyframes``, ``exclude_recent_s``) hide every true match
+  that is a keyframe. Recall cannot exceed (n_positive - unreachable) / n_positive.
 * Each query predicts its best retrieved match (rank 0) with its global cosine score. At
   threshold ``t`` the prediction is positive if score >= t; a positive is a TP if it is a valid
   true match, else an FP. precision = TP / positives (1 when there are none), recall =
@@ -21,8 +26,8 @@
   the query's prediction is its accepted candidate with the highest global score, swept over
   that global score (so a rejected candidate is simply not a prediction).
 * Operating point: what the system publishes at its configured thresholds, counted per loop
-  (precision = true loops / published loops) and per query (recall = queries with at least one
-  true loop / n_positive).
+  (precision = true loops / published loops; None, shown "-", when nothing was published) and
+  per query (recall = queries with at least one true loop / n_positive).
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ from typing import Sequence
 import numpy as np
 
 from megaloc_ros.evaluation.ground_truth import valid_pairs
+from megaloc_ros.types import SECOND_NS
+
+RECALL_UNIT = "frames"  # what n_positive counts: images on the topic, keyframes or not
 
 # per query frame: [(match frame index, score), ...] in rank order (best first)
 Matches = Sequence[tuple[int, float]]
@@ -138,9 +146,88 @@ def operating_point(published: Sequence[Matches], valid: np.ndarray) -> dict:
                 fp += 1
     n_pos = int(valid.any(axis=1).sum())
     return {"loops": tp + fp, "true_loops": tp, "false_loops": fp,
-            "precision": tp / (tp + fp) if tp + fp else 1.0,
+            "precision": tp / (tp + fp) if tp + fp else None,
             "recall": float(found.sum() / n_pos) if n_pos else 0.0,
             "queries_with_true_loop": int(found.sum()), "n_positive": n_pos}
+
+
+KEYFRAME_SELECTION = ("keyframe selection (detector.min_keyframe_interval_s, max_similarity_to_last, "
+                      "min_travel_m / min_rotation_deg)")
+
+
+def unreachable(valid: np.ndarray, keyframe_ids, stamps_ns, exclude_recent_s: float,
+                exclude_recent_keyframes: int, skipped=()) -> dict:
+    """Which frames with a valid true match (``valid`` from ``valid_pairs``) the detector could
+    not report with these settings, and the setting responsible.
+
+    ``keyframe_ids``: per frame its keyframe id, or None / -1 when it was not a keyframe;
+    ``skipped``: frames that could not be decoded (not keyframes either). A
+    query keyframe ``q`` retrieves map keyframe ``m`` only when ``id(q) - id(m) >
+    exclude_recent_keyframes`` and ``stamp(q) - stamp(m) > exclude_recent_s`` (the detector
+    excludes both windows inclusively, ``LoopDetector._exclusions``).
+
+    Returns ``{"n": hidden frames, "n_positive", "n_positive_keyframes": positive frames that are
+    keyframes, "max_recall": the recall ceiling, "by_setting": {setting: count},
+    "frames": {setting: [frame index, ...]}}``; settings are named as ``--set`` takes them, with
+    their value.
+    """
+    valid = np.asarray(valid, bool)
+    kf = np.array([-1 if k is None else int(k) for k in keyframe_ids], np.int64)
+    t = np.asarray(stamps_ns, np.int64)
+    ex_ns = int(round(exclude_recent_s * SECOND_NS))
+    k_name = f"detector.exclude_recent_keyframes={exclude_recent_keyframes}"
+    s_name = f"detector.exclude_recent_s={exclude_recent_s:g}"
+    positives = np.flatnonzero(valid.any(axis=1))
+    skipped = {int(x) for x in skipped}
+    frames: dict[str, list[int]] = {}
+    for q in positives:
+        why = None
+        ms = np.flatnonzero(valid[q])
+        km = ms[kf[ms] >= 0]
+        if q in skipped:
+            why = "the frame could not be decoded (skipped)"
+        elif kf[q] < 0:
+            why = KEYFRAME_SELECTION + ": the frame was not a keyframe"
+        elif not len(km) and all(int(x) in skipped for x in ms):
+            why = "its true matches could not be decoded (skipped)"
+        elif not len(km):
+            why = KEYFRAME_SELECTION + ": none of its true matches was a keyframe"
+        else:
+            by_k = (kf[q] - kf[km] <= exclude_recent_keyframes) if exclude_recent_keyframes > 0 \
+                else np.zeros(len(km), bool)
+            by_s = (t[q] - t[km] <= ex_ns) if exclude_recent_s > 0 else np.zeros(len(km), bool)
+            if np.all(by_k | by_s):
+                if by_k.all() and by_s.all():
+                    why = f"{k_name} and {s_name} (each hides every true match)"
+                elif by_k.all():
+                    why = k_name
+                elif by_s.all():
+                    why = s_name
+                else:
+                    why = f"{k_name} and {s_name} together"
+        if why is not None:
+            frames.setdefault(why, []).append(int(q))
+    n_hidden = sum(len(v) for v in frames.values())
+    n_pos = len(positives)
+    return {"n": n_hidden, "n_positive": n_pos, "n_positive_keyframes": int((kf[positives] >= 0).sum()),
+            "max_recall": (n_pos - n_hidden) / n_pos if n_pos else None,
+            "by_setting": {k: len(v) for k, v in sorted(frames.items(), key=lambda x: -len(x[1]))},
+            "frames": frames}
+
+
+def frame_ranges(frames) -> str:
+    """'3-7, 12, 15-16' for sorted frame indices."""
+    out, run = [], []
+    for f in sorted(frames):
+        if run and f == run[-1] + 1:
+            run.append(f)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [f]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
 
 
 def latency_summary(samples: dict[str, Sequence[float]]) -> dict[str, dict]:
@@ -164,7 +251,7 @@ def summarize(retrieved: Sequence[Matches], published: Sequence[Matches],
     valid = valid_pairs(gt, stamps_ns, exclude_s)
     curves = {"retrieval": curve_from_matches(retrieved, valid),
               "verified": curve_from_matches(accepted, valid)}
-    m: dict = {"n_frames": len(retrieved), "n_positive": int(valid.any(axis=1).sum()),
+    m: dict = {"n_frames": len(retrieved), "n_positive": int(valid.any(axis=1).sum()), "recall_unit": RECALL_UNIT,
                "gt_pairs": int(np.triu(np.asarray(gt, bool)).sum()), "exclude_s": exclude_s}
     for name, c in curves.items():
         m[name] = {"auc": c.auc, "max_recall_at_100_precision": c.max_recall_at_full_precision,

@@ -50,6 +50,9 @@ class Replay:
     params: dict = field(default_factory=dict)   # detector / verifier parameters used
     notes: list[str] = field(default_factory=list)
     extra_timings: dict = field(default_factory=dict)  # stage -> [ms] not tied to a frame
+    skipped: dict[int, str] = field(default_factory=dict)  # frame index -> why it was not processed
+    # the Verifier that decided (offline replay), for the report's explanation pictures; not saved
+    verifier_state: Optional[object] = field(default=None, repr=False, compare=False)
 
     @property
     def stamps_ns(self) -> np.ndarray:
@@ -134,7 +137,9 @@ def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
     """Run every image on ``topic`` through ``pipeline`` (``megaloc_ros.pipeline.build``), in bag order.
 
     ``trajectory`` (ground_truth.Trajectory), when given, supplies the pose of each frame
-    (as odometry would to the node), which keyframe selection uses.
+    (as odometry would to the node), which keyframe selection uses. A frame that cannot be
+    decoded is skipped and counted, as loop_closure_node drops it (``Replay.skipped``, and a
+    note): it keeps its place in the frame list, with no keyframe.
     """
     from megaloc_ros.io.bag import BagReader
 
@@ -147,8 +152,15 @@ def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
         stride = descriptor_stride(n)
         bar = progress_bar(n, "eval", quiet)
         n_candidates = n_accepted = 0
+        skipped: dict[int, str] = {}
+
+        def skip(index: int, stamp_ns: int, exc: Exception) -> None:
+            skipped[index] = str(exc)
+            frames.append(FrameRecord(index, stamp_ns))
+            bar.update(1)
+
         try:
-            for img in reader.images(topic):
+            for img in reader.images(topic, on_error=skip):
                 pose = None
                 if trajectory is not None:
                     p, ok = trajectory.at([img.stamp_ns], pose_max_gap_s)
@@ -173,13 +185,19 @@ def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
     params = {"detector": dataclasses.asdict(pipeline.detector.params)}
     if pipeline.verifier is not None and dataclasses.is_dataclass(getattr(pipeline.verifier, "params", None)):
         params["verifier"] = dataclasses.asdict(pipeline.verifier.params)
+    notes = []
+    if skipped:
+        first = next(iter(skipped.items()))
+        notes.append(f"{len(skipped)} of {len(frames)} frames could not be decoded and were skipped "
+                     f"(counted as frames without a keyframe), e.g. frame {first[0]}: {first[1]}")
     return Replay(
         bag=str(bag_path), topic=topic, mode="offline", model=enc.description,
         model_kind=getattr(enc, "kind", "megaloc"), frames=frames,
         descriptors=np.stack(descs) if descs else np.zeros((0, dim), np.float32),
         descriptor_frames=np.array(desc_frames, dtype=np.int64), map_size=len(pm),
         map_bytes=dict(pm.memory_bytes()) if hasattr(pm, "memory_bytes") else {},
-        verifier=pipeline.verifier is not None, params=_jsonable(params))
+        verifier=pipeline.verifier is not None, params=_jsonable(params), notes=notes, skipped=skipped,
+        verifier_state=pipeline.verifier)
 
 
 def _jsonable(x):

@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 
+from megaloc_ros.errors import MegalocError
 from megaloc_ros.evaluation import metrics as M
 from megaloc_ros.evaluation.replay import Replay, _jsonable
 
@@ -38,7 +39,7 @@ def evaluate(replay: Replay, gt: Optional[np.ndarray], exclude_s: float) -> dict
         "keyframes": sum(f.keyframe_id is not None for f in frames),
         "map_size": replay.map_size, "map_bytes": replay.map_bytes, "verifier": replay.verifier,
         "latency": M.latency_summary(replay.timings()), "params": replay.params,
-        "notes": list(replay.notes),
+        "notes": list(replay.notes), "skipped_frames": len(replay.skipped),
     }
     loops = replay.loop_table()
     curves: dict = {}
@@ -49,14 +50,42 @@ def evaluate(replay: Replay, gt: Optional[np.ndarray], exclude_s: float) -> dict
         m, curves = M.summarize(retrieved, published, accepted, gt, replay.stamps_ns, exclude_s)
         if not replay.verifier:
             m.pop("verified")
-        out["metrics"] = m
         valid = M.valid_pairs(gt, replay.stamps_ns, exclude_s)
+        det = replay.params.get("detector", {})
+        if "exclude_recent_s" in det and "exclude_recent_keyframes" in det:
+            m["unreachable"] = M.unreachable(valid, [f.keyframe_id for f in frames], replay.stamps_ns,
+                                             float(det["exclude_recent_s"]), int(det["exclude_recent_keyframes"]),
+                                             skipped=replay.skipped)
+        out["metrics"] = m
         for row in loops:
             row["true"] = bool(row["match"] is not None and valid[row["query"], row["match"]])
     out["loops"] = loops
     out["curves"] = {k: c.to_dict() for k, c in curves.items()
                      if k != "verified" or replay.verifier}
     return _jsonable(out)
+
+
+def warnings(report: dict) -> list[str]:
+    """Why recall is lower than the ground truth suggests: true loops the settings made
+    impossible to find (``metrics.unreachable``), one line each; empty when there are none."""
+    u = (report.get("metrics") or {}).get("unreachable")
+    if not u or not u["n"]:
+        return []
+    out = [f"{u['n']} of {u['n_positive']} frames with a true loop cannot be found with these settings, so "
+           f"recall cannot exceed {_pct(u['max_recall'])}:"]
+    for why, frames in u["frames"].items():
+        out.append(f"  {len(frames)} hidden by {why} (frames {M.frame_ranges(frames)})")
+    return out
+
+
+def recall_denominator(m: dict) -> str:
+    """The sentence saying what recall is counted over."""
+    u = m.get("unreachable")
+    kf = (f"; {u['n_positive_keyframes']} of them are keyframes, only keyframes query the map"
+          if u is not None else "")
+    return (f"{m['n_positive']} {m.get('recall_unit', M.RECALL_UNIT)} (of all {m['n_frames']} frames on the "
+            f"topic, keyframes or not) have a true loop at least {m['exclude_s']:g} s older: the recall "
+            f"denominator{kf}")
 
 
 def _pct(x) -> str:
@@ -101,8 +130,8 @@ def format_text(report: dict) -> str:
         lines.append(f"note:  {note}")
     m = report.get("metrics")
     if m:
-        lines.append(f"ground truth: {m['gt_pairs']} same-place pairs; {m['n_positive']} frames have a "
-                     f"true loop at least {m['exclude_s']:g} s older (the recall denominator)")
+        lines.append(f"ground truth: {m['gt_pairs']} same-place pairs; {recall_denominator(m)}")
+        lines += [f"WARNING: {w}" if i == 0 else f"         {w.strip()}" for i, w in enumerate(warnings(report))]
         rows = metric_rows(report)
         w = max(len(a) for a, _, _ in rows)
         lines.append(f"{'':{w}}  {'retrieval only':>16}  {'+ verification':>16}")
@@ -166,16 +195,22 @@ def plot_pr(report: dict, path: Path) -> None:
                           f"R@100%P {100 * m[name]['max_recall_at_100_precision']:.1f}%")
         else:
             ax.plot([], [], color=color, label=f"{label}: no predictions")
+    thr = detector_threshold_point(report)
+    if thr is not None:
+        ax.plot(thr["recall"], thr["precision"], "*", ms=15, color="tab:orange", mec="black", mew=0.8, zorder=5,
+                label=f"detector threshold {thr['threshold']:.2f} on this curve (P {100 * thr['precision']:.0f}%, "
+                      f"R {100 * thr['recall']:.0f}%)")
     pub = m["published"]
-    ax.plot(pub["recall"], pub["precision"], "o", ms=9, mfc="none", mec="tab:blue", mew=2,
-            label=f"published candidates ({pub['true_loops']} true, {pub['false_loops']} false)")
+    _operating_mark(ax, pub, "o", "tab:blue", "published candidates")
     if "verified" in m:
-        vp = m["verified"]["operating_point"]
-        ax.plot(vp["recall"], vp["precision"], "s", ms=9, mfc="none", mec="tab:green", mew=2,
-                label=f"verified loops ({vp['true_loops']} true, {vp['false_loops']} false)")
+        _operating_mark(ax, m["verified"]["operating_point"], "s", "tab:green", "verified loops")
+    u = m.get("unreachable")
+    if u and u["n"] and u["max_recall"] is not None:
+        ax.axvline(u["max_recall"], color="tab:red", ls="--", lw=1.2,
+                   label=f"recall ceiling {100 * u['max_recall']:.0f}%: the settings hide the loops of {u['n']} frames")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel(f"recall (of {m['n_positive']} frames with a true loop)")
+    ax.set_xlabel(f"recall (of {m['n_positive']} {m.get('recall_unit', M.RECALL_UNIT)} with a true loop)")
     ax.set_ylabel("precision")
     ax.set_title("Precision-recall over the global-score threshold")
     ax.grid(alpha=0.3)
@@ -183,6 +218,29 @@ def plot_pr(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def detector_threshold_point(report: dict) -> Optional[dict]:
+    """Where the detector's ``similarity_threshold`` sits on the retrieval-only curve: the point
+    of the lowest swept threshold at or above it (None when no prediction reaches it)."""
+    t = (report.get("params") or {}).get("detector", {}).get("similarity_threshold")
+    c = (report.get("curves") or {}).get("retrieval")
+    if t is None or not c or not len(c["thresholds"]):
+        return None
+    th = np.asarray(c["thresholds"])
+    ok = np.flatnonzero(th >= float(t) - 1e-12)
+    if not len(ok):
+        return None
+    i = int(ok[-1])
+    return {"threshold": float(t), "precision": float(c["precision"][i]), "recall": float(c["recall"][i])}
+
+
+def _operating_mark(ax, op: dict, marker: str, color: str, name: str) -> None:
+    if op["precision"] is None:  # nothing published: no precision to mark
+        ax.plot([], [], marker, ms=9, mfc="none", mec=color, mew=2, label=f"{name}: none (precision -)")
+        return
+    ax.plot(op["recall"], op["precision"], marker, ms=9, mfc="none", mec=color, mew=2,
+            label=f"{name} ({op['true_loops']} true, {op['false_loops']} false)")
 
 
 def plot_similarity(replay: Replay, report: dict, gt: Optional[np.ndarray], path: Path) -> None:
@@ -256,12 +314,24 @@ def _loop_markers(ax, report: dict) -> None:
         ax.legend(loc="upper right", fontsize=8)
 
 
+def top_view_axes(positions: np.ndarray) -> tuple[tuple[int, int], int]:
+    """((a, b), up): the two world axes to plot a trajectory on, seen from above, and the one
+    left out: the axis along which the positions spread least (z for a ground robot in a z-up
+    world, y for camera-frame poses with y down)."""
+    p = np.asarray(positions, np.float64)
+    spread = np.ptp(p, axis=0) if len(p) else np.zeros(3)
+    up = int(np.argmin(spread)) if len(p) > 1 and spread.max() > 0 else 2
+    a, b = [i for i in range(3) if i != up]
+    return (a, b), up
+
+
 def plot_trajectory(replay: Replay, report: dict, positions: np.ndarray, valid: np.ndarray,
                     path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
-    p = np.asarray(positions)
     ok = np.asarray(valid, bool)
+    (a0, a1), up = top_view_axes(np.asarray(positions)[ok])
+    p = np.asarray(positions)[:, [a0, a1]]
     sc = ax.scatter(p[ok, 0], p[ok, 1], c=np.nonzero(ok)[0], cmap="viridis", s=10, zorder=2)
     ax.plot(p[ok, 0], p[ok, 1], "-", color="0.7", lw=1, zorder=1)
     fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="frame")
@@ -281,9 +351,11 @@ def plot_trajectory(replay: Replay, report: dict, positions: np.ndarray, valid: 
                 label=None if name in seen else name)
         seen.add(name)
     ax.set_aspect("equal", adjustable="datalim")
-    ax.set_xlabel("x [m]")
-    ax.set_ylabel("y [m]")
-    ax.set_title("Trajectory and published loops")
+    names = "xyz"
+    ax.set_xlabel(f"{names[a0]} [m]")
+    ax.set_ylabel(f"{names[a1]} [m]")
+    ax.set_title(f"Trajectory seen from above ({names[up]} up: the axis it moves least along) and loops",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     if seen:
         ax.legend(loc="best", fontsize=8)
@@ -294,10 +366,99 @@ def plot_trajectory(replay: Replay, report: dict, positions: np.ndarray, valid: 
 
 # ---------------------------------------------------------------- files
 
+EXPLAIN_DIR = "explanations"     # under the report folder
+EXPLAIN_HEIGHT = 240             # panel height of the report's pictures
+EXPLAIN_MAX_SIDE = 640           # images read back from the bag are kept at most this large
+MAX_EXPLANATIONS = 200           # pictures per report at most (accepted loops first)
+
+
+def explanation_items(replay: Replay, report: dict, gt: Optional[np.ndarray]) -> list[dict]:
+    """The verdicts the report draws: every loop the verifier accepted (what it publishes), then
+    every true loop it rejected (``gt`` needed to know which), in frame order, each as
+    ``{"query", "match" (frame indices), "loop" (VerifiedLoop), "true" (bool or None)}``."""
+    frame_of = replay._frame_of()
+    valid = None
+    m = report.get("metrics")
+    if gt is not None and m is not None:
+        valid = M.valid_pairs(gt, replay.stamps_ns, m["exclude_s"])
+    accepted, rejected = [], []
+    for f in replay.frames:
+        for loop in f.loops:
+            mf = frame_of(loop.candidate.match)
+            if mf is None:
+                continue
+            true = None if valid is None else bool(valid[f.index, mf])
+            item = {"query": f.index, "match": mf, "loop": loop, "true": true}
+            if loop.accepted:
+                accepted.append(item)
+            elif true:
+                rejected.append(item)
+    return accepted + rejected
+
+
+def write_explanations(out: Path, replay: Replay, report: dict, gt: Optional[np.ndarray]) -> dict:
+    """Render ``explanation_items`` into ``out``/explanations/*.png (``verification.explain``;
+    the images come back from the bag). Returns ``{"pictures": [...], "note": str}`` for the
+    report (each picture: file, frames, stamps, verdict, truth, reason)."""
+    if not replay.verifier:
+        return {"pictures": [], "note": "no verifier ran: no verdicts to explain"}
+    verifier = replay.verifier_state
+    if verifier is None:
+        return {"pictures": [], "note": f"no explanation pictures: the {replay.mode} replay does not keep the "
+                                        "verifier's state they are computed from (the offline replay does)"}
+    items = explanation_items(replay, report, gt)
+    note = ""
+    if len(items) > MAX_EXPLANATIONS:
+        note = f"{len(items)} verdicts to draw; the first {MAX_EXPLANATIONS} are drawn"
+        items = items[:MAX_EXPLANATIONS]
+    if not items:
+        return {"pictures": [], "note": "no loop was accepted and no true loop rejected: nothing to draw"}
+    import cv2
+    from megaloc_ros.io.bag import BagReader
+    from megaloc_ros.io.images import downscale
+    from megaloc_ros.verification.explain import explain_details, render_explanation
+
+    need = {i for it in items for i in (it["query"], it["match"])}
+    rgb: dict[int, np.ndarray] = {}
+    with BagReader(replay.bag) as r:
+        for img in r.images(replay.topic, on_error=lambda *a: None):
+            if img.index in need:
+                rgb[img.index] = downscale(img.rgb, EXPLAIN_MAX_SIDE)
+                if len(rgb) == len(need):
+                    break
+    folder = out / EXPLAIN_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):  # a previous run's pictures would be shown as this run's
+        old.unlink()
+    pictures, failed = [], []
+    stamps = replay.stamps_ns
+    for it in items:
+        q, m, loop = it["query"], it["match"], it["loop"]
+        try:
+            details = explain_details(verifier, loop.candidate)
+            pic = render_explanation(rgb[q], rgb[m], loop, details, EXPLAIN_HEIGHT)
+        except (KeyError, MegalocError) as exc:
+            failed.append(f"{q}->{m}: {exc}")
+            continue
+        name = f"{EXPLAIN_DIR}/q{q:05d}_m{m:05d}.png"
+        if not cv2.imwrite(str(out / name), np.ascontiguousarray(pic[:, :, ::-1]),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 6]):
+            failed.append(f"{q}->{m}: cannot write {out / name}")
+            continue
+        pictures.append({"file": name, "query": q, "match": m, "query_stamp_s": int(stamps[q]) / 1e9,
+                         "match_stamp_s": int(stamps[m]) / 1e9, "accepted": bool(loop.accepted),
+                         "true": it["true"], "reason": loop.reason})
+    if failed:
+        note = (note + "; " if note else "") + f"{len(failed)} could not be drawn (e.g. {failed[0]})"
+    return {"pictures": pictures, "note": note}
+
+
 def write_report(out_dir: str | Path, replay: Replay, report: dict, gt: Optional[np.ndarray],
                  positions: Optional[np.ndarray] = None, positions_valid: Optional[np.ndarray] = None,
                  title: str = "megaloc_ros loop-closure evaluation") -> Path:
-    """Write metrics.json, the PNGs and report.html into ``out_dir``; returns the HTML path."""
+    """Write metrics.json, the PNGs (plots, and the explanation pictures under explanations/) and
+    report.html into ``out_dir``; returns the HTML path. Adds ``plots`` and ``explanations`` to
+    ``report``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -309,12 +470,43 @@ def write_report(out_dir: str | Path, replay: Replay, report: dict, gt: Optional
         images.append(("similarity.png", "Similarity matrix and ground truth"))
     if positions is not None and positions_valid is not None and np.any(positions_valid):
         plot_trajectory(replay, report, positions, positions_valid, out / "trajectory.png")
-        images.append(("trajectory.png", "Trajectory with loop edges"))
-    report = dict(report, plots=[name for name, _ in images])
+        images.append(("trajectory.png", "Trajectory seen from above, with loop edges"))
+    # also in the caller's dict, which `eval` prints from
+    report["explanations"] = write_explanations(out, replay, report, gt)
+    report["plots"] = [name for name, _ in images]
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     page = out / "report.html"
     page.write_text(_html(report, images, title))
     return page
+
+
+def _explanations_html(ex: dict) -> list[str]:
+    e = html.escape
+    pics = ex.get("pictures", [])
+    out = [f"<h2>Why: the verifier's evidence ({len(pics)} pictures)</h2>"]
+    if ex.get("note"):
+        out.append(f"<p class='warn'>{e(ex['note'])}</p>")
+    if not pics:
+        return out
+    out.append("<p>Query (left) and match (right): the query's segments tinted by how well their "
+               "SuperSegment found a partner in the match, the best five and their partners numbered, "
+               "geometric inliers in cyan; the verdict and its reason below. Click a picture to enlarge it; "
+               "layout: megaloc_ros/verification/explain.py.</p>")
+    groups = (("Published: loops the verifier accepted", [p for p in pics if p["accepted"]]),
+              ("True loops the verifier rejected", [p for p in pics if not p["accepted"]]))
+    for caption, group in groups:
+        if not group:
+            continue
+        out.append(f"<h3>{e(caption)} ({len(group)})</h3><div class='thumbs'>")
+        for p in group:
+            truth = "" if p["true"] is None else (" true" if p["true"] else " <span class='bad'>FALSE</span>")
+            verdict = "accepted" if p["accepted"] else "rejected"
+            out.append(f"<figure><a href='{e(p['file'])}'><img loading='lazy' src='{e(p['file'])}' "
+                       f"alt='frame {p['query']} to frame {p['match']}'></a><figcaption>frame {p['query']} "
+                       f"(t={p['query_stamp_s']:.3f} s) &rarr; frame {p['match']} (t={p['match_stamp_s']:.3f} s): "
+                       f"{verdict}{truth}</figcaption></figure>")
+        out.append("</div>")
+    return out
 
 
 def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
@@ -324,7 +516,9 @@ def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
              "text-align:right}td:first-child,th:first-child{text-align:left}"
              ".warn{background:#fff3cd;padding:.5em;border:1px solid #e0c060}"
-             "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}</style></head><body>",
+             "img{max-width:100%;border:1px solid #ddd;margin:.5em 0}"
+             ".thumbs{display:flex;flex-wrap:wrap;gap:10px}.thumbs figure{margin:0;width:300px;font-size:12px}"
+             ".thumbs img{width:100%;margin:0}.bad{color:#b00020;font-weight:bold}</style></head><body>",
              f"<h1>{e(title)}</h1>"]
     cls = "" if report["model_kind"] == "megaloc" else " class='warn'"
     parts.append(f"<p{cls}><b>Model:</b> {e(report['model'])}</p>")
@@ -337,8 +531,11 @@ def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
     if rows:
         m = report["metrics"]
         parts.append(f"<h2>Metrics</h2><p>{m['gt_pairs']} same-place pairs in the ground truth; "
-                     f"{m['n_positive']} frames have a true loop at least {m['exclude_s']:g} s older "
-                     "(recall denominator). Definitions: megaloc_ros/evaluation/metrics.py.</p>")
+                     f"{e(recall_denominator(m))}. Definitions: megaloc_ros/evaluation/metrics.py.</p>")
+        warn = warnings(report)
+        if warn:
+            parts.append(f"<div class='warn'><b>{e(warn[0])}</b><ul>"
+                         + "".join(f"<li>{e(w.strip())}</li>" for w in warn[1:]) + "</ul></div>")
         parts.append("<table><tr><th>metric</th><th>retrieval only</th><th>+ verification</th></tr>")
         parts += [f"<tr><td>{e(a.strip())}</td><td>{e(b)}</td><td>{e(c)}</td></tr>" for a, b, c in rows]
         parts.append("</table>")
@@ -353,18 +550,23 @@ def _html(report: dict, images: list[tuple[str, str]], title: str) -> str:
         parts.append("</table><p>" + e(LATENCY_NOTE) + "</p>")
     for name, caption in images:
         parts.append(f"<h2>{e(caption)}</h2><img src='{e(name)}' alt='{e(caption)}'>")
+    parts += _explanations_html(report.get("explanations") or {})
+    pics = {(p["query"], p["match"]): p["file"] for p in (report.get("explanations") or {}).get("pictures", [])}
     loops = report.get("loops", [])
     parts.append(f"<h2>Published loops ({len(loops)})</h2>")
     if loops:
         parts.append("<table><tr><th>query frame</th><th>match frame</th><th>score</th><th>verified</th>"
-                     "<th>verification score</th><th>inliers</th><th>ground truth</th><th>reason</th></tr>")
+                     "<th>verification score</th><th>inliers</th><th>ground truth</th><th>reason</th>"
+                     "<th>picture</th></tr>")
         for r in loops[:500]:
+            pic = pics.get((r["query"], r["match"]))
+            link = f"<a href='{e(pic)}'>why</a>" if pic else ""
             ver = "-" if r["verified"] is None else ("yes" if r["verified"] else "no")
             truth = "-" if "true" not in r else ("true" if r["true"] else "<b>false</b>")
             parts.append(f"<tr><td>{r['query']}</td><td>{r['match']}</td><td>{r['score']:.3f}</td>"
                          f"<td>{ver}</td><td>{_f(r['verification_score'])}</td>"
                          f"<td>{'-' if r['inliers'] is None else r['inliers']}</td><td>{truth}</td>"
-                         f"<td>{e(r.get('reason') or '')}</td></tr>")
+                         f"<td>{e(r.get('reason') or '')}</td><td>{link}</td></tr>")
         parts.append("</table>")
     parts.append("<p>All numbers: <a href='metrics.json'>metrics.json</a>.</p></body></html>\n")
     return "\n".join(parts)
