@@ -15,9 +15,14 @@ from launch_ros.substitutions import FindPackageShare
 
 # node -> the parameters a launch argument of the same name sets (one name per setting)
 PARAMETERS = {
-    "loop_closure_node": ("image_topic", "image_transport", "encoder.model_path", "map_path"),
+    "loop_closure_node": ("image_topic", "image_transport", "encoder.model_path", "map_path", "odom_topic"),
     "verifier_node": ("camera_info_topic", "map_path"),
+    "pose_graph_node": ("odom_topic", "map_path"),
+    "rtabmap_adapter": ("rtabmap_namespace",),
+    "lio_sam_adapter": (),
 }
+# backend argument -> the node that takes verified loops to it
+BACKENDS = {"none": None, "gtsam": "pose_graph_node", "rtabmap": "rtabmap_adapter", "lio_sam": "lio_sam_adapter"}
 
 
 def _node(context, name: str, namespace: str, params_file: str):
@@ -40,6 +45,9 @@ def _nodes(context):
         # verifier_node reads loop_closure_node/keyframes and loop_closure_node/retrieved
         # (relative names, so both stay inside the namespace).
         nodes.append(_node(context, "verifier_node", namespace, params_file))
+    backend = BACKENDS[arg("backend")]
+    if backend:  # it reads verifier_node/loop_closures (relative: inside the namespace)
+        nodes.append(_node(context, backend, namespace, params_file))
     return nodes
 
 
@@ -59,6 +67,14 @@ def generate_launch_description():
                               description="exported encoder model (.onnx or OpenVINO .xml)" + keep),
         DeclareLaunchArgument("map_path", default_value="",
                               description="map file: loaded at start when it exists, saved on shutdown" + keep),
+        DeclareLaunchArgument("backend", default_value="none", choices=list(BACKENDS),
+                              description="where verified loops go: none (your own subscriber), gtsam "
+                                          "(pose_graph_node), rtabmap (rtabmap_adapter), lio_sam (lio_sam_adapter)"),
+        DeclareLaunchArgument("odom_topic", default_value="",
+                              description="nav_msgs/Odometry: keyframe poses (loop_closure_node) and the "
+                                          "pose graph's odometry (backend gtsam)" + keep),
+        DeclareLaunchArgument("rtabmap_namespace", default_value="",
+                              description="backend rtabmap: RTAB-Map's namespace (add_link, mapData, info)" + keep),
         DeclareLaunchArgument("camera_info_topic", default_value="",
                               description="sensor_msgs/CameraInfo: intrinsics, so verified loops carry a "
                                           "transform" + keep),
