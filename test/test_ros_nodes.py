@@ -495,3 +495,27 @@ def test_loading_another_map_never_verifies_against_the_wrong_keyframes(encoder,
         assert not pairs and mismatches > 0
         with rec.lock:
             assert rec.rejected, "refused candidates are published on ~/rejected"
+
+
+@pytest.mark.slow
+def test_explanations_over_dds_only_while_subscribed(encoder, frames):
+    """verifier_node/explanations: nothing rendered while nobody subscribes; with a subscriber,
+    one picture per accepted loop: two panels side by side (PANEL_HEIGHT high) over a text band."""
+    from megaloc_ros.verification.explain import PANEL_HEIGHT
+    with NodeSet(params(), domain_id=DOMAIN_ID, encoder=encoder) as ns:
+        vn = ns.verifier
+        replay(ns, frames, range(0, 56))
+        assert vn.stats.count("loops_accepted") > 0 and vn.explanations.rendered == 0
+        got = []
+        sub = ns.helper_node.create_subscription(Image, "verifier_node/explanations", got.append, RELIABLE)
+        _wait(lambda: vn.explanations.wanted(), 20, "the explanations subscription")
+        before = vn.stats.count("loops_accepted")
+        replay(ns, frames, range(56, 84))
+        accepted = vn.stats.count("loops_accepted") - before
+        _wait(lambda: len(got) >= accepted, 30, "explanation pictures")
+        ns.helper_node.destroy_subscription(sub)
+    assert accepted > 0 and len(got) == accepted == vn.explanations.rendered
+    img = conv.image_msg_to_rgb(got[0])
+    assert img.shape[0] > PANEL_HEIGHT and img.shape[1] > 2 * 100 and got[0].encoding == "rgb8"
+    # the band under the panels holds text (not a blank strip), the panels hold the two images
+    assert img[PANEL_HEIGHT + 5:].std() > 5 and img[:PANEL_HEIGHT].std() > 10

@@ -7,6 +7,9 @@ Subscribes   <keyframes_topic>  megaloc_ros/Keyframe (reliable, keep-all: none m
 Publishes    ~/loop_closures    LoopClosureArray: accepted loops only, verified=true, with the
                                 transform when the camera intrinsics are known
              ~/rejected         LoopClosureArray: rejected candidates (debugging)
+             ~/explanations     sensor_msgs/Image: each accepted loop drawn (query | match,
+                                voting SuperSegments, inlier matches, the reason); rendered only
+                                while someone subscribes (megaloc_ros/ros/explanations.py)
              /diagnostics
 Services     ~/save_map, ~/load_map: the verifier state, kept at ``<path>.verifier`` next to the
              loop_closure_node's map file of the same path
@@ -36,6 +39,7 @@ from megaloc_ros.pipeline import build_verification, live_verifier_params
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
 from megaloc_ros.ros.managed_node import RELIABLE, RELIABLE_KEEP_ALL, ManagedNode
+from megaloc_ros.ros.explanations import ExplanationPublisher
 from megaloc_ros.ros.managed_node import spin_single
 
 SUFFIX = ".verifier"
@@ -99,7 +103,8 @@ class VerifierNode(ManagedNode):
         self.verification = self._build_verification(self._param("map_path"))
         self._pub_loops = self.create_lifecycle_publisher(LoopClosureArray, "~/loop_closures", RELIABLE)
         self._pub_rejected = self.create_lifecycle_publisher(LoopClosureArray, "~/rejected", RELIABLE)
-        self._own_pubs = [self._pub_loops, self._pub_rejected]
+        self.explanations = ExplanationPublisher(self)  # renders only while someone subscribes
+        self._own_pubs = [self._pub_loops, self._pub_rejected, self.explanations.publisher]
 
     def _activate(self) -> None:
         # One callback group: the Verifier sees keyframes and candidates in arrival order.
@@ -127,6 +132,7 @@ class VerifierNode(ManagedNode):
                 self._check_map(msg.map_id, f"keyframe {kf.id}")
                 ms = self.verification.add_keyframe(kf, rgb, feats)
                 self._keyframes[kf.id] = kf
+                self.explanations.remember(kf.id, rgb)
                 self._dirty = True
             self.stats.latency("add_keyframe", ms)
         except MapMismatch as exc:
@@ -242,6 +248,12 @@ class VerifierNode(ManagedNode):
                 self.get_logger().info(f"loop closure {r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
         if rejected:
             self._pub_rejected.publish(conv.loops_to_array(rejected, stamp, msg.header.frame_id, msg.map_id))
+        if self.explanations.wanted():
+            try:
+                self.explanations.publish(results, self.verifier)
+            except Exception as exc:  # a picture is never worth a verdict
+                self.stats.error("explanation_errors", str(exc))
+                self.get_logger().error(f"explanation picture failed: {exc}", throttle_duration_sec=10.0)
 
     # ----------------------------------------------------------------- output
     def pending_count(self) -> int:
