@@ -186,6 +186,11 @@ def test_reader_skips_undecodable_frames_on_request(tmp_path, rtabmap_seq):
         frames = list(r.images("/camera/image_raw/compressed", on_error=lambda *a: bad.append(a)))
     assert [f.index for f in frames] == [0, 2, 3]
     assert [(i, t) for i, t, _ in bad] == [(1, S)] and isinstance(bad[0][2], ImageDecodeError)
+    with B.BagReader(bag) as r:  # only some frames: the others are not decoded, so not reported
+        bad.clear()
+        some = list(r.images("/camera/image_raw/compressed", on_error=lambda *a: bad.append(a), only=[3, 0]))
+    assert [f.index for f in some] == [0, 3] and bad == []
+    assert np.array_equal(some[1].rgb, frames[2].rgb)
 
 
 def test_make_bag_checks_images_and_leaves_nothing_half_written(tmp_path, rtabmap_seq, capsys):

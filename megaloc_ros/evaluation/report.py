@@ -421,11 +421,8 @@ def write_explanations(out: Path, replay: Replay, report: dict, gt: Optional[np.
     need = {i for it in items for i in (it["query"], it["match"])}
     rgb: dict[int, np.ndarray] = {}
     with BagReader(replay.bag) as r:
-        for img in r.images(replay.topic, on_error=lambda *a: None):
-            if img.index in need:
-                rgb[img.index] = downscale(img.rgb, EXPLAIN_MAX_SIDE)
-                if len(rgb) == len(need):
-                    break
+        for img in r.images(replay.topic, on_error=lambda *a: None, only=need):
+            rgb[img.index] = downscale(img.rgb, EXPLAIN_MAX_SIDE)
     folder = out / EXPLAIN_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):  # a previous run's pictures would be shown as this run's

@@ -313,15 +313,21 @@ class BagReader:
             raise BagError(f"message {index} on {topic} in {self.path} cannot be deserialised as "
                            f"{msgtype}: {_why(exc)}") from None
 
-    def images(self, topic: str, on_error=None) -> Iterator[BagImage]:
-        """Decode every image on ``topic`` in bag order. A message that cannot be deserialised or
+    def images(self, topic: str, on_error=None, only=None) -> Iterator[BagImage]:
+        """Decode every image on ``topic`` in bag order (``only``: just the images at these
+        indices; the others are not even deserialised). A message that cannot be deserialised or
         decoded raises (BagError / ImageDecodeError), unless ``on_error`` is given: then it is
         called as ``on_error(index, stamp_ns, error)`` (the bag's receive time when the header
         cannot be read) and the frame is skipped. A corrupt bag file raises either way."""
         from megaloc_ros.io.images import decode_compressed, decode_raw
 
         conns = self._connections(topic, IMAGE_TYPES, "image")
+        wanted = None if only is None else {int(i) for i in only}
         for i, (conn, t_bag, raw) in enumerate(self._messages(conns)):
+            if wanted is not None:
+                if i not in wanted:
+                    continue
+                wanted.discard(i)
             t0 = time.perf_counter()
             stamp = int(t_bag)
             try:
@@ -343,6 +349,8 @@ class BagReader:
                 continue
             dt = (time.perf_counter() - t0) * 1e3
             yield BagImage(i, stamp, msg.header.frame_id, rgb, dt)
+            if wanted is not None and not wanted:
+                return
 
     def raw_images(self, topic: str) -> Iterator[tuple[int, int, str, bytes]]:
         """(index, header stamp ns, message type, CDR bytes) of every image on ``topic``: what a

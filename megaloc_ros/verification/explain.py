@@ -37,8 +37,8 @@ Picture layout (``render_explanation``; RGB uint8, width ``2 * panel_w + GAP``, 
     |  centres a stored Super-    |   |  the centre segment of the  |
     |  Segment, by that Super-    |   |  best-matching SuperSegment |
     |  Segment's vote;            |   |  (partner) of each numbered |
-    |  outlined, numbered 1..5:   |   |  query one, same colour     |
-    |  the centre segments of the |   |                             |
+    |  outlined, numbered 1..5:   |   |  query one, same colour;    |
+    |  the centre segments of the |   |  "1,3": partner of both     |
     |  TOP_K query SuperSegments  |   |                             |
     |  with the best similarity;  |   |                             |
     |  thin outline: the whole    |   |                             |
@@ -264,7 +264,7 @@ def _label(img: np.ndarray, text: str, org=(4, 4), scale: float = 0.45) -> None:
     cv2.putText(img, text, (x + 3, y + th + 2), FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
 
 
-def _outline(img: np.ndarray, mask_small: np.ndarray, colour, number: Optional[int] = None,
+def _outline(img: np.ndarray, mask_small: np.ndarray, colour, number: Optional[str] = None,
              thickness: int = 2) -> None:
     h, w = img.shape[:2]
     m = cv2.resize(mask_small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
@@ -276,7 +276,7 @@ def _outline(img: np.ndarray, mask_small: np.ndarray, colour, number: Optional[i
         # the mask pixel nearest its centroid, so the number sits inside the region
         cx, cy = xs.mean(), ys.mean()
         i = int(np.argmin((xs - cx) ** 2 + (ys - cy) ** 2))
-        _label(img, str(number), (int(xs[i]) - 8, int(ys[i]) - 9), 0.5)
+        _label(img, number, (int(xs[i]) - 8, int(ys[i]) - 9), 0.5)
 
 
 def _heat(img: np.ndarray, labels: np.ndarray, centres: np.ndarray, values: np.ndarray,
@@ -314,15 +314,19 @@ def render_explanation(query_rgb: np.ndarray, match_rgb: np.ndarray, loop: Verif
         m_labels, _, m_centres = supersegment_masks(match_rgb, details)
         q_img = _heat(q_img, q_labels, q_centres, details.votes, lo, hi)
         order = np.argsort(-details.best, kind="stable")[:TOP_K]
+        partners: dict[int, list[int]] = {}  # match row -> the numbers it partners
         for n, r in reversed(list(enumerate(order, 1))):  # number 1 drawn last, on top
-            r, pr = int(r), int(details.partner[r])
+            r = int(r)
             c = tuple(int(x) for x in _turbo(details.best[r], lo, hi))
             if n == 1 and r < len(q_ss):  # the best SuperSegment's whole extent, thin
                 _outline(q_img, q_ss[r][q_labels], c, None, 1)
             if r < len(q_centres):
-                _outline(q_img, q_labels == q_centres[r], c, n)
+                _outline(q_img, q_labels == q_centres[r], c, str(n))
+            partners.setdefault(int(details.partner[r]), []).insert(0, n)
+        for pr, numbers in sorted(partners.items(), key=lambda x: -x[1][0]):
             if pr < len(m_centres):
-                _outline(m_img, m_labels == m_centres[pr], c, n)
+                c = tuple(int(x) for x in _turbo(details.best[int(order[numbers[0] - 1])], lo, hi))
+                _outline(m_img, m_labels == m_centres[pr], c, ",".join(map(str, numbers)))
     _label(q_img, f"query kf {cand.query.id} {_stamp(cand.query.stamp_ns)}")
     _label(m_img, f"match kf {cand.match.id} {_stamp(cand.match.stamp_ns)}")
     top = np.zeros((height, q_img.shape[1] + GAP + m_img.shape[1], 3), np.uint8)
