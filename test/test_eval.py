@@ -385,3 +385,13 @@ def test_eval_skips_a_corrupt_frame_and_prints_no_precision_without_loops(tmp_pa
     assert hidden.pop("its true matches could not be decoded (skipped)") == [11]
     assert list(hidden.values()) == [[10]]  # by the exclusion windows, or keyframe selection (frame 2)
     assert metrics["explanations"]["pictures"] == []
+    # a ground truth without any loop: recall is undefined, not 0%
+    np.save(tmp_path / "none.npy", np.zeros((12, 12), np.uint8))
+    metrics, printed = run_eval([str(bag), "--gt-matrix", str(tmp_path / "none.npy"), "-o", str(tmp_path / "n"),
+                                 "--no-verify", "--set", "detector.exclude_recent_s=2",
+                                 "--set", "detector.exclude_recent_keyframes=0"], table, capsys)
+    assert "WARNING: no frame has a true loop at least 2 s older in the ground truth: recall is undefined" in printed
+    for name in ("recall@1", "recall@5", "recall of published loops", "max recall @ 100% precision"):
+        row = next(ln for ln in printed.splitlines() if ln.startswith(name))
+        assert row.split()[-2:] == ["-", "-"], row
+    assert (tmp_path / "n" / "pr_curves.png").stat().st_size > 1000

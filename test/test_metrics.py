@@ -236,3 +236,17 @@ def test_unreachable_names_the_setting_by_hand():
     assert M.unreachable(v2, every, stamps, 3.0, 5)["n"] == 0  # 6 is hidden, 0 is not
     assert M.unreachable(v2, every, stamps, 3.0, 9)["by_setting"] == {"detector.exclude_recent_keyframes=9": 1}
     assert M.frame_ranges([9, 3, 4, 5, 7, 11, 12]) == "3-5, 7, 9, 11-12" and M.frame_ranges([]) == ""
+
+
+def test_no_true_loop_means_no_recall_not_zero():
+    """A ground truth without a findable loop: recall, AUC and recall@K are undefined (None),
+    precision is still counted per published loop."""
+    gt = _gt(5, [(4, 3)])  # only 1 s apart: not a loop at 2 s exclusion
+    retrieved = [[], [(0, 0.9)], [(0, 0.8)], [(1, 0.7)], [(3, 0.95)]]
+    m, curves = M.summarize(retrieved, retrieved, [[]] * 5, gt, STAMPS, 2.0)
+    assert m["n_positive"] == 0
+    for name in ("retrieval", "verified"):
+        assert m[name]["auc"] is None and m[name]["max_recall_at_100_precision"] is None
+        assert m[name]["recall@1"] is None and m[name]["recall@5"] is None
+    assert m["published"]["recall"] is None and m["published"]["precision"] == 0.0
+    assert m["verified"]["operating_point"]["precision"] is None

@@ -27,7 +27,8 @@
   that global score (so a rejected candidate is simply not a prediction).
 * Operating point: what the system publishes at its configured thresholds, counted per loop
   (precision = true loops / published loops; None, shown "-", when nothing was published) and
-  per query (recall = queries with at least one true loop / n_positive).
+  per query (recall = queries with at least one true loop / n_positive; None when n_positive is
+  0, as are recall@K).
 """
 from __future__ import annotations
 
@@ -120,12 +121,13 @@ def curve_from_matches(matches: Sequence[Matches], valid: np.ndarray) -> PRCurve
     return pr_curve(score, correct, int(valid.any(axis=1).sum()))
 
 
-def recall_at_k(matches: Sequence[Matches], valid: np.ndarray, k: int) -> float:
-    """Share of queries with a valid true match whose top-``k`` (by score) contain one."""
+def recall_at_k(matches: Sequence[Matches], valid: np.ndarray, k: int) -> float | None:
+    """Share of queries with a valid true match whose top-``k`` (by score) contain one (None
+    when no query has one)."""
     positive = np.any(valid, axis=1)
     n = int(positive.sum())
     if n == 0:
-        return 0.0
+        return None  # no true loop to find: recall is undefined
     hit = 0
     for q in np.nonzero(positive)[0]:
         top = sorted(matches[q], key=lambda x: -x[1])[:k]
@@ -147,7 +149,7 @@ def operating_point(published: Sequence[Matches], valid: np.ndarray) -> dict:
     n_pos = int(valid.any(axis=1).sum())
     return {"loops": tp + fp, "true_loops": tp, "false_loops": fp,
             "precision": tp / (tp + fp) if tp + fp else None,
-            "recall": float(found.sum() / n_pos) if n_pos else 0.0,
+            "recall": float(found.sum() / n_pos) if n_pos else None,
             "queries_with_true_loop": int(found.sum()), "n_positive": n_pos}
 
 
@@ -253,9 +255,11 @@ def summarize(retrieved: Sequence[Matches], published: Sequence[Matches],
               "verified": curve_from_matches(accepted, valid)}
     m: dict = {"n_frames": len(retrieved), "n_positive": int(valid.any(axis=1).sum()), "recall_unit": RECALL_UNIT,
                "gt_pairs": int(np.triu(np.asarray(gt, bool)).sum()), "exclude_s": exclude_s}
+    defined = m["n_positive"] > 0  # without a true loop there is no recall, so no curve to speak of
     for name, c in curves.items():
-        m[name] = {"auc": c.auc, "max_recall_at_100_precision": c.max_recall_at_full_precision,
-                   "threshold_at_100_precision": c.threshold_at_full_precision}
+        m[name] = {"auc": c.auc if defined else None,
+                   "max_recall_at_100_precision": c.max_recall_at_full_precision if defined else None,
+                   "threshold_at_100_precision": c.threshold_at_full_precision if defined else None}
     for k in ks:
         m["retrieval"][f"recall@{k}"] = recall_at_k(retrieved, valid, k)
         m["verified"][f"recall@{k}"] = recall_at_k(accepted, valid, k)

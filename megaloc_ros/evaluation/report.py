@@ -68,7 +68,11 @@ def evaluate(replay: Replay, gt: Optional[np.ndarray], exclude_s: float) -> dict
 def warnings(report: dict) -> list[str]:
     """Why recall is lower than the ground truth suggests: true loops the settings made
     impossible to find (``metrics.unreachable``), one line each; empty when there are none."""
-    u = (report.get("metrics") or {}).get("unreachable")
+    m = report.get("metrics") or {}
+    if m and not m["n_positive"]:
+        return [f"no frame has a true loop at least {m['exclude_s']:g} s older in the ground truth: recall "
+                "is undefined (shown -)"]
+    u = m.get("unreachable")
     if not u or not u["n"]:
         return []
     out = [f"{u['n']} of {u['n_positive']} frames with a true loop cannot be found with these settings, so "
@@ -189,12 +193,13 @@ def plot_pr(report: dict, path: Path) -> None:
     for name, c in report["curves"].items():
         label, color = styles[name]
         rec, prec = np.array(c["recall"]), np.array(c["precision"])
-        if len(rec):
+        if len(rec) and m[name]["auc"] is not None:
             ax.plot(np.r_[0.0, rec], np.r_[prec[0], prec], "-", color=color, lw=2,
                     label=f"{label}: AUC {m[name]['auc']:.3f}, "
                           f"R@100%P {100 * m[name]['max_recall_at_100_precision']:.1f}%")
         else:
-            ax.plot([], [], color=color, label=f"{label}: no predictions")
+            ax.plot([], [], color=color, label=f"{label}: " + ("no predictions" if m["n_positive"]
+                                                              else "no true loop, no recall"))
     thr = detector_threshold_point(report)
     if thr is not None:
         ax.plot(thr["recall"], thr["precision"], "*", ms=15, color="tab:orange", mec="black", mew=0.8, zorder=5,
@@ -236,8 +241,9 @@ def detector_threshold_point(report: dict) -> Optional[dict]:
 
 
 def _operating_mark(ax, op: dict, marker: str, color: str, name: str) -> None:
-    if op["precision"] is None:  # nothing published: no precision to mark
-        ax.plot([], [], marker, ms=9, mfc="none", mec=color, mew=2, label=f"{name}: none (precision -)")
+    if op["precision"] is None or op["recall"] is None:  # nothing published, or no true loop
+        ax.plot([], [], marker, ms=9, mfc="none", mec=color, mew=2,
+                label=f"{name}: " + ("none (precision -)" if op["precision"] is None else "recall undefined"))
         return
     ax.plot(op["recall"], op["precision"], marker, ms=9, mfc="none", mec=color, mew=2,
             label=f"{name} ({op['true_loops']} true, {op['false_loops']} false)")
