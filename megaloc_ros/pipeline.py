@@ -135,10 +135,12 @@ class Verification:
     def __init__(self, verifier: Verifier):
         self.verifier = verifier
 
-    def add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures) -> float:
-        """Store what verification needs of ``keyframe``; returns milliseconds."""
+    def add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures,
+                     depth_m: Optional[np.ndarray] = None) -> float:
+        """Store what verification needs of ``keyframe`` (with ``depth_m``, metres registered to
+        the image: loops on it get metric transforms); returns milliseconds."""
         t0 = time.perf_counter()
-        self.verifier.add_keyframe(keyframe, image_rgb, features)
+        self.verifier.add_keyframe(keyframe, image_rgb, features, depth_m)
         return (time.perf_counter() - t0) * 1e3
 
     def verify(self, candidates: list[Candidate]) -> tuple[list[VerifiedLoop], float]:
@@ -236,25 +238,30 @@ class LoopClosurePipeline:
         return self.verification.verifier if self.verification is not None else None
 
     def process(self, image: np.ndarray, stamp_ns: int, session: int = 0, frame_id: str = "",
-                pose: Optional[np.ndarray] = None, features: Optional[ImageFeatures] = None) -> FrameResult:
-        """``features``: already computed for ``image`` (benchmarks replaying cached features)."""
+                pose: Optional[np.ndarray] = None, features: Optional[ImageFeatures] = None,
+                depth_m: Optional[np.ndarray] = None) -> FrameResult:
+        """``features``: already computed for ``image`` (benchmarks replaying cached features);
+        ``depth_m``: depth in metres registered to ``image`` (metric loop transforms)."""
         timings = {}
         if features is None:
             features, timings["encode"] = self.encoding.encode(image)
         det, timings["search"] = self.mapping.detect(features.descriptor, stamp_ns, session, frame_id, pose)
         loops: list[VerifiedLoop] = []
         if self.verification is not None and det.keyframe is not None:
-            timings["add_keyframe"] = self.verification.add_keyframe(det.keyframe, image, features)
+            timings["add_keyframe"] = self.verification.add_keyframe(det.keyframe, image, features, depth_m)
             if det.retrieved:
                 loops, timings["verify"] = self.verification.verify(det.retrieved)
         return FrameResult(features, det, loops, timings)
 
 
-def build(settings: Optional[PipelineSettings] = None, encoder=None) -> LoopClosurePipeline:
-    """All three stages from ``settings`` (no verification when ``settings.verifier`` is None)."""
+def build(settings: Optional[PipelineSettings] = None, encoder=None, camera_matrix=None,
+          camera_size=None) -> LoopClosurePipeline:
+    """All three stages from ``settings`` (no verification when ``settings.verifier`` is None);
+    ``camera_matrix`` (3x3, for images of ``camera_size`` (w, h)): loops get transforms."""
     settings = settings or PipelineSettings()
     encoding = build_encoding(settings.encoder, encoder)
     enc = encoding.encoder
     mapping = build_mapping(settings, enc.model_name, enc.descriptor_dim)
-    verification = build_verification(settings.verifier) if settings.verifier is not None else None
+    verification = (build_verification(settings.verifier, camera_matrix, camera_size)
+                    if settings.verifier is not None else None)
     return LoopClosurePipeline(encoding, mapping, verification)

@@ -189,12 +189,14 @@ def pipeline_loops(seq: RgbdSequence, settings=None, encoder=None, log=print) ->
     """Accepted loops of the pipeline on the sequence, each with a metric transform (see module doc)."""
     from megaloc_ros import pipeline as P
     from megaloc_ros.verification.metric_pose import pose_error
-    pipe = P.build(settings, encoder=encoder)
+    first = seq.load_rgb(0)
+    pipe = P.build(settings, encoder=encoder, camera_matrix=seq.K, camera_size=(first.shape[1], first.shape[0]))
     index = {int(s): i for i, s in enumerate(seq.stamps_ns)}
     loops: list[Loop] = []
     counts = {"frames": len(seq), "accepted": 0, "metric_from_verifier": 0, "metric_pose": 0, "no_metric_pose": 0}
     for i in range(len(seq)):
-        res = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]))
+        depth = seq.load_depth(i).astype(np.float32) / np.float32(seq.depth_scale)
+        res = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), depth_m=depth)
         for v in res.loops:
             if not v.accepted:
                 continue

@@ -262,3 +262,37 @@ def pose_error(T_est: np.ndarray, T_true: np.ndarray) -> tuple[float, float]:
     D = np.linalg.inv(T_true) @ T_est
     ang = np.degrees(np.linalg.norm(Rotation.from_matrix(D[:3, :3]).as_rotvec()))
     return float(np.linalg.norm(T_est[:3, 3] - T_true[:3, 3])), float(ang)
+
+
+# --- what the verifier keeps and uses -----------------------------------------------------------
+
+def keypoint_depths(keypoints_xy: np.ndarray, depth_m: np.ndarray, image_size: tuple[int, int],
+                    params: MetricPoseParams = MetricPoseParams()) -> np.ndarray:
+    """float32 [N] depth in metres of each keypoint (NaN: none, or unreliable), from a depth image
+    registered to the keypoints' image of ``image_size`` (w, h); a depth image of another size
+    (the same camera, rescaled) is resampled nearest-neighbour first."""
+    d = np.asarray(depth_m, np.float32)
+    w, h = image_size
+    if d.shape != (h, w):
+        d = cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST)
+    pts, valid = backproject(keypoints_xy, d, np.eye(3), params)  # z does not depend on K
+    z = pts[:, 2].astype(np.float32)
+    z[~valid] = np.nan
+    return z
+
+
+def pose_from_keypoint_depths(match_keypoints_xy: np.ndarray, match_depth: np.ndarray, K_match: np.ndarray,
+                              query_keypoints_xy: np.ndarray, K_query: np.ndarray, pairs: np.ndarray,
+                              params: MetricPoseParams = MetricPoseParams()) -> Optional[MetricPoseResult]:
+    """PnP over tentative matches ``pairs`` [M, 2] (query index, match index): the match
+    keypoints lifted with their stored depth, the query keypoints as pixels."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if not len(pairs):
+        return None
+    mxy = np.asarray(match_keypoints_xy, np.float64)[pairs[:, 1]]
+    z = np.asarray(match_depth, np.float64)[pairs[:, 1]]
+    K = np.asarray(K_match, np.float64)
+    valid = np.isfinite(z) & (z > 0)
+    X = np.stack([(mxy[:, 0] - K[0, 2]) / K[0, 0] * z, (mxy[:, 1] - K[1, 2]) / K[1, 1] * z, z], axis=1)
+    X[~valid] = 0.0
+    return pose_from_points(X, valid, np.asarray(query_keypoints_xy, np.float64)[pairs[:, 0]], K_query, params)

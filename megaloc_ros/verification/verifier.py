@@ -70,7 +70,7 @@ from typing import Optional
 
 import numpy as np
 
-from megaloc_ros.verification import acontrario, decision, geometry, segments, segvlad, vocabulary
+from megaloc_ros.verification import acontrario, decision, geometry, metric_pose, segments, segvlad, vocabulary
 from megaloc_ros.verification import features as local
 from megaloc_ros.errors import DuplicateId, MapFileError, MegalocError
 from megaloc_ros.io.files import atomic_write
@@ -90,7 +90,11 @@ def _one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
-FORMAT = "megaloc_ros.verification.verifier"
+# PnP of a verified loop: 15 inliers left ~10 cm errors on TUM fr3/cabinet (56 -> 1, 15/36),
+# so a metric transform needs 20; fewer keep the unit direction (the pose graph skips those).
+METRIC_POSE = metric_pose.MetricPoseParams(min_inliers=20)
+
+FORMAT = "megaloc_ros.verifier"  # the files' identifier (the module's old name): never change it
 VERSION = 1
 
 
@@ -193,11 +197,12 @@ class _Entry:
     supersegments: Optional[np.ndarray] = None  # fp16 [S, pca_dim], unit rows
     pending_patches: Optional[np.ndarray] = None  # fp16 [P, C] until the vocabulary exists
     pending_weights: Optional[np.ndarray] = None  # fp16 [S, P] SuperSegment -> patch weights
+    keypoint_depth: Optional[np.ndarray] = None   # float32 [N] metres per keypoint, NaN: none
 
     @property
     def nbytes(self) -> int:
         n = self.local.nbytes
-        for a in (self.supersegments, self.pending_patches, self.pending_weights):
+        for a in (self.supersegments, self.pending_patches, self.pending_weights, self.keypoint_depth):
             n += 0 if a is None else a.nbytes
         return n
 
@@ -271,20 +276,27 @@ class Verifier:
         v = segvlad.vlad(patches, weights, self.centroids)
         return self.pca.project(v).astype(np.float16)
 
-    def add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures) -> None:
+    def add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures,
+                     depth_m: Optional[np.ndarray] = None) -> None:
         """Store what verification needs for ``keyframe`` (see the module docstring for sizes).
-        DuplicateId when the id is taken: a collision is another map's keyframe, never replaced."""
+        ``depth_m``: a depth image in metres registered to ``image_rgb`` (NaN or 0: none); the
+        depth of each keypoint is kept (4 B), so loops matching this keyframe get a metric
+        transform (PnP). DuplicateId when the id is taken: a collision is another map's
+        keyframe, never replaced."""
         if keyframe.id in self._entries:
             raise DuplicateId(f"keyframe {keyframe.id} is already in the verifier state; not replaced "
                               "(a keyframe of another map or session with a colliding id?)")
         with _one_blas_thread():
-            self._add_keyframe(keyframe, image_rgb, features)
+            self._add_keyframe(keyframe, image_rgb, features, depth_m)
 
-    def _add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures) -> None:
+    def _add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures,
+                      depth_m: Optional[np.ndarray] = None) -> None:
         p = self.params
         feats = local.extract(image_rgb, p.local_features, p.max_keypoints, p.feature_max_side,
                               p.sift_contrast, p.feature_min_side)
         entry = _Entry((image_rgb.shape[1], image_rgb.shape[0]), feats)
+        if depth_m is not None:
+            entry.keypoint_depth = metric_pose.keypoint_depths(feats.keypoints, depth_m, entry.image_size)
         pf = features.patch_features
         if self._patch_encoder is not None:
             pf = self._patch_encoder.encode([image_rgb])[0].patch_features
@@ -445,9 +457,20 @@ class Verifier:
         ev.significance = chk.significance
         ok, reason = decision.decide(ev, p.min_significance, p.min_significance_segvlad, p.min_segvlad_z,
                                      p.min_inliers)
-        if ok and chk.pose is None:
+        pose = chk.pose
+        if ok and m.keypoint_depth is not None and self._intrinsics(q.image_size) is not None:
+            metric = metric_pose.pose_from_keypoint_depths(
+                m.local.keypoints, m.keypoint_depth, self._intrinsics(m.image_size),
+                q.local.keypoints, self._intrinsics(q.image_size), pairs, METRIC_POSE)
+            if metric is not None:
+                pose = metric.pose
+                reason += (f"; metric transform: PnP {len(metric.inliers)}/{metric.points_with_depth} "
+                           f"matches with depth, {metric.rms_px:.2f} px rms")
+            else:
+                reason += "; metric transform: PnP failed (too few matches with depth), unit direction"
+        if ok and pose is None:
             reason += "; no transform (no intrinsics)"
-        return VerifiedLoop(cand, ok, sv, chk.inliers, chk.pose, reason=reason), ev
+        return VerifiedLoop(cand, ok, sv, chk.inliers, pose, reason=reason), ev
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
@@ -469,6 +492,9 @@ class Verifier:
                                     (0, local.DESCRIPTOR_BYTES[self.params.local_features]),
                                     np.int8 if self.params.local_features == "xfeat" else np.uint8),
                 "ss_count": np.array([-1 if e.supersegments is None else len(e.supersegments) for e in es], np.int64),
+                "keypoint_depth": _cat([e.keypoint_depth if e.keypoint_depth is not None else
+                                        np.full(len(e.local.keypoints), -1.0, np.float32) for e in es], (0,),
+                                       np.float32),  # -1: this keyframe had no depth image
                 "supersegments": _cat([e.supersegments for e in es if e.supersegments is not None],
                                       (0, self.pca.dim if self.pca else 0), np.float16),
             }
@@ -531,6 +557,10 @@ class Verifier:
                 local = geometry.LocalFeatures(d["keypoints"][kp_off[n]:kp_off[n + 1]],
                                                d["descriptors"][kp_off[n]:kp_off[n + 1]], size)
                 e = _Entry(size, local)
+                if "keypoint_depth" in d:  # states from before depth support have none
+                    kd = d["keypoint_depth"][kp_off[n]:kp_off[n + 1]]
+                    if len(kd) and not np.all(kd == -1.0):
+                        e.keypoint_depth = kd.astype(np.float32)
                 if ss_count[n] >= 0:
                     e.supersegments = d["supersegments"][ss_off[n]:ss_off[n + 1]]
                 if kid in pending:
