@@ -11,6 +11,7 @@ BENCHES = {
     "encoder": ("megaloc_ros.bench.encoder", "encoder speed and descriptor agreement per runtime/precision"),
     "map": ("megaloc_ros.bench.map", "place-map add/search speed and memory per index kind"),
     "verify": ("megaloc_ros.bench.verify", "verifier speed and accuracy"),
+    "qos": ("megaloc_ros.bench.qos", "camera image delivery across processes per QoS / transport"),
 }
 
 
