@@ -161,7 +161,8 @@ def format_loops(report: dict, limit: int = 40) -> str:
         ver = "-" if r["verified"] is None else ("yes" if r["verified"] else "no")
         truth = "-" if "true" not in r else ("TRUE" if r["true"] else "false")
         lines.append(f"{r['query']:>6} {str(r['match']):>6} {r['score']:6.3f} {ver:>9} "
-                     f"{_f(r['verification_score'], 3):>8} {str(r['inliers'] if r['inliers'] is not None else '-'):>8}  {truth}")
+                     f"{_f(r['verification_score'], 3):>8} {'-' if r['inliers'] is None else r['inliers']!s:>8}  "
+                     f"{truth}")
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more in metrics.json")
     return "\n".join(lines)

@@ -449,7 +449,8 @@ def main(args: argparse.Namespace) -> int:
             rate = 1.0 if args.rate is None else args.rate
             if rate <= 0:
                 raise MegalocError("--rate must be positive")
-            stamps = (np.round(args.start * SECOND_NS) + np.round(np.arange(len(paths)) * SECOND_NS / rate)).astype(np.int64)
+            stamps = (np.round(args.start * SECOND_NS)
+                      + np.round(np.arange(len(paths)) * SECOND_NS / rate)).astype(np.int64)
     traj = read_trajectory(args.poses, stamps) if args.poses else None
     out = write_bag(args.output, paths, stamps, storage=args.storage, compressed=args.compressed,
                     topic=args.topic, frame_id=args.frame_id, trajectory=traj,
