@@ -62,6 +62,25 @@ def test_details_agree_with_every_verdict(verdicts):
         X.explain_details(pipe.verifier, ghost)
 
 
+def test_details_agree_with_the_verdicts_with_intrinsics(real_encoder, rtabmap_seq, rtabmap_features):
+    """With a camera matrix the verifier fits an essential matrix: the refit agrees there too,
+    on images the verifier saw at half the calibrated size (intrinsics scaled)."""
+    settings = PL.PipelineSettings()
+    K = np.array([[900.0, 0, 512], [0, 900.0, 384], [0, 0, 1]])  # calibrated at 1024x768
+    pipe = PL.LoopClosurePipeline(PL.build_encoding(settings.encoder, real_encoder),
+                                  PL.build_mapping(settings, real_encoder.model_name, real_encoder.descriptor_dim),
+                                  PL.build_verification(settings.verifier, K, (1024, 768)))
+    loops = []
+    for i in range(0, len(rtabmap_features), 2):
+        loops += pipe.process(rtabmap_seq.load_rgb(i), int(rtabmap_seq.stamps_ns[i]),
+                              features=rtabmap_features[i]).loops
+    accepted = [l for l in loops if l.accepted]
+    assert accepted and all(l.transform is not None for l in accepted)
+    for l in loops:
+        d = X.explain_details(pipe.verifier, l.candidate)
+        assert d.inliers == d.verdict_inliers == l.inliers, l.reason
+
+
 def _band_box_colour(pic: np.ndarray, height: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in pic[height + 10, 6])
 
