@@ -519,3 +519,48 @@ def test_explanations_over_dds_only_while_subscribed(encoder, frames):
     assert img.shape[0] > PANEL_HEIGHT and img.shape[1] > 2 * 100 and got[0].encoding == "rgb8"
     # the band under the panels holds text (not a blank strip), the panels hold the two images
     assert img[PANEL_HEIGHT + 5:].std() > 5 and img[:PANEL_HEIGHT].std() > 10
+
+
+@pytest.mark.slow
+def test_depth_topic_gives_metric_loop_transforms(encoder):
+    """RGB-D over DDS (TUM fr3/cabinet, 16UC1 depth at 5000 units/m): keyframes carry their depth
+    to the verifier, and a loop on them is published with a metric transform close to mocap."""
+    from megaloc_ros.io import tum
+    from megaloc_ros.verification.metric_pose import pose_error
+    seq = tum.tum_fr3_cabinet()
+    k = seq.K
+    p = params(depth_topic="depth", depth_scale=tum.DEPTH_SCALE, **{
+        "detector.exclude_recent_s": 0.0, "detector.exclude_recent_keyframes": 0,  # neighbours are loops here
+        "verifier.max_keypoints": 2000,
+        "camera_matrix": [k[0, 0], k[1, 1], k[0, 2], k[1, 2], 640.0, 480.0]})
+    with NodeSet(p, domain_id=DOMAIN_ID, encoder=encoder) as ns:
+        rec = Recorder(ns)
+        pub = _publisher(ns)
+        dpub = ns.helper_node.create_publisher(Image, "/depth", RELIABLE)
+        _wait(lambda: dpub.get_subscription_count() > 0, 20, "the depth subscription")
+        lc = ns.loop_closure
+        for i in (21, 22):
+            stamp = int(seq.stamps_ns[i])
+            d = seq.load_depth(i)
+            dpub.publish(Image(header=conv.make_header(stamp, "camera"), height=480, width=640, encoding="16UC1",
+                               step=1280, data=d.tobytes()))
+            time.sleep(0.2)  # the depth image is there before its colour image
+            n = lc.stats.count("frames_received")
+            pub.publish(conv.rgb_to_image_msg(seq.load_rgb(i), stamp, "camera"))
+            _wait(lambda: lc.stats.count("frames_received") > n, 20, "frame delivery")
+            assert lc.wait_idle(60)
+        assert ns.wait_idle(60)
+        time.sleep(0.3)
+        stored = ns.verifier.verifier._entries
+        assert all(e.keypoint_depth is not None and np.isfinite(e.keypoint_depth).mean() > 0.3 for e in stored.values())
+    with rec.lock:
+        loops = list(rec.loops)
+    assert loops and all(lc.metric_scale for lc in loops), [(lc.query_id, lc.match_id) for lc in rec.rejected]
+    lc = loops[0]
+    T = np.eye(4)
+    T[:3, :3] = conv.quaternion_to_matrix(lc.transform.rotation.x, lc.transform.rotation.y,
+                                          lc.transform.rotation.z, lc.transform.rotation.w)
+    T[:3, 3] = (lc.transform.translation.x, lc.transform.translation.y, lc.transform.translation.z)
+    q, m = (22, 21)
+    t_err, r_err = pose_error(T, np.linalg.inv(seq.poses[m]) @ seq.poses[q])
+    assert t_err < 0.05 and r_err < 2.0, (t_err, r_err)

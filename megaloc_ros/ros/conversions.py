@@ -17,6 +17,7 @@ from std_msgs.msg import Header
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosure, LoopClosureArray
 
+from megaloc_ros.errors import ImageDecodeError
 from megaloc_ros.io.images import (MAX_IMAGE_PIXELS, decode_compressed, decode_raw, downscale, encode_jpeg,
                                    encode_raw)
 from megaloc_ros.transforms import matrix_to_quaternion, quaternion_to_matrix
@@ -110,7 +111,7 @@ def _f32(x: np.ndarray) -> array.array:
 
 
 def keyframe_to_msg(kf: Keyframe, image_rgb: Optional[np.ndarray], features: ImageFeatures,
-                    image_max_side: int = 0, map_id: str = "") -> KeyframeMsg:
+                    image_max_side: int = 0, map_id: str = "", depth_m: Optional[np.ndarray] = None) -> KeyframeMsg:
     """A keyframe with what the verifier needs: the (downscaled) rgb8 image and the features."""
     m = KeyframeMsg()
     m.header = make_header(kf.stamp_ns, kf.frame_id)
@@ -118,7 +119,14 @@ def keyframe_to_msg(kf: Keyframe, image_rgb: Optional[np.ndarray], features: Ima
     m.session = int(kf.session)
     m.map_id = map_id
     if image_rgb is not None:
-        m.image = rgb_to_image_msg(downscale(image_rgb, image_max_side), kf.stamp_ns, kf.frame_id)
+        small = downscale(image_rgb, image_max_side)
+        m.image = rgb_to_image_msg(small, kf.stamp_ns, kf.frame_id)
+        if depth_m is not None:  # nearest-neighbour to the sent image's size: no mixed depths at edges
+            import cv2
+            d = np.ascontiguousarray(cv2.resize(np.asarray(depth_m, np.float32), (small.shape[1], small.shape[0]),
+                                                interpolation=cv2.INTER_NEAREST))
+            m.depth = Image(header=make_header(kf.stamp_ns, kf.frame_id), height=d.shape[0], width=d.shape[1],
+                               encoding="32FC1", is_bigendian=0, step=d.shape[1] * 4, data=d.tobytes())
     m.descriptor = _f32(features.descriptor)
     if features.patch_features is not None:
         pf = np.asarray(features.patch_features)
@@ -190,3 +198,28 @@ def loops_to_array(items: Iterable[Union[Candidate, VerifiedLoop]], stamp_ns: in
                    map_id: str = "") -> LoopClosureArray:
     return LoopClosureArray(header=make_header(stamp_ns, frame_id), map_id=map_id,
                             loops=[loop_to_msg(i, frame_id) for i in items])
+
+
+def depth_msg_to_metres(msg: Image, depth_scale: float = 0.0) -> np.ndarray:
+    """A depth image (16UC1 or mono16: ``depth_scale`` units per metre, default 1000 = mm;
+    32FC1: metres unless ``depth_scale``) -> float32 metres [H, W], NaN where there is none."""
+    kinds = {"16UC1": np.uint16, "mono16": np.uint16, "32FC1": np.float32}
+    dtype = kinds.get(msg.encoding)
+    if dtype is None:
+        raise ImageDecodeError(f"unsupported depth encoding '{msg.encoding}' (16UC1, mono16 or 32FC1)")
+    item = np.dtype(dtype).itemsize
+    if msg.height == 0 or msg.width == 0 or msg.step < msg.width * item or len(msg.data) < msg.step * msg.height:
+        raise ImageDecodeError(f"depth image {msg.width}x{msg.height} step {msg.step} with {len(msg.data)} bytes "
+                               "is inconsistent")
+    buf = np.frombuffer(memoryview(msg.data), np.uint8)[: msg.step * msg.height].reshape(msg.height, msg.step)
+    dt = np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")
+    raw = np.ascontiguousarray(buf[:, : msg.width * item]).view(dt).reshape(msg.height, msg.width)
+    scale = depth_scale or (1000.0 if dtype is np.uint16 else 1.0)
+    d = raw.astype(np.float32) / np.float32(scale)
+    d[~np.isfinite(d) | (d <= 0)] = np.nan
+    return d
+
+
+def msg_depth(m: KeyframeMsg) -> Optional[np.ndarray]:
+    """The keyframe's depth in metres (see ``keyframe_to_msg``), or None without one."""
+    return depth_msg_to_metres(m.depth) if m.depth.width and m.depth.height else None

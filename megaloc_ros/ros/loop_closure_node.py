@@ -4,6 +4,8 @@ A lifecycle node that configures and activates itself when ``autostart`` is true
 
 Subscribes   <image_topic> (sensor_msgs/Image) or <image_topic>/compressed (CompressedImage),
              <odom_topic> (nav_msgs/Odometry, optional: keyframe selection and poses)
+             <depth_topic> (sensor_msgs/Image 16UC1/32FC1 registered depth, optional: sent with
+             each keyframe, so the verifier gives loops a metric transform)
 Publishes    ~/candidates  megaloc_ros/LoopClosureArray, the detector's decisions (threshold,
                            temporal consistency, duplicate suppression): for a back end
                            without verifier_node
@@ -65,7 +67,7 @@ class LoopClosureNode(ManagedNode):
     """See the module docstring. ``encoder``: an already loaded encoder to use instead of
     loading ``encoder.model_path`` (tests and in-process callers share one)."""
 
-    DIAG_ERRORS = ("decode_errors", "processing_errors", "odom_errors")
+    DIAG_ERRORS = ("decode_errors", "processing_errors", "odom_errors", "depth_errors")
     DIAG_ERROR_TEXT = "bad frames"
     DIAG_WARNING = ("frames_dropped", "frames dropped")
 
@@ -86,6 +88,7 @@ class LoopClosureNode(ManagedNode):
         self._stop = False
         self._worker: Optional[threading.Thread] = None
         self._odom: deque = deque(maxlen=2000)  # (stamp_ns, 4x4 pose), in arrival order
+        self._depth: deque = deque(maxlen=30)   # (stamp_ns, depth Image message), decoded for keyframes only
         self._odom_frame = ""
         self._positions: dict[int, np.ndarray] = {}
         self._edges: list[tuple[int, int]] = []
@@ -142,6 +145,12 @@ class LoopClosureNode(ManagedNode):
             self._own_subs = [self.create_subscription(CompressedImage, topic, self._on_image, qos, callback_group=group)]
         else:
             self._own_subs = [self.create_subscription(Image, topic, self._on_image, qos, callback_group=group)]
+        if self._param("depth_topic"):
+            qos_d = QoSProfile(depth=self._param("image_qos_depth"), reliability=qos.reliability,
+                               history=HistoryPolicy.KEEP_LAST)
+            self._own_subs.append(self.create_subscription(
+                Image, self._param("depth_topic"), lambda m: self._depth.append((conv.stamp_to_ns(m.header.stamp), m)),
+                qos_d, callback_group=MutuallyExclusiveCallbackGroup()))
         if self._param("odom_topic"):
             self._own_subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
                                                        callback_group=MutuallyExclusiveCallbackGroup()))
@@ -201,6 +210,22 @@ class LoopClosureNode(ManagedNode):
         self._odom.append((conv.stamp_to_ns(msg.header.stamp), pose))
         self._odom_frame = msg.header.frame_id
 
+    def _depth_at(self, stamp_ns: int) -> Optional[np.ndarray]:
+        """The depth image (metres) of this stamp, within depth_max_dt; a bad one is counted."""
+        near = [(abs(t - stamp_ns), m) for t, m in list(self._depth)]
+        if not near:
+            return None
+        dt, msg = min(near, key=lambda x: x[0])
+        if dt > self._param("depth_max_dt") * 1e9:
+            self.stats.inc("keyframes_without_depth")
+            return None
+        try:
+            return conv.depth_msg_to_metres(msg, self._param("depth_scale"))
+        except Exception as exc:
+            self.stats.error("depth_errors", str(exc))
+            self._log_error(f"depth image ignored: {exc}")
+            return None
+
     def _pose_at(self, stamp_ns: int) -> Optional[np.ndarray]:
         if not self._odom:
             return None
@@ -257,8 +282,9 @@ class LoopClosureNode(ManagedNode):
         self.stats.inc("keyframes")
         if not self._param("publish_patch_features"):
             feats = type(feats)(feats.descriptor, None)
+        depth = self._depth_at(f.stamp_ns) if self._param("depth_topic") else None
         self._pub_keyframes.publish(conv.keyframe_to_msg(kf, f.rgb, feats, self._param("keyframe_image_max_side"),
-                                                         map_id))
+                                                         map_id, depth))
         if det.retrieved:
             self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id, map_id))
             self.stats.inc("retrieved", len(det.retrieved))

@@ -89,6 +89,13 @@ class LoopClosureNodeSettings(CommonNodeSettings):
                                    "late instead", range=(1, 1000), read_only=True)
     odom_topic: str = setting("", "nav_msgs/Odometry for keyframe selection and keyframe poses; empty: none",
                               read_only=True)
+    depth_topic: str = setting("", "sensor_msgs/Image depth registered to the camera image (16UC1 or 32FC1): "
+                               "verified loops on keyframes with depth get a metric transform; empty: none",
+                               read_only=True)
+    depth_scale: float = setting(0.0, "raw depth units per metre; 0: 1000 for 16UC1 (millimetres), 1 for "
+                                 "32FC1 (metres)", range=(0.0, 1e6))
+    depth_max_dt: float = setting(0.02, "largest stamp difference (s) between an image and its depth image",
+                                  range=(0.0, 1.0))
     odom_max_dt: float = setting(0.1, "largest stamp difference (s) between an image and the odometry used "
                                  "for it", range=(0.0, 10.0))
     session: int = setting(-1, "session id of new keyframes; -1: one more than the highest session of the "

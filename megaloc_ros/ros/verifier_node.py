@@ -130,7 +130,7 @@ class VerifierNode(ManagedNode):
                 raise MegalocError(f"keyframe {kf.id} carries no image")
             with self._lock:
                 self._check_map(msg.map_id, f"keyframe {kf.id}")
-                ms = self.verification.add_keyframe(kf, rgb, feats)
+                ms = self.verification.add_keyframe(kf, rgb, feats, conv.msg_depth(msg))
                 self._keyframes[kf.id] = kf
                 self.explanations.remember(kf.id, rgb)
                 self._dirty = True
