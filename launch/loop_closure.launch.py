@@ -15,7 +15,8 @@ from launch_ros.substitutions import FindPackageShare
 
 # node -> the parameters a launch argument of the same name sets (one name per setting)
 PARAMETERS = {
-    "loop_closure_node": ("image_topic", "image_transport", "encoder.model_path", "map_path", "odom_topic"),
+    "loop_closure_node": ("image_topic", "image_transport", "encoder.model_path", "map_path", "odom_topic",
+                          "depth_topic"),
     "verifier_node": ("camera_info_topic", "map_path"),
     "pose_graph_node": ("odom_topic", "map_path"),
     "rtabmap_adapter": ("rtabmap_namespace",),
@@ -73,6 +74,8 @@ def generate_launch_description():
         DeclareLaunchArgument("odom_topic", default_value="",
                               description="nav_msgs/Odometry: keyframe poses (loop_closure_node) and the "
                                           "pose graph's odometry (backend gtsam)" + keep),
+        DeclareLaunchArgument("depth_topic", default_value="",
+                              description="registered depth (16UC1 mm or 32FC1 m): metric loop transforms" + keep),
         DeclareLaunchArgument("rtabmap_namespace", default_value="",
                               description="backend rtabmap: RTAB-Map's namespace (add_link, mapData, info)" + keep),
         DeclareLaunchArgument("camera_info_topic", default_value="",
