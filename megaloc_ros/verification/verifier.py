@@ -4,14 +4,14 @@
 
   * SegVLAD: at most ``max_supersegments`` SuperSegment descriptors, PCA-reduced to
     the vocabulary's PCA length (128 shipped, ``pca_dim`` when fitted on the map) and stored as
-    fp16 (at most 48 x 256 x 2 B = 24 KiB);
+    fp16 (48 x 128 x 2 B = 12 KiB shipped, at most 48 x 256 x 2 B = 24 KiB map-fitted);
   * geometry: at most ``max_keypoints`` keypoints (float32 x, y: 8 B) with SIFT descriptors
     stored as uint8 (128 B), ORB (32 B) or XFeat int8 (64 B) (default at most 500 x 136 B = 66 KiB).
 
-So a keyframe costs at most ~90 KiB by default; 55 KiB on average on the rtabmap sequence
+So a keyframe costs at most ~80 KiB by default; 71.8 KiB on average on the rtabmap sequence
 (``Verifier.bytes_per_keyframe`` reports the measured mean; `megaloc-ros bench verify` prints
 it). No image is kept. Fixed cost per map: the vocabulary (32 x C floats) and the PCA matrix
-(pca_dim x 32*C floats: 12 MiB for C = 384).
+(PCA length x 32*C floats: 6 MiB for the shipped one, C = 384, PCA 128).
 
 Vocabulary policy (``vocabulary``). "auto": the SegVLAD vocabulary (k-means centroids of the
 L2-normalised patch features + PCA of SuperSegment VLADs) shipped with the package for the
