@@ -33,42 +33,17 @@ from typing import Optional
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from megaloc_ros.io import tum
+from megaloc_ros.io.tum import TumSequence
+
 
 # ----------------------------------------------------------------------------- data
-@dataclass
-class RgbdSequence:
-    """Colour + registered depth keyframes with camera-to-world ground truth."""
-    name: str
-    rgb_paths: list
-    depth_paths: list
-    stamps_ns: np.ndarray
-    poses: np.ndarray        # [N, 4, 4] camera-to-world
-    K: np.ndarray
-    depth_scale: float       # raw depth units per metre
-
-    def __len__(self) -> int:
-        return len(self.rgb_paths)
-
-    def load_rgb(self, i: int) -> np.ndarray:
-        from megaloc_ros.io.images import read_image_file
-        return read_image_file(self.rgb_paths[i])
-
-    def load_depth(self, i: int) -> np.ndarray:
-        import cv2
-        d = cv2.imread(str(self.depth_paths[i]), cv2.IMREAD_UNCHANGED)
-        if d is None or d.ndim != 2:
-            raise FileNotFoundError(f"{self.depth_paths[i]}: not a depth image")
-        return d
-
-
-def load_rgbd_sequence(name: str = "tum_fr3_cabinet") -> RgbdSequence:
-    """The shipped TUM RGB-D keyframes (``megaloc_ros.io.tum``)."""
+def load_rgbd_sequence(name: str = "tum_fr3_cabinet") -> TumSequence:
+    """The shipped TUM RGB-D keyframes (``megaloc_ros.io.tum``): colour, registered depth,
+    camera-to-world mocap poses, intrinsics."""
     if name != "tum_fr3_cabinet":
         raise ValueError(f"unknown RGB-D sequence {name!r} (known: tum_fr3_cabinet)")
-    from megaloc_ros.io import tum
-    s = tum.tum_fr3_cabinet()
-    return RgbdSequence(s.name, list(s.rgb_paths), list(s.depth_paths), s.stamps_ns, s.poses, s.K,
-                        tum.DEPTH_SCALE)
+    return tum.tum_fr3_cabinet()
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -174,7 +149,7 @@ class Loop:
     r_err_deg: float = float("nan")
 
 
-def metric_loop(seq: RgbdSequence, q: int, m: int, params=None):
+def metric_loop(seq: TumSequence, q: int, m: int, params=None):
     """``metric_pose`` result for frames (q, m) from ORB mutual matches, or None."""
     import cv2
     from megaloc_ros.verification.metric_pose import MetricPoseParams, estimate_metric_pose, mutual_matches
@@ -185,7 +160,7 @@ def metric_loop(seq: RgbdSequence, q: int, m: int, params=None):
     return estimate_metric_pose(mxy, qxy, seq.load_depth(m), seq.K, seq.K, params)
 
 
-def pipeline_loops(seq: RgbdSequence, settings=None, encoder=None, log=print) -> tuple[list[Loop], dict]:
+def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print) -> tuple[list[Loop], dict]:
     """Accepted loops of the pipeline on the sequence, each with a metric transform (see module doc)."""
     from megaloc_ros import pipeline as P
     from megaloc_ros.verification.metric_pose import pose_error
@@ -195,7 +170,7 @@ def pipeline_loops(seq: RgbdSequence, settings=None, encoder=None, log=print) ->
     loops: list[Loop] = []
     counts = {"frames": len(seq), "accepted": 0, "metric_from_verifier": 0, "metric_pose": 0, "no_metric_pose": 0}
     for i in range(len(seq)):
-        depth = seq.load_depth(i).astype(np.float32) / np.float32(seq.depth_scale)
+        depth = seq.depth_m(i)
         res = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), depth_m=depth)
         for v in res.loops:
             if not v.accepted:
@@ -222,7 +197,7 @@ def pipeline_loops(seq: RgbdSequence, settings=None, encoder=None, log=print) ->
 
 
 # ----------------------------------------------------------------------------- pose graph run
-def optimise(seq: RgbdSequence, odom: np.ndarray, loops: list[Loop], params=None) -> np.ndarray:
+def optimise(seq: TumSequence, odom: np.ndarray, loops: list[Loop], params=None) -> np.ndarray:
     """Feed nodes and loops in stamp order (a loop once its query frame has arrived); optimised poses."""
     from megaloc_ros.backend.pose_graph import PoseGraph
     g = PoseGraph(params or graph_params())
@@ -251,7 +226,7 @@ def graph_params(drift: Optional[DriftModel] = None, step_m: float = 0.15, robus
                            odom_min_sigma_r=float(max(yaw, 1e-3)), robust=robust)
 
 
-def wrong_loop(seq: RgbdSequence, loops: list[Loop], query: int = 40, match: int = 15) -> Loop:
+def wrong_loop(seq: TumSequence, loops: list[Loop], query: int = 40, match: int = 15) -> Loop:
     """A deliberately wrong edge: frames ``query`` and ``match`` are far apart, but the edge claims
     the transform (and the confident covariance) of the best true loop."""
     best = min(loops, key=lambda lp: np.trace(lp.covariance[:3, :3])) if loops else None

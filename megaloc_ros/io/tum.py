@@ -50,6 +50,7 @@ class TumSequence:
         return self.load_depth(i).astype(np.float32) / DEPTH_SCALE
 
     image_size: tuple[int, int] = (640, 480)  # (width, height) ``K`` refers to
+    depth_scale: float = DEPTH_SCALE          # raw depth units per metre
 
 
 def _rows(path: Path) -> list[list[str]]:
