@@ -8,7 +8,8 @@ processes. The publisher sends --frames real frames (data/rtabmap, resized to --
 ``sensor_msgs/CompressedImage``; the subscriber decodes each to numpy. Printed per choice:
 delivery ratio (distinct frames received / sent), frames lost and the receive latency (publish
 stamp to callback, same clock) median and p99; then one line saying which choices lose at most
-1 %. Publisher and subscriber use the same QoS (reliability, KEEP_LAST depth).
+1 %. Publisher and subscriber use the same QoS (reliability, KEEP_LAST depth) unless a choice says
+otherwise (``Choice.pub_reliability``).
 
 This module never imports rclpy: the two ends are subprocesses. ``measure()`` is the core (the
 test calls it).
@@ -31,9 +32,10 @@ class Choice:
     key: str             # --only name
     label: str
     transport: str       # raw | compressed
-    reliability: str     # best_effort | reliable
+    reliability: str     # the subscriber's: best_effort | reliable | best_available
     depth: int
     large_data: bool     # FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in both processes
+    pub_reliability: Optional[str] = None  # the publisher's (the camera's), when it differs
 
     @property
     def needs_env(self) -> bool:
@@ -117,6 +119,8 @@ def measure(c: Choice, frames: int = 300, rate: float = 30.0, width: int = 640, 
     common = ["--topic", topic, "--tag", tag, "--transport", c.transport, "--reliability", c.reliability,
               "--depth", str(c.depth), "--frames", str(frames), "--rate", str(rate), "--width", str(width),
               "--height", str(height), "--quality", str(quality)]
+    if c.pub_reliability:
+        common += ["--pub-reliability", c.pub_reliability]
     cmd = [sys.executable, "-m", "megaloc_ros.ros.qos_probe"]
     sub = subprocess.Popen(cmd + ["sub", *common, "--work-s", str(work_s), "--timeout", str(timeout)],
                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -125,8 +129,11 @@ def measure(c: Choice, frames: int = 300, rate: float = 30.0, width: int = 640, 
     try:
         ready = sub.stdout.readline()
         if ready.strip() != "READY":
-            rest = sub.stdout.read() if sub.poll() is not None else ""
-            raise RuntimeError(f"subscriber did not start: {ready}{rest}")
+            try:
+                rest, _ = sub.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                rest = ""
+            raise RuntimeError(f"subscriber did not start: {ready}{rest[-2000:]}")
         pub = subprocess.run(cmd + ["pub", *common, "--images", *(images or frame_paths())], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
         if pub.returncode != 0:

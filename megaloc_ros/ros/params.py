@@ -80,7 +80,7 @@ class LoopClosureNodeSettings(CommonNodeSettings):
                              "arrive whole (bench qos, 640x480 rgb8 at 30 Hz: 300/300), but a best-effort "
                              "publisher is not matched (rclpy warns: incompatible QoS). sensor_data (best "
                              "effort) matches any publisher, but loses most raw frames of that size from another "
-                             "process, unseen (6/300), unless the camera publishes compressed (jpeg: 300/300)",
+                             "process, unseen (0-6 of 300 in four runs), unless the camera publishes compressed",
                              choices=("sensor_data", "reliable"), read_only=True)
     image_qos_depth: int = setting(5, "camera subscription history depth (KEEP_LAST). When the node falls behind, "
                                    "DDS keeps the newest image_qos_depth frames (older ones are overwritten, "

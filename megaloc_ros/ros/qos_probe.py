@@ -27,7 +27,8 @@ import numpy as np
 
 def _qos(reliability: str, depth: int):
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-    rel = ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
+    rel = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT,
+           "best_available": ReliabilityPolicy.BEST_AVAILABLE}[reliability]
     return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=rel,
                       durability=DurabilityPolicy.VOLATILE)
 
@@ -43,21 +44,27 @@ def _frames(paths: list[str], width: int, height: int, count: int) -> list[np.nd
 
 
 def run_pub(a) -> dict:
+    import array
+
     import rclpy
     from sensor_msgs.msg import CompressedImage, Image
-    from megaloc_ros.ros import conversions as conv
+    from megaloc_ros.io.images import encode_jpeg, encode_raw
 
     frames = _frames(a.images, a.width, a.height, a.frames)
     if a.transport == "compressed":
-        msgs = [conv.rgb_to_compressed_msg(f, quality=a.quality) for f in frames]
+        msgs = [CompressedImage(format="jpeg", data=array.array("B", encode_jpeg(f, a.quality))) for f in frames]
         kind = CompressedImage
     else:
-        msgs = [conv.rgb_to_image_msg(f) for f in frames]
+        msgs = []
+        for f in frames:
+            h, w, step, data = encode_raw(f, "rgb8")
+            msgs.append(Image(height=h, width=w, encoding="rgb8", is_bigendian=0, step=step,
+                              data=array.array("B", data)))
         kind = Image
     sizes = [len(m.data) for m in msgs]
     rclpy.init()
     node = rclpy.create_node(f"qos_probe_pub_{a.tag}")
-    pub = node.create_publisher(kind, a.topic, _qos(a.reliability, a.depth))
+    pub = node.create_publisher(kind, a.topic, _qos(a.pub_reliability or a.reliability, a.depth))
     deadline = time.monotonic() + a.match_timeout
     while pub.get_subscription_count() < 1:
         if time.monotonic() > deadline:
@@ -76,7 +83,8 @@ def run_pub(a) -> dict:
             late += 1
         m = msgs[i % len(msgs)]
         m.header.frame_id = str(i)
-        m.header.stamp = conv.ns_to_stamp(time.time_ns())
+        now = time.time_ns()
+        m.header.stamp.sec, m.header.stamp.nanosec = now // 10**9, now % 10**9
         t = time.perf_counter()
         pub.publish(m)
         publish_s.append(time.perf_counter() - t)
@@ -93,7 +101,7 @@ def run_sub(a) -> dict:
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import CompressedImage, Image
-    from megaloc_ros.ros import conversions as conv
+    from megaloc_ros.io.images import decode_compressed, decode_raw
 
     rclpy.init()
     node = rclpy.create_node(f"qos_probe_sub_{a.tag}")
@@ -114,9 +122,12 @@ def run_sub(a) -> dict:
             state["dup"] += 1
             return
         seen.add(seq)
-        latency_ms.append((now - conv.stamp_to_ns(msg.header.stamp)) / 1e6)
+        latency_ms.append((now - (msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec)) / 1e6)
         t = time.perf_counter()
-        rgb = conv.image_msg_to_rgb(msg)
+        if isinstance(msg, CompressedImage):  # what the node does (ros/conversions.image_msg_to_rgb)
+            rgb = decode_compressed(msg.format, msg.data)
+        else:
+            rgb = decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.data, bool(msg.is_bigendian))
         if rgb.shape != (a.height, a.width, 3):
             state["bad"] += 1
         decode_ms.append(1e3 * (time.perf_counter() - t))
@@ -162,7 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--topic", required=True)
     p.add_argument("--tag", default="0", help="node name suffix")
     p.add_argument("--transport", choices=("raw", "compressed"), default="raw")
-    p.add_argument("--reliability", choices=("best_effort", "reliable"), default="best_effort")
+    p.add_argument("--reliability", choices=("best_effort", "reliable", "best_available"), default="best_effort")
+    p.add_argument("--pub-reliability", choices=("best_effort", "reliable"), default=None,
+                   help="the publisher's, when it differs from --reliability")
     p.add_argument("--depth", type=int, default=5)
     p.add_argument("--frames", type=int, default=300)
     p.add_argument("--rate", type=float, default=30.0)
