@@ -174,8 +174,9 @@ def test_publisher_over_dds_renders_only_for_subscribers(verdicts):
 
         got = []
         sub = viewer.create_subscription(Image, pub.topic, got.append, EXPLANATION_QOS)
-        assert _spin_until(ex, pub.wanted, 15.0), "no DDS discovery within 15 s"
-        assert sub.get_publisher_count() == 1
+        # both ends matched (discovery completes on each side on its own)
+        assert _spin_until(ex, lambda: pub.wanted() and sub.get_publisher_count() == 1, 15.0), \
+            "no DDS discovery within 15 s"
         n = pub.publish(accepted + rejected, pipe.verifier)
         assert n == len(accepted) and pub.rendered == len(accepted)  # rejected ones not drawn by default
         assert _spin_until(ex, lambda: len(got) == n, 15.0)
