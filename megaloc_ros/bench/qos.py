@@ -7,7 +7,9 @@ processes. The publisher sends --frames real frames (data/rtabmap, resized to --
 --height, cycled) at --rate Hz, as rgb8 ``sensor_msgs/Image`` or as JPEG (quality 90)
 ``sensor_msgs/CompressedImage``; the subscriber decodes each to numpy. Printed per choice:
 delivery ratio (distinct frames received / sent), frames lost and the receive latency (publish
-stamp to callback, same clock) median and p99; then one line saying which choices lose at most
+stamp to callback, same clock) median and p99, and the loss the subscriber's DDS reader itself
+reports (the ``message_lost`` QoS event, which a node can count: it sees transport losses, not
+samples its own KEEP_LAST history overwrote); then one line saying which choices lose at most
 1 %. Publisher and subscriber use the same QoS (reliability, KEEP_LAST depth) unless a choice says
 otherwise (``Choice.pub_reliability``).
 
@@ -158,6 +160,7 @@ def measure(c: Choice, frames: int = 300, rate: float = 30.0, width: int = 640, 
             "sent": n, "received": received, "ratio": received / n if n else 0.0, "lost": n - received,
             "latency_ms_median": got["latency_ms_median"], "latency_ms_p99": got["latency_ms_p99"],
             "decode_ms_median": got["decode_ms_median"], "duplicates": got["duplicates"],
+            "message_lost_event": got.get("message_lost_event"), "incompatible_qos_event": got.get("incompatible_qos_event"),
             "publish_rate_hz": sent["rate_hz"], "publish_ms_max": sent["publish_ms_max"],
             "bytes": sent["bytes_median"], "work_s": work_s}
 
@@ -176,10 +179,12 @@ def recommendation(results: list[dict], goal: float = LOSS_GOAL) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| choice | delivered | lost | latency ms median / p99 | bytes/frame |", "|---|---|---|---|---|"]
+    rows = ["| choice | delivered | lost | lost as DDS reports it | latency ms median / p99 | bytes/frame |",
+            "|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {r['label']} | {r['received']}/{r['sent']} ({100 * r['ratio']:.1f}%) | {r['lost']} | "
-                    f"{r['latency_ms_median']:.1f} / {r['latency_ms_p99']:.1f} | {r['bytes']} |")
+                    f"{r['message_lost_event']} | {r['latency_ms_median']:.1f} / {r['latency_ms_p99']:.1f} | "
+                    f"{r['bytes']} |")
     return "\n".join(rows)
 
 

@@ -108,7 +108,7 @@ def run_sub(a) -> dict:
     seen: set[int] = set()
     latency_ms: list[float] = []
     decode_ms: list[float] = []
-    state = {"last": time.monotonic(), "dup": 0, "bad": 0}
+    state = {"last": time.monotonic(), "dup": 0, "bad": 0, "lost_event": 0, "incompatible_event": 0}
 
     def on_msg(msg) -> None:
         now = time.time_ns()
@@ -135,7 +135,16 @@ def run_sub(a) -> dict:
             time.sleep(a.work_s)
 
     kind = CompressedImage if a.transport == "compressed" else Image
-    node.create_subscription(kind, a.topic, on_msg, _qos(a.reliability, a.depth))
+    from rclpy.event_handler import SubscriptionEventCallbacks
+
+    def on_lost(info) -> None:  # what DDS itself reports lost (the node could count this)
+        state["lost_event"] = int(info.total_count)
+
+    def on_incompatible(info) -> None:
+        state["incompatible_event"] = int(info.total_count)
+
+    events = SubscriptionEventCallbacks(message_lost=on_lost, incompatible_qos=on_incompatible)
+    node.create_subscription(kind, a.topic, on_msg, _qos(a.reliability, a.depth), event_callbacks=events)
     done = threading.Event()
 
     def read_stdin() -> None:
@@ -163,6 +172,7 @@ def run_sub(a) -> dict:
     rclpy.try_shutdown()
     lat = np.array(latency_ms) if latency_ms else np.array([np.nan])
     return {"received": len(seen), "duplicates": state["dup"], "bad": state["bad"],
+            "message_lost_event": state["lost_event"], "incompatible_qos_event": state["incompatible_event"],
             "latency_ms_median": float(np.median(lat)), "latency_ms_p99": float(np.percentile(lat, 99)),
             "decode_ms_median": float(np.median(decode_ms)) if decode_ms else float("nan")}
 
