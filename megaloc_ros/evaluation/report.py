@@ -220,7 +220,7 @@ def plot_pr(report: dict, path: Path) -> None:
     ax.set_ylabel("precision")
     ax.set_title("Precision-recall over the global-score threshold")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
