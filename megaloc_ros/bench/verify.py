@@ -194,8 +194,9 @@ def print_table(r: dict) -> None:
     if not vk["loops"]:
         print("=> the verifier accepted no loop on this sequence (nothing confirmed, nothing false)")
     else:
-        print(f"=> detector alone: precision {g0['precision']:.3f} at recall {g0['recall']:.3f}; with the "
-              f"verifier deciding on its top-k: precision {vk['precision']:.3f} at recall {vk['recall']:.3f}. "
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (None: nothing published)
+        print(f"=> detector alone: precision {fmt(g0['precision'])} at recall {g0['recall']:.3f}; with the "
+              f"verifier deciding on its top-k: precision {fmt(vk['precision'])} at recall {vk['recall']:.3f}. "
               f"Recall at 100% precision {g0['recall_at_100_precision']:.3f} -> {vk['recall_at_100_precision']:.3f}.")
     a, g = r["add_keyframe_ms"], r["geometry_checked_ms"]
     if g["n"]:

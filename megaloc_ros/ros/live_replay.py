@@ -190,8 +190,10 @@ def replay_live(bag_path: str | Path, topic: str, settings=None, *,
         map_size = len(pm)
         map_bytes = dict(pm.memory_bytes()) if hasattr(pm, "memory_bytes") else {}
         used = {"detector": dataclasses.asdict(lc.mapping.params)}
+        verifier_state = None
         if vn is not None:
             used["verifier"] = dataclasses.asdict(vn.verifier.params)
+            verifier_state = vn.verifier  # the report draws its verdicts (in this process)
         for s in subs:
             h.destroy_subscription(s)
         h.destroy_publisher(pub)
@@ -206,8 +208,10 @@ def replay_live(bag_path: str | Path, topic: str, settings=None, *,
     notes.append("live mode: the sweep scores the raw top-k the node publishes on ~/retrieved; "
                  "image_to_keyframe includes DDS transport and queueing; offline mode times "
                  "decode/encode/search/verify per frame")
-    return _to_replay(str(bag_path), topic, stamps, published_at, rec, timed, conv, map_size, map_bytes,
-                      vn_used=settings.verifier is not None, params=used, notes=notes)
+    replay = _to_replay(str(bag_path), topic, stamps, published_at, rec, timed, conv, map_size, map_bytes,
+                        vn_used=settings.verifier is not None, params=used, notes=notes)
+    replay.verifier_state = verifier_state
+    return replay
 
 
 def _odometry(trajectory, conv, Odometry) -> list:
