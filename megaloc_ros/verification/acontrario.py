@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import lgamma, log
+from typing import Optional
 
 import numpy as np
 
@@ -146,6 +147,8 @@ class PairCheck:
     significance: Significance
     pose: object  # megaloc_ros.types.RelativePose or None (no intrinsics / no model)
     fit_inliers: int  # inliers of the RANSAC fit at its own threshold
+    inlier_mask: Optional[np.ndarray] = None  # bool [M] over the tentative matches: within the
+                                              # distance the a-contrario test settled on
 
     @property
     def inliers(self) -> int:
@@ -208,4 +211,4 @@ def check_pair(query, match_, K_query=None, K_match=None, ratio: float = 0.8, mu
         t = t / max(np.linalg.norm(t), 1e-12)
         pose = RelativePose(rotation=R, translation=t, metric_scale=False,
                             covariance=geometry.pose_covariance(sig.inliers, f, max(sig.threshold_px, 0.5)))
-    return PairCheck(sig, pose, int(mask.sum()))
+    return PairCheck(sig, pose, int(mask.sum()), res <= sig.threshold_px)

@@ -11,9 +11,8 @@ decision rested on, from what the verifier stored for the two keyframes (no imag
     ``decision.segvlad_scores``);
   * geometry: the tentative matches (``features.match``), the a-contrario check the verifier
     runs on them (``acontrario.check_pair``: inlier count, -log10 NFA, the epipolar distance it
-    settled on), and, since that check reports counts only, the inlier pairs themselves: the
-    same USAC fit refitted by the same calls (``inlier_mask``) and the matches within that
-    distance of it, as keypoint pairs in each image's pixel frame.
+    settled on, and its inlier mask), the inlier pairs as keypoint pairs in each image's pixel
+    frame.
 
 It is only called when someone wants a picture, so recomputing is fine; the counts it finds
 are checked against the verdict's (``Explanation.inliers`` against ``VerifiedLoop.inliers``)
@@ -160,45 +159,11 @@ def explain_details(verifier, candidate: Candidate) -> Explanation:
     ex.verdict_inliers = int(chk.inliers)
     ex.significance = float(chk.significance.score)
     ex.threshold_px = float(chk.significance.threshold_px)
-    inl = inlier_mask(q.local, m.local, pairs, kq, km, p.ransac_threshold_px, ex.threshold_px)
-    sel = pairs[inl]
+    sel = pairs[chk.inlier_mask] if chk.inlier_mask is not None else pairs[:0]
     if len(sel):
         ex.inlier_pairs = np.stack([q.local.keypoints[sel[:, 0]], m.local.keypoints[sel[:, 1]]],
                                    axis=1).astype(np.float32)
     return ex
-
-
-def inlier_mask(query, match, pairs: np.ndarray, K_query, K_match, threshold_px: float,
-                inlier_px: float, confidence: float = 0.999, max_iters: int = 2000) -> np.ndarray:
-    """bool [M]: the tentative ``pairs`` within ``inlier_px`` (pixels, the distance the
-    a-contrario test settled on) of the epipolar geometry that ``acontrario.check_pair`` fits,
-    refitted by the same calls (USAC essential matrix with intrinsics, else fundamental matrix, at
-    ``threshold_px`` scaled to the image size as it scales it); check_pair reports only counts."""
-    none = np.zeros(len(pairs), bool)
-    essential = K_query is not None and K_match is not None
-    s = 5 if essential else 7
-    if len(pairs) < max(8, s + 2) or inlier_px <= 0:
-        return none
-    pq = query.keypoints[pairs[:, 0]].astype(np.float64)
-    pm = match.keypoints[pairs[:, 1]].astype(np.float64)
-    scale = float(np.clip(max(*query.image_size, *match.image_size) / acontrario.REFERENCE_SIDE, 0.25, 1.0))
-    threshold_px *= scale
-    if essential:
-        Kq, Km = np.asarray(K_query, np.float64), np.asarray(K_match, np.float64)
-        nq = cv2.undistortPoints(pq.reshape(-1, 1, 2), Kq, None).reshape(-1, 2)
-        nm = cv2.undistortPoints(pm.reshape(-1, 1, 2), Km, None).reshape(-1, 2)
-        f = 0.5 * (Kq[0, 0] + Km[0, 0])
-        E, mask = geometry._robust(lambda a, b, *r: cv2.findEssentialMat(a, b, np.eye(3), *r), nq, nm,
-                                   threshold_px / f, confidence, max_iters, fallback=cv2.RANSAC)
-        if E is None or mask is None or E.shape != (3, 3):
-            return none
-        F = np.linalg.inv(Km).T @ E @ np.linalg.inv(Kq)
-    else:
-        F, mask = geometry._robust(cv2.findFundamentalMat, pq, pm, threshold_px, confidence, max_iters,
-                                   fallback=cv2.FM_RANSAC, ransac_first=True)
-        if F is None or mask is None or F.shape != (3, 3):
-            return none
-    return acontrario.epipolar_distances(F, pq, pm) <= inlier_px
 
 
 # ----------------------------------------------------------------------------- masks
