@@ -101,7 +101,7 @@ def test_load_encoder_prefers_an_exported_megaloc(tmp_path, monkeypatch, caplog)
         load_encoder()
     monkeypatch.delenv("MEGALOC_MODEL")
     (models / "megaloc.onnx").unlink()  # nothing exported and no offline backbone in this cache
-    with pytest.raises(WeightsError, match="setup_env.sh"):
+    with pytest.raises(WeightsError, match="ros2 run megaloc_ros megaloc-ros export"):
         load_encoder()
 
     lonely = tmp_path / "lonely.onnx"

@@ -134,14 +134,18 @@ def test_keyframe_roundtrip_over_dds_with_real_image(ros, rtabmap_seq):
     desc /= np.linalg.norm(desc)
     feats = ImageFeatures(descriptor=desc, patch_features=rng.normal(size=(16, 12, 8)).astype(np.float32))
     kf = Keyframe(id=42, stamp_ns=1_700_000_000_123_456_789, session=2, frame_id="cam", pose=pose)
-    sent = conv.keyframe_to_msg(kf, rgb, feats, image_max_side=256, map_id="0f3c9a")
-    _assert_every_field_set(sent, allowed={"image.is_bigendian"})  # rgb8 has no byte order
+    depth = np.full(rgb.shape[:2], 2.5, np.float32)
+    depth[:10] = np.nan  # no measurement there
+    sent = conv.keyframe_to_msg(kf, rgb, feats, image_max_side=256, map_id="0f3c9a", depth_m=depth)
+    _assert_every_field_set(sent, allowed={"image.is_bigendian", "depth.is_bigendian"})  # little-endian data
     got = _roundtrip(ros, KeyframeMsg, "/test/keyframe", sent)
     assert got == sent
     kf2, rgb2, feats2 = conv.msg_to_keyframe(got)
     assert (kf2.id, kf2.stamp_ns, kf2.session, kf2.frame_id) == (42, kf.stamp_ns, 2, "cam")
     np.testing.assert_allclose(kf2.pose, pose, atol=1e-12)
     assert rgb2.shape == (192, 256, 3)  # 512x384 downscaled to a 256 longest side
+    d2 = conv.msg_depth(got)  # downscaled with the image, nearest-neighbour
+    assert d2.shape == (192, 256) and np.isnan(d2[:4]).all() and np.all(d2[10:] == 2.5)
     np.testing.assert_array_equal(feats2.descriptor, desc)
     np.testing.assert_array_equal(feats2.patch_features, feats.patch_features)
 
