@@ -14,7 +14,14 @@ Publishes    ~/candidates  megaloc_ros/LoopClosureArray, the detector's decision
              ~/keyframes   megaloc_ros/Keyframe, every accepted keyframe with its (downscaled)
                            image and features, for verifier_node (reliable, keep-all)
              ~/markers     visualization_msgs/MarkerArray: keyframes and candidate edges (with poses)
+             <fleet_topic> megaloc_ros/FleetKeyframe (with fleet_topic set): every accepted keyframe's
+                           compact descriptor for the other robots (reliable, transient-local,
+                           fleet_backlog deep: a robot that starts late gets the backlog)
+             ~/peer_keyframes megaloc_ros/FleetKeyframe: each peer keyframe put in this map, with the
+                           local id it got, for verifier_node (reliable, keep-all)
              /diagnostics  frames, keyframes, map size, queue, drops, errors, latencies
+Subscribes   <fleet_topic> (with fleet_topic set): the other robots' keyframes, inserted into this
+             map as their robot's session (megaloc_ros/fleet.py: ids, sessions, bytes)
 Services     ~/save_map, ~/load_map (megaloc_ros/SaveMap, LoadMap; empty path: map_path)
              ~/query_image (megaloc_ros/QueryImage): retrieval without inserting; the results'
              query_id is 2^64-1 (not a keyframe)
@@ -25,6 +32,7 @@ A frame the detector accepted as keyframe is in the map and on ~/keyframes, what
 """
 from __future__ import annotations
 
+import array
 import os
 import threading
 import time
@@ -41,11 +49,14 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image
 from visualization_msgs.msg import Marker, MarkerArray
 
+from megaloc_ros.msg import FleetKeyframe
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
 from megaloc_ros.srv import LoadMap, QueryImage, SaveMap
 
+from megaloc_ros import fleet
 from megaloc_ros.errors import MegalocError
+from megaloc_ros.types import Candidate, Keyframe
 from megaloc_ros.pipeline import PipelineSettings, build_encoding, build_mapping
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
@@ -67,7 +78,7 @@ class LoopClosureNode(ManagedNode):
     """See the module docstring. ``encoder``: an already loaded encoder to use instead of
     loading ``encoder.model_path`` (tests and in-process callers share one)."""
 
-    DIAG_ERRORS = ("decode_errors", "processing_errors", "odom_errors", "depth_errors")
+    DIAG_ERRORS = ("decode_errors", "processing_errors", "odom_errors", "depth_errors", "fleet_errors")
     DIAG_ERROR_TEXT = "bad frames"
     DIAG_WARNING = ("frames_dropped", "frames dropped")
 
@@ -93,6 +104,13 @@ class LoopClosureNode(ManagedNode):
         self._positions: dict[int, np.ndarray] = {}
         self._edges: list[tuple[int, int]] = []
         self._markers_dirty = False
+        self.robot = ""                     # fleet name, with fleet_topic set
+        self.peers = fleet.PeerTable()      # the peers' keyframes in this map
+        self._pub_fleet = self._pub_peers = None
+        self._fleet_lock = threading.Lock()
+        self._peer_order: dict[int, list[int]] = {}   # session -> local ids in arrival order
+        self._peer_last: dict[int, float] = {}        # session -> time.monotonic() of its last keyframe
+        self._deferred: list[dict] = []               # queries waiting for a peer's map to settle
         self._autostart()
 
     # ----------------------------------------------------------------- lifecycle
@@ -102,6 +120,11 @@ class LoopClosureNode(ManagedNode):
             self.get_logger().info("detector parameters updated")
 
     def _configure(self) -> None:
+        if self._param("fleet_topic"):
+            if not self._param("fleet_topic").startswith("/"):
+                raise MegalocError(f"fleet_topic must be absolute (shared by every robot), got "
+                                   f"{self._param('fleet_topic')!r}")
+            self.robot = fleet.robot_name(self.get_namespace(), self._param("fleet_robot"))
         settings = PipelineSettings.from_flat(self._values, verify=False)
         self.encoding = build_encoding(settings.encoder, self._given_encoder)
         enc = self.encoding.encoder
@@ -115,6 +138,13 @@ class LoopClosureNode(ManagedNode):
         self._pub_keyframes = self.create_lifecycle_publisher(KeyframeMsg, "~/keyframes", RELIABLE_KEEP_ALL)
         self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", LATCHED)
         self._own_pubs = [self._pub_candidates, self._pub_retrieved, self._pub_keyframes, self._pub_markers]
+        if self.robot:
+            self._pub_fleet = self.create_publisher(FleetKeyframe, self._param("fleet_topic"), self._fleet_qos())
+            self._pub_peers = self.create_lifecycle_publisher(FleetKeyframe, "~/peer_keyframes", RELIABLE_KEEP_ALL)
+            self._own_pubs += [self._pub_fleet, self._pub_peers]
+            name = self._param("verifier_node") or "verifier_node"
+            ns = self.get_namespace().rstrip("/")
+            self._data_service = name if name.startswith("/") else f"{ns}/{name}/keyframe_data"
         self._stop = False
         self._worker = threading.Thread(target=self._work, name=f"{self.get_name()}_worker", daemon=True)
         self._worker.start()
@@ -126,9 +156,16 @@ class LoopClosureNode(ManagedNode):
         """Session of new keyframes and the markers, for the map now in ``mapping``."""
         keyframes = list(self.mapping.place_map.keyframes())
         s = int(self._param("session"))
+        if s < 0 and self.robot:
+            s = fleet.robot_session(self.robot)
         if s < 0:
             s = max((kf.session for kf in keyframes), default=-1) + 1
         self.session = s
+        self.peers = fleet.PeerTable.from_extra(self.mapping.place_map.extras.get(fleet.PeerTable.EXTRA))
+        with self._fleet_lock:
+            self._peer_order, self._peer_last, self._deferred = {}, {}, []
+            for lid, p in self.peers.items():
+                self._peer_order.setdefault(p.session, []).append(lid)
         self._positions = {kf.id: kf.pose[:3, 3].copy() for kf in keyframes if kf.pose is not None}
         self._edges = []
         self._markers_dirty = True
@@ -151,6 +188,10 @@ class LoopClosureNode(ManagedNode):
             self._own_subs.append(self.create_subscription(
                 Image, self._param("depth_topic"), lambda m: self._depth.append((conv.stamp_to_ns(m.header.stamp), m)),
                 qos_d, callback_group=MutuallyExclusiveCallbackGroup()))
+        if self.robot:
+            self._own_subs.append(self.create_subscription(
+                FleetKeyframe, self._param("fleet_topic"), self._on_fleet_keyframe, self._fleet_qos(),
+                callback_group=MutuallyExclusiveCallbackGroup()))
         if self._param("odom_topic"):
             self._own_subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
                                                        callback_group=MutuallyExclusiveCallbackGroup()))
@@ -232,6 +273,124 @@ class LoopClosureNode(ManagedNode):
         best = min(list(self._odom), key=lambda o: abs(o[0] - stamp_ns))
         return best[1] if abs(best[0] - stamp_ns) <= self._param("odom_max_dt") * 1e9 else None
 
+    # ----------------------------------------------------------------- fleet
+    def _fleet_qos(self) -> QoSProfile:
+        return QoSProfile(depth=self._param("fleet_backlog"), history=HistoryPolicy.KEEP_LAST,
+                          reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+    def _share(self, kf: Keyframe, descriptor, map_id: str) -> None:
+        """Publish an accepted keyframe's compact descriptor on the fleet topic (bytes counted)."""
+        from rclpy.serialization import serialize_message
+        data, scale = fleet.encode_descriptor(descriptor, self._param("fleet_descriptor"))
+        m = FleetKeyframe(header=conv.make_header(kf.stamp_ns, kf.frame_id), robot=self.robot, session=kf.session,
+                          id=int(kf.id), map_id=map_id, data_service=self._data_service,
+                          encoding=self._param("fleet_descriptor"), scale=float(scale), dim=len(descriptor))
+        m.data = array.array("B", data)
+        self._pub_fleet.publish(m)
+        self.stats.inc("fleet_keyframes_sent")
+        self.stats.set("fleet_descriptor_bytes", len(data))
+        self.stats.inc("fleet_bytes_sent", len(serialize_message(m)))
+        self.stats.set("fleet_bytes_per_keyframe", self.stats.count("fleet_bytes_sent")
+                       / self.stats.count("fleet_keyframes_sent"))
+
+    def _on_fleet_keyframe(self, msg: FleetKeyframe) -> None:
+        """A peer's keyframe: into this map as its robot's session, with a local id (once)."""
+        if msg.robot == self.robot:
+            return  # our own, back from the shared topic
+        self.stats.inc("fleet_keyframes_received")
+        self.stats.inc("fleet_bytes_received", len(msg.data) + len(msg.robot) + len(msg.map_id)
+                       + len(msg.data_service) + 64)
+        try:
+            d = fleet.decode_descriptor(msg.data, msg.encoding, msg.scale, msg.dim)
+            if self.mapping is None:
+                return
+            with self.mapping.lock:
+                if self.peers.local_id(msg.robot, msg.map_id, msg.id) is not None:
+                    self.stats.inc("fleet_duplicates")  # e.g. the backlog again after a reconnection
+                    return
+                det = self.mapping.detector
+                local = det.next_id
+                kf = Keyframe(local, conv.stamp_to_ns(msg.header.stamp), int(msg.session), msg.header.frame_id)
+                self.mapping.place_map.add(kf, d)
+                det.next_id += 1
+                self.peers.add(local, fleet.PeerKeyframe(msg.robot, msg.map_id, int(msg.id), int(msg.session),
+                                                         msg.data_service))
+                self._dirty = True
+        except Exception as exc:
+            self.stats.error("fleet_errors", str(exc))
+            self._log_error(f"fleet keyframe {msg.robot}/{msg.id} ignored: {exc}")
+            return
+        self.stats.inc("fleet_keyframes_inserted")
+        with self._fleet_lock:
+            self._peer_order.setdefault(int(msg.session), []).append(int(local))
+            self._peer_last[int(msg.session)] = time.monotonic()
+        self._requery_settled()
+        out = FleetKeyframe(header=msg.header, robot=msg.robot, session=msg.session, id=msg.id, map_id=msg.map_id,
+                            data_service=msg.data_service, local_id=int(local), encoding=msg.encoding,
+                            scale=msg.scale, dim=msg.dim)
+        self._pub_peers.publish(out)
+
+    def _defer_frontier(self, kf: Keyframe, descriptor, retrieved: list, map_id: str) -> list:
+        """Leave out retrieved peer keyframes at that robot's frontier (among its newest
+        ``fleet_settle_keyframes`` while it still sends): the peer may be on its way to this
+        place, and verifying now accepts near misses; the query is asked again of that robot's
+        keyframes once its map there settled (``_requery_settled``)."""
+        n, now = self._param("fleet_settle_keyframes"), time.monotonic()
+        if n <= 0:
+            return retrieved
+        defer = set()
+        with self._fleet_lock:
+            for c in retrieved:
+                s = c.match.session
+                order = self._peer_order.get(s)
+                active = now - self._peer_last.get(s, -1e9) <= self._param("fleet_settle_s")
+                if s != self.session and order and active and c.match.id in order[-n:]:
+                    defer.add(s)
+            # all of that robot's candidates wait: verified together later, the best one wins
+            keep = [c for c in retrieved if c.match.session not in defer]
+            for s in defer:
+                self._deferred.append({"kf": kf, "d": np.asarray(descriptor, np.float32).copy(), "session": s,
+                                       "count": len(self._peer_order[s]), "map_id": map_id})
+        if defer:
+            self.stats.inc("fleet_deferred_queries", len(defer))
+            keep = [type(c)(c.query, c.match, c.score, r) for r, c in enumerate(keep)]
+        return keep
+
+    def _requery_settled(self) -> None:
+        """Ask the deferred queries again of their peer's keyframes where its map settled."""
+        n, now, ready = self._param("fleet_settle_keyframes"), time.monotonic(), []
+        with self._fleet_lock:
+            keep = []
+            for q in self._deferred:
+                s = q["session"]
+                if (len(self._peer_order.get(s, ())) >= q["count"] + n
+                        or now - self._peer_last.get(s, -1e9) > self._param("fleet_settle_s")):
+                    ready.append(q)
+                else:
+                    keep.append(q)
+            self._deferred = keep
+        for q in ready:
+            try:
+                with self.mapping.lock:
+                    if self.mapping.place_map.map_id != q["map_id"]:
+                        continue  # another map was loaded meanwhile
+                    hits = self.mapping.place_map.search(q["d"], self.mapping.params.top_k,
+                                                         only_sessions=[q["session"]])
+                cands = [Candidate(q["kf"], m, sc, r) for r, (m, sc) in enumerate(hits)]
+                self.stats.inc("fleet_requeries")
+                if cands:
+                    self._pub_retrieved.publish(conv.loops_to_array(cands, q["kf"].stamp_ns, q["kf"].frame_id,
+                                                                    q["map_id"]))
+                    self.stats.inc("retrieved", len(cands))
+            except Exception as exc:
+                self.stats.error("fleet_errors", str(exc))
+                self._log_error(f"asking keyframe {q['kf'].id} again failed: {exc}")
+
+    def fleet_pending(self) -> int:
+        """Queries still waiting for a peer's map to settle."""
+        with self._fleet_lock:
+            return len(self._deferred)
+
     # ----------------------------------------------------------------- worker
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until the queue is empty and the worker is not processing; False on timeout."""
@@ -285,6 +444,9 @@ class LoopClosureNode(ManagedNode):
         depth = self._depth_at(f.stamp_ns) if self._param("depth_topic") else None
         self._pub_keyframes.publish(conv.keyframe_to_msg(kf, f.rgb, feats, self._param("keyframe_image_max_side"),
                                                          map_id, depth))
+        if self._pub_fleet is not None:
+            self._share(kf, feats.descriptor, map_id)
+            det.retrieved = self._defer_frontier(kf, feats.descriptor, det.retrieved, map_id)
         if det.retrieved:
             self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id, map_id))
             self.stats.inc("retrieved", len(det.retrieved))
@@ -299,6 +461,9 @@ class LoopClosureNode(ManagedNode):
 
     # ----------------------------------------------------------------- output
     def _tick(self) -> None:
+        if self._deferred:
+            self._requery_settled()
+        self.stats.set("fleet_deferred", len(self._deferred))
         with self._cv:
             qlen = len(self._queue)
         self.stats.set("queue_length", qlen)
@@ -341,7 +506,13 @@ class LoopClosureNode(ManagedNode):
         path = self._map_path(path)
         if self.mapping is None:
             raise MegalocError("the node is not configured: no map to save")
-        return self._write_state(path, self.mapping.lock, self.mapping.save)
+        return self._write_state(path, self.mapping.lock, self._save_with_peers)
+
+    def _save_with_peers(self, path: str) -> None:
+        """The map, with the (robot, remote id) of its peers' keyframes in its extras."""
+        if len(self.peers):
+            self.mapping.place_map.extras[fleet.PeerTable.EXTRA] = self.peers.to_extra()
+        self.mapping.save(path)
 
     def load_map(self, path: str = "") -> str:
         """Replace the map by the one at ``path`` (default ``map_path``); new keyframes continue

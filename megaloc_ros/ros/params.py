@@ -99,7 +99,8 @@ class LoopClosureNodeSettings(CommonNodeSettings):
     odom_max_dt: float = setting(0.1, "largest stamp difference (s) between an image and the odometry used "
                                  "for it", range=(0.0, 10.0))
     session: int = setting(-1, "session id of new keyframes; -1: one more than the highest session of the "
-                           "loaded map (0 for a new map)", range=(-1, None), read_only=True)
+                           "loaded map (0 for a new map); with fleet_topic: the robot's fleet session "
+                           "(CRC-32 of fleet_robot, 31 bits), the same on every robot", range=(-1, None), read_only=True)
     queue_size: int = setting(4, "frames waiting for the encoder; under load the oldest is dropped and counted",
                               range=(1, 1000), read_only=True)
     keyframe_image_max_side: int = setting(640, "longest side of the rgb8 image sent to the verifier on "
@@ -113,6 +114,23 @@ class LoopClosureNodeSettings(CommonNodeSettings):
                                  "save and load with the map, at the same path (one call does both); "
                                  "empty: the map only", read_only=True)
     map_frame: str = setting("map", "frame of the RViz markers when no odometry frame is known")
+    fleet_topic: str = setting("", "inter-robot loops: absolute topic shared by the fleet (e.g. "
+                               "/megaloc_fleet/keyframes) on which every accepted keyframe's compact descriptor "
+                               "is shared and the peers' are received into this map; empty: off (one robot)",
+                               read_only=True)
+    fleet_robot: str = setting("", "this robot's name on the fleet topic; empty: the node's namespace (without "
+                               "the leading /)", read_only=True)
+    fleet_descriptor: str = setting("int8", "descriptor coding on the fleet topic: int8 (1 byte per dimension "
+                                    "and a scale) or float16 (2 bytes)", choices=("int8", "float16"),
+                                    read_only=True)
+    fleet_backlog: int = setting(10000, "keyframes the fleet topic keeps for robots that start late "
+                                 "(transient-local history depth)", range=(1, 1000000), read_only=True)
+    fleet_settle_keyframes: int = setting(5, "a retrieved peer keyframe among that robot's newest this many "
+                                          "(while it still sends) is not verified at once: the query is asked "
+                                          "again of that robot's keyframes once it sent this many more (its map "
+                                          "of the place is then complete, not a near miss on its way there)",
+                                          range=(0, 1000))
+    fleet_settle_s: float = setting(5.0, "... or once it sent nothing for this long (s)", range=(0.0, 3600.0))
 
 
 @dataclass
@@ -130,6 +148,12 @@ class VerifierNodeSettings(CommonNodeSettings):
                                          read_only=True)
     camera_info_topic: str = setting("", "sensor_msgs/CameraInfo giving the intrinsics when camera_matrix is "
                                      "not set (the first valid message is used); empty: none", read_only=True)
+    peer_keyframes_topic: str = setting("loop_closure_node/peer_keyframes", "megaloc_ros/FleetKeyframe input: "
+                                        "the peers' keyframes loop_closure_node put in the map (their verification "
+                                        "data is asked for from the owner's ~/keyframe_data when they become "
+                                        "candidates)", read_only=True)
+    fleet_request_timeout: float = setting(5.0, "seconds to wait for a peer's ~/keyframe_data answer; then the "
+                                           "candidate is rejected and the timeout counted", range=(0.1, 600.0))
 
 
 def node_sections(node: str) -> dict[str, type]:

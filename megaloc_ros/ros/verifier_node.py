@@ -4,6 +4,8 @@ A lifecycle node that configures and activates itself when ``autostart`` is true
 
 Subscribes   <keyframes_topic>  megaloc_ros/Keyframe (reliable, keep-all: none may be lost)
              <candidates_topic> megaloc_ros/LoopClosureArray
+             <peer_keyframes_topic> megaloc_ros/FleetKeyframe: other robots' keyframes that
+                                loop_closure_node put in the map (local id, owner, owner's service)
 Publishes    ~/loop_closures    LoopClosureArray: accepted loops only, verified=true, with the
                                 transform when the camera intrinsics are known
              ~/rejected         LoopClosureArray: rejected candidates (debugging)
@@ -13,6 +15,13 @@ Publishes    ~/loop_closures    LoopClosureArray: accepted loops only, verified=
              /diagnostics
 Services     ~/save_map, ~/load_map: the verifier state, kept at ``<path>.verifier`` next to the
              loop_closure_node's map file of the same path
+             ~/keyframe_data (megaloc_ros/KeyframeData): one of this robot's stored keyframes'
+             verification data, for the other robots' verifiers (megaloc_ros/fleet.py)
+
+Inter-robot candidates (their match is a peer keyframe) are verified here: the match's data is
+asked for once from its owner's ~/keyframe_data when it first becomes a candidate, then kept
+(and saved) like our own keyframes. The candidates wait for the answer; an owner that does not
+answer within ``fleet_request_timeout`` costs a rejection and a count, never a stall.
 
 Each keyframe is reduced by ``megaloc_ros.verification.verifier.Verifier`` to what verification needs (no
 image is kept). A candidate array whose query keyframe has not arrived yet waits up to
@@ -20,21 +29,26 @@ image is kept). A candidate array whose query keyframe has not arrived yet waits
 """
 from __future__ import annotations
 
+import array
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo
 
+from megaloc_ros.msg import FleetKeyframe
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
+from megaloc_ros.srv import KeyframeData
+
+from megaloc_ros import fleet
 
 from megaloc_ros.errors import MegalocError
-from megaloc_ros.types import VerifiedLoop
+from megaloc_ros.types import Keyframe, VerifiedLoop
 from megaloc_ros.pipeline import build_verification, live_verifier_params
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
@@ -43,6 +57,7 @@ from megaloc_ros.ros.explanations import ExplanationPublisher
 from megaloc_ros.ros.managed_node import spin_single
 
 SUFFIX = ".verifier"
+NOT_STORED = "not stored (yet)"
 
 
 class MapMismatch(MegalocError):
@@ -57,7 +72,8 @@ class VerifierNode(ManagedNode):
     """See the module docstring."""
 
     STATE_NAME = "verifier state"
-    DIAG_ERRORS = ("keyframe_errors", "verify_errors", "map_mismatch")
+    DIAG_ERRORS = ("keyframe_errors", "verify_errors", "map_mismatch", "fleet_requests_failed",
+                   "fleet_requests_timed_out")
     DIAG_WARNING = ("candidates_expired", "candidates expired")
 
     def __init__(self, node_name: str = P.VERIFIER_NODE, **kwargs):
@@ -69,6 +85,10 @@ class VerifierNode(ManagedNode):
         self._lock = threading.RLock()   # the Verifier and the pending candidates
         self._keyframes: dict[int, object] = {}   # id -> Keyframe (with pose) received this run
         self._pending: list[tuple[float, LoopClosureArray]] = []
+        self._peers: dict[int, FleetKeyframe] = {}   # local id -> the peer keyframe it names
+        self._fetches: dict[int, dict] = {}          # local id -> request state (see _fetch)
+        self._data_clients: dict[str, object] = {}
+        self._client_group = ReentrantCallbackGroup()
         self._autostart()
 
     # ----------------------------------------------------------------- lifecycle
@@ -106,6 +126,9 @@ class VerifierNode(ManagedNode):
         self.explanations = ExplanationPublisher(self)  # renders only while someone subscribes
         self._own_pubs = [self._pub_loops, self._pub_rejected, self.explanations.publisher]
 
+    def _extra_services(self) -> list:
+        return [(KeyframeData, "~/keyframe_data", self._srv_keyframe_data)]
+
     def _activate(self) -> None:
         # One callback group: the Verifier sees keyframes and candidates in arrival order.
         group = MutuallyExclusiveCallbackGroup()
@@ -114,7 +137,13 @@ class VerifierNode(ManagedNode):
                                      RELIABLE_KEEP_ALL, callback_group=group),
             self.create_subscription(LoopClosureArray, self._param("candidates_topic"), self._on_candidates,
                                      RELIABLE, callback_group=group),
+            self.create_subscription(FleetKeyframe, self._param("peer_keyframes_topic"), self._on_peer_keyframe,
+                                     RELIABLE_KEEP_ALL, callback_group=group),
         ]
+        if not any(getattr(t, "_megaloc_fleet", False) for t in self._own_timers):
+            timer = self.create_timer(0.05, self._fleet_tick, callback_group=MutuallyExclusiveCallbackGroup())
+            timer._megaloc_fleet = True  # requests for peer keyframes: sent, timed out
+            self._own_timers.append(timer)
         if self._param("camera_info_topic") and self._camera()[0] is None and self.verifier.camera_matrix is None:
             self._own_subs.append(self.create_subscription(
                 CameraInfo, self._param("camera_info_topic"), self._on_camera_info, qos_profile_sensor_data,
@@ -197,13 +226,14 @@ class VerifierNode(ManagedNode):
             conv.stamp_to_ns(msg.header.stamp), msg.header.frame_id, msg.map_id))
 
     def _flush_pending(self) -> None:
-        """Verify the pending candidate arrays whose query keyframe has arrived; expire old ones."""
+        """Verify the pending candidate arrays whose query keyframe has arrived (and whose peer
+        matches' data has arrived or failed); expire old ones."""
         now = time.monotonic()
         wait = self._param("candidate_wait")
         with self._lock:
             ready, keep = [], []
             for t, m in self._pending:
-                if m.loops[0].query_id in self._keyframes:
+                if m.loops[0].query_id in self._keyframes and self._peer_data_ready(m, t):
                     ready.append(m)
                 elif now - t > wait:
                     self.stats.inc("candidates_expired", len(m.loops))
@@ -236,6 +266,12 @@ class VerifierNode(ManagedNode):
         for r in results:
             self.get_logger().debug(f"{r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
         self.stats.inc("loops_accepted", len(accepted))
+        inter = sum(1 for r in accepted if r.candidate.match.id in self._peers)
+        if inter:
+            self.stats.inc("fleet_loops_accepted", inter)
+        if self.stats.count("fleet_loops_accepted"):
+            self.stats.set("fleet_bytes_per_loop", self.stats.count("fleet_bytes_fetched")
+                           / self.stats.count("fleet_loops_accepted"))
         self.stats.inc("loops_rejected", len(rejected))
         self.stats.inc("candidates_verified", len(results))
         stamp = conv.stamp_to_ns(msg.header.stamp)
@@ -254,6 +290,137 @@ class VerifierNode(ManagedNode):
             except Exception as exc:  # a picture is never worth a verdict
                 self.stats.error("explanation_errors", str(exc))
                 self.get_logger().error(f"explanation picture failed: {exc}", throttle_duration_sec=10.0)
+
+    # ----------------------------------------------------------------- fleet
+    def _on_peer_keyframe(self, msg: FleetKeyframe) -> None:
+        """A peer keyframe loop_closure_node put in the map under ``local_id``."""
+        with self._lock:
+            self._peers[int(msg.local_id)] = msg
+            self._keyframes.setdefault(int(msg.local_id), Keyframe(
+                int(msg.local_id), conv.stamp_to_ns(msg.header.stamp), int(msg.session), msg.header.frame_id))
+        self.stats.inc("fleet_peer_keyframes")
+        self._flush_pending()
+
+    def _peer_data_ready(self, m: LoopClosureArray, t_arrived: float) -> bool:
+        """Under the lock: True when every peer match of ``m`` is stored or its request ended;
+        starts the requests still needed. A match id the verifier has never heard of waits (up to
+        candidate_wait) for its peer_keyframes message when peers are in use."""
+        ready = True
+        for lc in m.loops:
+            mid = int(lc.match_id)
+            if mid in self.verifier:
+                continue
+            if mid not in self._peers:
+                if self._peers and time.monotonic() - t_arrived <= self._param("candidate_wait"):
+                    ready = False
+                continue
+            f = self._fetches.get(mid)
+            if f is None:
+                self._fetches[mid] = {"t": time.monotonic(), "future": None, "done": False}
+                ready = False
+            elif not f["done"]:
+                ready = False
+        return ready
+
+    def _client(self, service: str):
+        c = self._data_clients.get(service)
+        if c is None:
+            c = self._data_clients[service] = self.create_client(KeyframeData, service,
+                                                                 callback_group=self._client_group)
+        return c
+
+    def _fleet_tick(self) -> None:
+        """Send the requests whose owner's service is up; time out the ones unanswered."""
+        if not self._fetches:
+            return
+        now, timeout, changed = time.monotonic(), self._param("fleet_request_timeout"), False
+        with self._lock:
+            todo = [(mid, f) for mid, f in self._fetches.items() if not f["done"]]
+        for mid, f in todo:
+            p = self._peers[mid]
+            if now - f["t"] > timeout:
+                with self._lock:
+                    if f["future"] is not None:
+                        self._client(p.data_service).remove_pending_request(f["future"])
+                    f["done"], f["t_done"] = True, now
+                self.stats.inc("fleet_requests_timed_out")
+                self.get_logger().warning(f"{p.data_service} did not give keyframe {p.robot}/{p.id} within "
+                                          f"{timeout:g} s: its candidates are rejected", throttle_duration_sec=5.0)
+                changed = True
+            elif f["future"] is not None and now - f["sent"] > min(1.0, timeout / 3):
+                # unanswered: a request sent while the owner's service was still matching our
+                # client loses its reply (DDS discovery): send it again, within the timeout
+                with self._lock:
+                    self._client(p.data_service).remove_pending_request(f["future"])
+                    f["future"] = None
+                self.stats.inc("fleet_requests_resent")
+            if not f["done"] and f["future"] is None and now >= f.get("retry_at", 0.0):
+                client = self._client(p.data_service)
+                if client.service_is_ready():
+                    future = client.call_async(KeyframeData.Request(id=int(p.id), map_id=p.map_id))
+                    f["future"], f["sent"] = future, now
+                    self.stats.inc("fleet_requests")
+                    future.add_done_callback(lambda fut, mid=mid: self._on_peer_data(mid, fut))
+        # a done request retried later is forgotten after a while (an owner back online answers)
+        with self._lock:
+            for mid in [m for m, f in self._fetches.items() if f["done"] and now - f.get("t_done", now) > 60.0
+                        and m not in self.verifier]:
+                del self._fetches[mid]
+        if changed:
+            self._flush_pending()
+
+    def _on_peer_data(self, mid: int, future) -> None:
+        p = self._peers.get(mid)
+        with self._lock:
+            f = self._fetches.get(mid)
+            if f is None or f["future"] is not future or f["done"]:
+                return  # an answer to a request given up or sent again
+        try:
+            res = future.result()
+            if res is not None and not res.success and res.message.startswith(NOT_STORED):
+                # the owner shares a keyframe before its own verifier has stored it: ask again soon
+                # (within fleet_request_timeout)
+                with self._lock:
+                    f = self._fetches.get(mid)
+                    if f is not None:
+                        f["future"], f["retry_at"] = None, time.monotonic() + 0.2
+                self.stats.inc("fleet_requests_retried")
+                return
+            if res is None or not res.success:
+                raise MegalocError(res.message if res is not None else "no answer")
+            with self._lock:
+                note = fleet.import_entry(self.verifier, mid, bytes(res.data))
+                self._dirty = True
+            self.stats.inc("fleet_bytes_fetched", len(res.data))
+            self.stats.inc("fleet_keyframes_fetched")
+            self.get_logger().debug(f"keyframe {p.robot}/{p.id} from {p.data_service} as {mid}: {note}")
+        except Exception as exc:
+            self.stats.error("fleet_requests_failed", str(exc))
+            self.get_logger().error(f"keyframe data of {p.robot}/{p.id} not usable: {exc}", throttle_duration_sec=5.0)
+        with self._lock:
+            f = self._fetches.get(mid)
+            if f is not None:
+                f["done"], f["t_done"] = True, time.monotonic()
+        self._flush_pending()
+
+    def _srv_keyframe_data(self, req, res):
+        """One of our keyframes' verification data, for another robot's verifier."""
+        try:
+            if self.verifier is None:
+                raise MegalocError("the verifier is not configured")
+            if req.map_id and self.verifier.map_id and req.map_id != self.verifier.map_id:
+                raise MegalocError(f"keyframe {req.id} of map {req.map_id} asked for; this verifier holds map "
+                                   f"{self.verifier.map_id}")
+            data = fleet.export_entry(self.verifier, int(req.id))
+            res.data = array.array("B", data)
+            res.success, res.message = True, f"{len(data)} bytes"
+            self.stats.inc("fleet_keyframes_served")
+            self.stats.inc("fleet_bytes_served", len(data))
+        except KeyError:
+            res.success, res.message = False, f"{NOT_STORED}: keyframe {req.id}"
+        except Exception as exc:
+            res.success, res.message = False, str(exc)
+        return res
 
     # ----------------------------------------------------------------- output
     def pending_count(self) -> int:
@@ -286,6 +453,8 @@ class VerifierNode(ManagedNode):
             self.verification = v
             self._keyframes.clear()
             self._pending.clear()
+            self._peers.clear()
+            self._fetches.clear()
             self._dirty = False
         return state
 

@@ -1,0 +1,142 @@
+"""Several robots, one map: inter-robot loop closures over DDS (megaloc_ros/fleet.py,
+megaloc_ros/ros/fleet_replay.py).
+
+The slow tests run the fleet replay: the rtabmap sequence split between two robots (frames 1-40
+robot_a, 41-84 robot_b), each robot's loop_closure_node + verifier_node in its own process, the
+keyframes shared on one fleet topic over real Fast DDS, the verification data fetched from the
+owner's ~/keyframe_data service; the inter-robot loops are scored against the ground truth and
+compared with the loops one robot verifies on the whole sequence.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megaloc_ros import fleet
+
+
+# ----------------------------------------------------------------------------- no ROS
+
+def test_descriptor_codes_are_compact_and_keep_the_cosine():
+    rng = np.random.default_rng(0)
+    for dim in (384, 8448):
+        d = rng.standard_normal(dim).astype(np.float32)
+        d /= np.linalg.norm(d)
+        other = d + 0.5 * rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim)
+        other /= np.linalg.norm(other)
+        data, scale = fleet.encode_descriptor(d, "int8")
+        assert len(data) == dim                        # vs 4 * dim for the raw float32
+        back = fleet.decode_descriptor(data, "int8", scale, dim)
+        assert abs(float(back @ other) - float(d @ other)) < 2e-3
+        data16, s16 = fleet.encode_descriptor(d, "float16")
+        assert len(data16) == 2 * dim
+        assert abs(float(fleet.decode_descriptor(data16, "float16", s16, dim) @ d) - 1.0) < 1e-4
+    with pytest.raises(Exception, match="values"):
+        fleet.decode_descriptor(data, "int8", scale, dim + 1)
+
+
+def test_robot_sessions_are_the_same_everywhere_and_distinct():
+    assert fleet.robot_session("robot_a") == fleet.robot_session("robot_a")
+    assert fleet.robot_session("robot_a") != fleet.robot_session("robot_b")
+    assert 0 <= fleet.robot_session("robot_a") < 2**31
+    assert fleet.robot_name("/robot_a/") == "robot_a" and fleet.robot_name("/", "") == "robot"
+
+
+def test_peer_table_round_trip():
+    t = fleet.PeerTable()
+    t.add(7, fleet.PeerKeyframe("robot_b", "m1", 3, 11, "/robot_b/verifier_node/keyframe_data"))
+    t.add(9, fleet.PeerKeyframe("robot_b", "m1", 4, 11, "/robot_b/verifier_node/keyframe_data"))
+    back = fleet.PeerTable.from_extra(t.to_extra())
+    assert back.local_id("robot_b", "m1", 4) == 9 and back.local_id("robot_b", "m2", 4) is None
+    assert back.peer(7).remote_id == 3 and back.robots() == {11: "robot_b"}
+
+
+def test_verifier_entry_export_import(rtabmap_seq):
+    """A keyframe's verification data moved to another verifier verifies the same loop."""
+    from megaloc_ros.encoding.loader import load_encoder
+    from megaloc_ros.types import Candidate, Keyframe
+    from megaloc_ros.verification.verifier import Verifier, VerifierParams
+    enc = load_encoder()
+    owner, other = Verifier(VerifierParams(), backbone=enc.model_name), Verifier(VerifierParams(),
+                                                                                 backbone=enc.model_name)
+    kf = {i: Keyframe(i, i * 10**9, 0, "camera") for i in (3, 42)}
+    for i, v in ((3, owner), (42, other)):
+        img = rtabmap_seq.load_rgb(i)
+        v.add_keyframe(kf[i], img, enc.encode([img])[0])
+    data = fleet.export_entry(owner, 3)
+    with pytest.raises(KeyError):
+        fleet.export_entry(owner, 42)
+    note = fleet.import_entry(other, 100, data)
+    assert "SuperSegments" in note
+    loop = other.verify([Candidate(kf[42], Keyframe(100, 3 * 10**9, 1, "camera"), 0.9, 0)])[0]
+    assert loop.accepted, loop.reason          # frames 43 and 4 (1-based) are a ground-truth loop
+    assert rtabmap_seq.gt[42, 3]
+
+
+# ----------------------------------------------------------------------------- the fleet over DDS
+
+@pytest.fixture(scope="module")
+def baseline():
+    from megaloc_ros.ros.fleet_replay import baseline_loops
+    return baseline_loops(40)
+
+
+def _run(mode, tmp_path, baseline):
+    pytest.importorskip("rclpy")
+    from megaloc_ros.ros.fleet_replay import run_fleet, score, summary
+    out = run_fleet(mode, 40, str(tmp_path / mode), baseline=False, quiet=True)
+    out["baseline"] = baseline
+    out["score"] = score(out["robots"], baseline, 40)
+    print(summary(out))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+def test_two_robots_find_the_inter_robot_loops_one_robot_finds(tmp_path, baseline):
+    out = _run("concurrent", tmp_path, baseline)
+    s = out["score"]
+    assert s["baseline_false"] == 0 and len(s["baseline_frames"]) >= 30
+    assert s["false"] == 0, s["false_loops"]
+    # measured 0.947-0.974 (36-37 of 38 frames) on 2 shared cores; margin for timing
+    assert s["ratio"] >= 0.90, s
+    # compact: 384-D offline descriptor in 384 B (int8) + metadata, vs 1536 B raw float32
+    assert s["descriptor_bytes"] == 384 and s["bytes_per_shared_keyframe"] < 4 * 384
+    assert s["requests_timed_out"] == 0 and s["keyframes_fetched"] > 0
+    # data is fetched only for keyframes that became candidates, not for every shared one
+    assert s["keyframes_fetched"] <= s["keyframes_shared"]
+    for r in out["robots"]:
+        assert r["peer_keyframes"] > 0
+        assert r["loop_closure_stats"]["fleet_keyframes_inserted"] == r["peer_keyframes"]
+    # each robot's saved map holds its peer's keyframes, as the peer's session, with their origin
+    from megaloc_ros.mapping.place_map import PlaceMap
+    a, b = out["robots"]
+    pm = PlaceMap.load(tmp_path / "concurrent" / "robot_a.map")
+    sessions = {kf.session for kf in pm.keyframes()}
+    assert sessions == {a["session"], b["session"]}
+    table = fleet.PeerTable.from_extra(pm.extras[fleet.PeerTable.EXTRA])
+    assert len(table) == a["peer_keyframes"] and set(table.robots().values()) == {"robot_b"}
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+def test_a_robot_started_after_the_other_finished_gets_the_backlog(tmp_path, baseline):
+    out = _run("late", tmp_path, baseline)
+    s = out["score"]
+    a = out["robots"][0]
+    assert out["backlog"]["inserted"] == a["loop_closure_stats"]["fleet_keyframes_sent"] > 0
+    assert s["false"] == 0, s["false_loops"]
+    assert s["ratio"] >= 0.90, s
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+def test_a_robot_that_disappears_does_not_stall_the_other(tmp_path, baseline):
+    out = _run("owner-gone", tmp_path, baseline)
+    (b,) = out["robots"]                       # robot_a was killed before robot_b played
+    vs = b["verifier_stats"]
+    assert vs.get("fleet_requests_timed_out", 0) > 0
+    assert b["loop_closure_stats"]["frames_processed"] == 44
+    assert out["score"]["false"] == 0
+    # no verification data came, so no inter-robot loop could be verified; robot_b's own loops still are
+    assert out["score"]["inter_robot_loops"] == 0
