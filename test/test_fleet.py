@@ -116,6 +116,21 @@ def test_two_robots_find_the_inter_robot_loops_one_robot_finds(tmp_path, baselin
     assert sessions == {a["session"], b["session"]}
     table = fleet.PeerTable.from_extra(pm.extras[fleet.PeerTable.EXTRA])
     assert len(table) == a["peer_keyframes"] and set(table.robots().values()) == {"robot_b"}
+    # restarted on its saved map, robot_a's verifier learns every peer keyframe again (DDS,
+    # transient-local) and holds the verification data it fetched before
+    import time
+    from megaloc_ros.ros.runner import NodeSet
+    params = {"map_path": str(tmp_path / "concurrent" / "robot_a.map"), "fleet_topic": "/megaloc_fleet_restart/kf",
+              "save_map_on_shutdown": False}
+    with NodeSet(params, namespace="/robot_a", domain_id=231) as nodes:
+        lc, vn = nodes.loop_closure, nodes.verifier
+        assert len(lc.peers) == len(table) and lc.session == a["session"]
+        deadline = time.monotonic() + 20
+        while len(vn._peers) < len(table) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(vn._peers) == [lid for lid, _ in table.items()]
+        fetched = [lid for lid, _ in table.items() if lid in vn.verifier]
+        assert len(fetched) == a["verifier_stats"]["fleet_keyframes_fetched"] > 0
 
 
 @pytest.mark.slow

@@ -54,7 +54,8 @@ def _robot_main(a) -> int:
     lo, hi = (int(v) for v in a.frames.split(":"))
     params = {"image_topic": "image_raw", "image_qos": "reliable", "image_qos_depth": 1000, "queue_size": 1000,
               "map_path": a.map_path, "fleet_topic": a.fleet_topic, "fleet_robot": a.robot,
-              "fleet_request_timeout": a.request_timeout}
+              "fleet_request_timeout": a.request_timeout,
+              "candidate_wait": 60.0}  # a replay loses nothing to a busy machine (2 shared cores)
     reliable = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
     loops: list = []
     with NodeSet(params, namespace="/" + a.robot) as nodes:
@@ -188,8 +189,11 @@ def score(results: list[dict], baseline: dict, split: int, exclude_s: float = 20
 
 
 def run_fleet(mode: str = "concurrent", split: int = 40, work_dir: str = "", baseline: bool = True,
-              timeout: float = 900.0, request_timeout: float = 5.0, quiet: bool = False) -> dict:
-    """Run the two robots as two processes; returns the per-robot results and the scores."""
+              timeout: float = 900.0, request_timeout: float = 0.0, quiet: bool = False) -> dict:
+    """Run the two robots as two processes; returns the per-robot results and the scores.
+    ``request_timeout`` 0: 30 s (an owner alive but slow on a busy machine still answers), 3 s
+    in ``owner-gone`` mode."""
+    request_timeout = request_timeout or (3.0 if mode == "owner-gone" else 30.0)
     d = Path(work_dir or tempfile.mkdtemp(prefix="megaloc_fleet_"))
     d.mkdir(parents=True, exist_ok=True)
     for f in d.glob("*"):
@@ -295,7 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="", help="work folder (logs, maps, results); default a new temporary one")
     p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-robot run on the whole sequence")
-    p.add_argument("--request-timeout", type=float, default=5.0)
+    p.add_argument("--request-timeout", type=float, default=0.0,
+                   help="fleet_request_timeout of both robots (default 30 s; owner-gone 3 s)")
     # one robot (the child processes)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--robot", default="")

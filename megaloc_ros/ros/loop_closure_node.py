@@ -18,7 +18,8 @@ Publishes    ~/candidates  megaloc_ros/LoopClosureArray, the detector's decision
                            compact descriptor for the other robots (reliable, transient-local,
                            fleet_backlog deep: a robot that starts late gets the backlog)
              ~/peer_keyframes megaloc_ros/FleetKeyframe: each peer keyframe put in this map, with the
-                           local id it got, for verifier_node (reliable, keep-all)
+                           local id it got, for verifier_node (reliable, transient-local; all of
+                           a loaded map's peers again at activation and after load_map)
              /diagnostics  frames, keyframes, map size, queue, drops, errors, latencies
 Subscribes   <fleet_topic> (with fleet_topic set): the other robots' keyframes, inserted into this
              map as their robot's session (megaloc_ros/fleet.py: ids, sessions, bytes)
@@ -140,7 +141,9 @@ class LoopClosureNode(ManagedNode):
         self._own_pubs = [self._pub_candidates, self._pub_retrieved, self._pub_keyframes, self._pub_markers]
         if self.robot:
             self._pub_fleet = self.create_publisher(FleetKeyframe, self._param("fleet_topic"), self._fleet_qos())
-            self._pub_peers = self.create_lifecycle_publisher(FleetKeyframe, "~/peer_keyframes", RELIABLE_KEEP_ALL)
+            # transient-local: a verifier that starts (or restarts) later still learns every peer
+            # (a plain publisher: it announces a loaded map's peers while activating)
+            self._pub_peers = self.create_publisher(FleetKeyframe, "~/peer_keyframes", self._fleet_qos())
             self._own_pubs += [self._pub_fleet, self._pub_peers]
             name = self._param("verifier_node") or "verifier_node"
             ns = self.get_namespace().rstrip("/")
@@ -195,6 +198,8 @@ class LoopClosureNode(ManagedNode):
         if self._param("odom_topic"):
             self._own_subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
                                                        callback_group=MutuallyExclusiveCallbackGroup()))
+        if self.robot:
+            self._announce_peers()
         self.get_logger().info(f"listening on {self._own_subs[0].topic_name}; map has {len(self.mapping)} keyframes, "
                                f"new keyframes are session {self.session}")
 
@@ -330,27 +335,34 @@ class LoopClosureNode(ManagedNode):
                             scale=msg.scale, dim=msg.dim)
         self._pub_peers.publish(out)
 
+    def _at_frontier(self, c: Candidate, now: float) -> bool:
+        """Under ``_fleet_lock``: ``c`` matches a peer keyframe among that robot's newest
+        2 * ``fleet_settle_keyframes`` while the robot still sends (it may be on its way there)."""
+        s, n = c.match.session, self._param("fleet_settle_keyframes")
+        order = self._peer_order.get(s)
+        active = now - self._peer_last.get(s, -1e9) <= self._param("fleet_settle_s")
+        return s != self.session and bool(order) and active and c.match.id in order[-2 * n:]
+
+    def _defer(self, kf: Keyframe, descriptor, session: int, map_id: str) -> None:
+        self._deferred.append({"kf": kf, "d": np.asarray(descriptor, np.float32).copy(), "session": session,
+                               "count": len(self._peer_order[session]), "map_id": map_id})
+
     def _defer_frontier(self, kf: Keyframe, descriptor, retrieved: list, map_id: str) -> list:
-        """Leave out retrieved peer keyframes at that robot's frontier (among its newest
-        ``fleet_settle_keyframes`` while it still sends): the peer may be on its way to this
-        place, and verifying now accepts near misses; the query is asked again of that robot's
-        keyframes once its map there settled (``_requery_settled``)."""
-        n, now = self._param("fleet_settle_keyframes"), time.monotonic()
-        if n <= 0:
+        """Leave out the candidates of a peer robot when some are at its frontier
+        (``_at_frontier``): the peer may be on its way to this place, and verifying now accepts a
+        near miss (the best of what it mapped so far). The query is asked again of that robot's
+        keyframes once it sent ``fleet_settle_keyframes`` more, and waits again while its best
+        places are still at the frontier, or once it sent nothing for ``fleet_settle_s``
+        (``_requery_settled``)."""
+        if self._param("fleet_settle_keyframes") <= 0:
             return retrieved
-        defer = set()
+        now = time.monotonic()
         with self._fleet_lock:
-            for c in retrieved:
-                s = c.match.session
-                order = self._peer_order.get(s)
-                active = now - self._peer_last.get(s, -1e9) <= self._param("fleet_settle_s")
-                if s != self.session and order and active and c.match.id in order[-n:]:
-                    defer.add(s)
+            defer = {c.match.session for c in retrieved if self._at_frontier(c, now)}
             # all of that robot's candidates wait: verified together later, the best one wins
             keep = [c for c in retrieved if c.match.session not in defer]
             for s in defer:
-                self._deferred.append({"kf": kf, "d": np.asarray(descriptor, np.float32).copy(), "session": s,
-                                       "count": len(self._peer_order[s]), "map_id": map_id})
+                self._defer(kf, descriptor, s, map_id)
         if defer:
             self.stats.inc("fleet_deferred_queries", len(defer))
             keep = [type(c)(c.query, c.match, c.score, r) for r, c in enumerate(keep)]
@@ -363,8 +375,8 @@ class LoopClosureNode(ManagedNode):
             keep = []
             for q in self._deferred:
                 s = q["session"]
-                if (len(self._peer_order.get(s, ())) >= q["count"] + n
-                        or now - self._peer_last.get(s, -1e9) > self._param("fleet_settle_s")):
+                quiet = now - self._peer_last.get(s, -1e9) > self._param("fleet_settle_s")
+                if quiet or len(self._peer_order.get(s, ())) >= q["count"] + n:
                     ready.append(q)
                 else:
                     keep.append(q)
@@ -377,6 +389,11 @@ class LoopClosureNode(ManagedNode):
                     hits = self.mapping.place_map.search(q["d"], self.mapping.params.top_k,
                                                          only_sessions=[q["session"]])
                 cands = [Candidate(q["kf"], m, sc, r) for r, (m, sc) in enumerate(hits)]
+                with self._fleet_lock:
+                    if any(self._at_frontier(c, time.monotonic()) for c in cands):
+                        self._defer(q["kf"], q["d"], q["session"], q["map_id"])  # still on its way: wait more
+                        self.stats.inc("fleet_deferred_again")
+                        continue
                 self.stats.inc("fleet_requeries")
                 if cands:
                     self._pub_retrieved.publish(conv.loops_to_array(cands, q["kf"].stamp_ns, q["kf"].frame_id,
@@ -385,6 +402,17 @@ class LoopClosureNode(ManagedNode):
             except Exception as exc:
                 self.stats.error("fleet_errors", str(exc))
                 self._log_error(f"asking keyframe {q['kf'].id} again failed: {exc}")
+
+    def _announce_peers(self) -> None:
+        """Every peer keyframe of the map on ~/peer_keyframes (a loaded map's peers)."""
+        pm = self.mapping.place_map
+        for lid, p in self.peers.items():
+            if lid not in pm:
+                continue
+            kf = pm.keyframe(lid)
+            self._pub_peers.publish(FleetKeyframe(
+                header=conv.make_header(kf.stamp_ns, kf.frame_id), robot=p.robot, session=p.session,
+                id=int(p.remote_id), map_id=p.map_id, data_service=p.data_service, local_id=int(lid)))
 
     def fleet_pending(self) -> int:
         """Queries still waiting for a peer's map to settle."""
@@ -528,6 +556,8 @@ class LoopClosureNode(ManagedNode):
             self.mapping.replace_map(m)
             self._on_new_map()
             self._dirty = False
+            if self.robot and self._own_subs:  # active: the verifier learns the new map's peers
+                self._announce_peers()
         self.get_logger().info(f"loaded map {path}: {len(m)} keyframes, new keyframes are session {self.session}")
         return path
 

@@ -125,11 +125,11 @@ class LoopClosureNodeSettings(CommonNodeSettings):
                                     read_only=True)
     fleet_backlog: int = setting(10000, "keyframes the fleet topic keeps for robots that start late "
                                  "(transient-local history depth)", range=(1, 1000000), read_only=True)
-    fleet_settle_keyframes: int = setting(5, "a retrieved peer keyframe among that robot's newest this many "
-                                          "(while it still sends) is not verified at once: the query is asked "
-                                          "again of that robot's keyframes once it sent this many more (its map "
-                                          "of the place is then complete, not a near miss on its way there)",
-                                          range=(0, 1000))
+    fleet_settle_keyframes: int = setting(5, "n: when a keyframe retrieves peer keyframes among that robot's "
+                                          "newest 2n (while it still sends), they are not verified at once: the "
+                                          "query is asked again of that robot's keyframes once it sent n more, "
+                                          "until its places are behind its frontier (not a near miss on its way "
+                                          "there); 0: off", range=(0, 1000))
     fleet_settle_s: float = setting(5.0, "... or once it sent nothing for this long (s)", range=(0.0, 3600.0))
 
 

@@ -37,7 +37,7 @@ from typing import Optional
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo
 
 from megaloc_ros.msg import FleetKeyframe
@@ -58,6 +58,8 @@ from megaloc_ros.ros.managed_node import spin_single
 
 SUFFIX = ".verifier"
 NOT_STORED = "not stored (yet)"
+PEERS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.TRANSIENT_LOCAL)  # loop_closure_node's peers, also from before we started
 
 
 class MapMismatch(MegalocError):
@@ -138,7 +140,7 @@ class VerifierNode(ManagedNode):
             self.create_subscription(LoopClosureArray, self._param("candidates_topic"), self._on_candidates,
                                      RELIABLE, callback_group=group),
             self.create_subscription(FleetKeyframe, self._param("peer_keyframes_topic"), self._on_peer_keyframe,
-                                     RELIABLE_KEEP_ALL, callback_group=group),
+                                     PEERS_QOS, callback_group=group),
         ]
         if not any(getattr(t, "_megaloc_fleet", False) for t in self._own_timers):
             timer = self.create_timer(0.05, self._fleet_tick, callback_group=MutuallyExclusiveCallbackGroup())
@@ -453,8 +455,7 @@ class VerifierNode(ManagedNode):
             self.verification = v
             self._keyframes.clear()
             self._pending.clear()
-            self._peers.clear()
-            self._fetches.clear()
+            self._fetches.clear()   # _peers stay: loop_closure_node announces a loaded map's peers again
             self._dirty = False
         return state
 
