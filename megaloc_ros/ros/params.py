@@ -100,7 +100,8 @@ class LoopClosureNodeSettings(CommonNodeSettings):
                                  "for it", range=(0.0, 10.0))
     session: int = setting(-1, "session id of new keyframes; -1: one more than the highest session of the "
                            "loaded map (0 for a new map); with fleet_topic: the robot's fleet session "
-                           "(CRC-32 of fleet_robot, 31 bits), the same on every robot", range=(-1, None), read_only=True)
+                           "(CRC-32 of fleet_robot, 31 bits), the same on every robot", range=(-1, None),
+                           read_only=True)
     queue_size: int = setting(4, "frames waiting for the encoder; under load the oldest is dropped and counted",
                               range=(1, 1000), read_only=True)
     keyframe_image_max_side: int = setting(640, "longest side of the rgb8 image sent to the verifier on "

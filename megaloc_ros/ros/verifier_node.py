@@ -58,8 +58,9 @@ from megaloc_ros.ros.managed_node import spin_single
 
 SUFFIX = ".verifier"
 NOT_STORED = "not stored (yet)"
+# loop_closure_node's peer keyframes, also those announced before this node subscribed
 PEERS_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
-                       durability=DurabilityPolicy.TRANSIENT_LOCAL)  # loop_closure_node's peers, also from before we started
+                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 class MapMismatch(MegalocError):
