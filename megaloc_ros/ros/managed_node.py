@@ -277,7 +277,8 @@ class ManagedNode(LifecycleNode):
 
 
 def spin_single(node_cls, args=None) -> None:
-    """Run one node until Ctrl-C (the installed executables). A bad parameter or a failed
+    """Run one node until Ctrl-C (the installed executables; a ManagedNode or a plain adapter
+    node). A bad parameter, a missing dependency or a failed
     autostart is one line on stderr and exit status 2, not a traceback. Once stopping, further
     SIGINT/SIGTERM are ignored: `ros2 launch` and the terminal both send SIGINT, and the second
     must not interrupt the shutdown save."""
@@ -292,10 +293,10 @@ def spin_single(node_cls, args=None) -> None:
     try:
         node = node_cls()
     except (InvalidParameterValueException, InvalidParameterTypeException, ValueError, MegalocError) as exc:
-        print(f"{node_cls.__name__}: bad parameter: {exc}", file=sys.stderr)
+        print(f"{node_cls.__name__} cannot start: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
-    if node._values["autostart"] and not node._configured:
+    if getattr(node, "_values", {}).get("autostart") and not node._configured:
         print(f"{node.get_name()}: could not start: {node.last_error or 'see the log'}", file=sys.stderr)
         node.destroy_node()
         rclpy.try_shutdown()
@@ -309,6 +310,7 @@ def spin_single(node_cls, args=None) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        node.close()
+        if hasattr(node, "close"):
+            node.close()
         node.destroy_node()
         rclpy.try_shutdown()

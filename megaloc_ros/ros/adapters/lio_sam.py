@@ -57,17 +57,8 @@ class LioSamAdapter(Node):
 
 def main(args=None) -> None:
     """`ros2 run megaloc_ros lio_sam_adapter`."""
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
-    rclpy.init(args=args)
-    node = LioSamAdapter()
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    from megaloc_ros.ros.managed_node import spin_single
+    spin_single(LioSamAdapter, args)
 
 
 if __name__ == "__main__":

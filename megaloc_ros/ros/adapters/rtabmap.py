@@ -198,24 +198,8 @@ class RtabmapAdapter(Node):
 
 def main(args=None) -> None:
     """`ros2 run megaloc_ros rtabmap_adapter`."""
-    import sys
-
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
-    rclpy.init(args=args)
-    try:
-        node = RtabmapAdapter()
-    except MegalocError as exc:
-        print(f"rtabmap_adapter: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    from megaloc_ros.ros.managed_node import spin_single
+    spin_single(RtabmapAdapter, args)
 
 
 if __name__ == "__main__":
