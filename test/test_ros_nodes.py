@@ -135,7 +135,7 @@ def check_loops(rec, gt, min_loops):
 def _call(node, srv_type, name, request, timeout=60.0):
     cli = node.create_client(srv_type, name)
     try:
-        assert cli.wait_for_service(10), f"service {name} not available"
+        assert cli.wait_for_service(30), f"service {name} not available"
         fut = cli.call_async(request)
         _wait(fut.done, timeout, name)
         return fut.result()
