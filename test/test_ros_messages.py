@@ -95,6 +95,7 @@ def _full_loop(i: int) -> LoopClosure:
     m.score, m.rank = 0.8125, 2 + i
     m.verified = True
     m.verification_score, m.inliers = 0.375, 57 + i
+    m.reason = f"accepted: {57 + i} inliers"
     m.has_transform = True
     m.transform.translation.x, m.transform.translation.y, m.transform.translation.z = 1.5, -2.25, 0.125
     m.transform.rotation.x, m.transform.rotation.y, m.transform.rotation.z, m.transform.rotation.w = (float(v) for v in q)

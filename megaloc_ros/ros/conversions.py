@@ -171,6 +171,7 @@ def loop_to_msg(item: Union[Candidate, VerifiedLoop], frame_id: str = "") -> Loo
         m.verified = bool(loop.accepted)
         m.verification_score = float(loop.verification_score)
         m.inliers = int(loop.inliers)
+        m.reason = loop.reason
         if loop.transform is not None:
             m.has_transform = True
             m.transform = relative_pose_to_transform(loop.transform)
@@ -191,7 +192,8 @@ def msg_to_candidate(m: LoopClosure, query: Optional[Keyframe] = None, match: Op
 def msg_to_verified_loop(m: LoopClosure) -> VerifiedLoop:
     tf = transform_to_relative_pose(m.transform, m.metric_scale, m.covariance) if m.has_transform else None
     return VerifiedLoop(candidate=msg_to_candidate(m), accepted=bool(m.verified),
-                        verification_score=float(m.verification_score), inliers=int(m.inliers), transform=tf)
+                        verification_score=float(m.verification_score), inliers=int(m.inliers), transform=tf,
+                        reason=m.reason)
 
 
 def loops_to_array(items: Iterable[Union[Candidate, VerifiedLoop]], stamp_ns: int, frame_id: str = "",
