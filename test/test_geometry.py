@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from megaloc_ros.verification import geometry
+from megaloc_ros.verification import features as F
 from megaloc_ros.verification.geometry import LocalFeatures
 
 K = np.array([[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]])
@@ -104,7 +105,7 @@ def test_ratio_test_and_mutual_check():
 @pytest.mark.parametrize("kind,width", [("sift", 128), ("orb", 32)])
 def test_extract_on_a_real_image(rtabmap_seq, kind, width):
     img = rtabmap_seq.load_rgb(10)
-    f = geometry.extract(img, kind, max_keypoints=300, max_side=256)
+    f = F.extract(img, kind, max_keypoints=300, max_side=256, min_side=16)  # no upsampling
     assert 50 <= len(f.keypoints) <= 300
     assert f.descriptors.dtype == np.uint8 and f.descriptors.shape == (len(f.keypoints), width)
     # keypoints are in the full image's pixels although detection ran at 256 px
@@ -118,9 +119,9 @@ def test_real_image_against_its_warped_copy(rtabmap_seq, kind, least):
     h, w = img.shape[:2]
     H = np.array([[0.95, 0.05, 20], [-0.04, 0.97, 10], [0, 0, 1]])
     warped = cv2.warpPerspective(img, H, (w, h))
-    a = geometry.extract(img, kind)
-    res = geometry.verify_pair(a, geometry.extract(warped, kind))
+    a = F.extract(img, kind, min_side=16)
+    res = geometry.verify_pair(a, F.extract(warped, kind, min_side=16))
     assert res.inliers >= least  # a plane-induced homography satisfies any fundamental matrix
     assert not rtabmap_seq.gt[40, 20]
     other = rtabmap_seq.load_rgb(20)  # a different place
-    assert geometry.verify_pair(a, geometry.extract(other, kind)).inliers < 20
+    assert geometry.verify_pair(a, F.extract(other, kind, min_side=16)).inliers < 20

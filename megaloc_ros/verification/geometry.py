@@ -1,6 +1,6 @@
 """Two-view geometric verification: local features, matching, RANSAC, relative pose.
 
-Local features are OpenCV SIFT (default; descriptors stored as uint8, which loses nothing:
+Local features (extracted by ``features.extract``) are SIFT (descriptors stored as uint8, which loses nothing:
 OpenCV's SIFT values are integers 0..255) or ORB. Matching keeps pairs that pass Lowe's ratio
 test in the query->match direction AND are mutual nearest neighbours. RANSAC fits an essential
 matrix when the intrinsics are known (then the relative rotation and the translation direction
@@ -15,7 +15,6 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from megaloc_ros.io.images import downscale
 from megaloc_ros.types import RelativePose
 
 
@@ -29,45 +28,6 @@ class LocalFeatures:
     @property
     def nbytes(self) -> int:
         return self.keypoints.nbytes + self.descriptors.nbytes
-
-
-def to_grey(image_rgb: np.ndarray, max_side: int) -> np.ndarray:
-    grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY) if image_rgb.ndim == 3 else image_rgb
-    return downscale(grey, max_side)
-
-
-_DETECTORS: dict = {}
-
-
-def extract(image_rgb: np.ndarray, kind: str = "sift", max_keypoints: int = 500,
-            max_side: int = 640, sift_contrast: float = 0.02) -> LocalFeatures:
-    """The ``max_keypoints`` strongest keypoints of the image (downscaled to ``max_side``).
-
-    ``sift_contrast``: SIFT's contrastThreshold; half OpenCV's default 0.04, which finds too few
-    keypoints on low-texture indoor images.
-    Keypoints are returned in the pixel frame of the image as given (not the downscaled one).
-    """
-    grey = to_grey(image_rgb, max_side)
-    key = (kind, max_keypoints, sift_contrast)
-    if key not in _DETECTORS:
-        if kind == "sift":
-            _DETECTORS[key] = cv2.SIFT_create(nfeatures=max_keypoints, contrastThreshold=sift_contrast)
-        elif kind == "orb":
-            _DETECTORS[key] = cv2.ORB_create(nfeatures=max_keypoints, fastThreshold=10)
-        else:
-            raise ValueError(f"unknown local feature {kind!r}; use 'sift' or 'orb'")
-    kps, desc = _DETECTORS[key].detectAndCompute(grey, None)
-    width = 128 if kind == "sift" else 32
-    if desc is None or len(kps) == 0:
-        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, width), np.uint8),
-                             (image_rgb.shape[1], image_rgb.shape[0]))
-    order = np.argsort([-k.response for k in kps])[:max_keypoints]
-    s = image_rgb.shape[1] / grey.shape[1]
-    pts = np.array([kps[i].pt for i in order], np.float32) * s
-    d = desc[order]
-    if kind == "sift":
-        d = np.clip(np.rint(d), 0, 255).astype(np.uint8)
-    return LocalFeatures(pts, np.ascontiguousarray(d), (image_rgb.shape[1], image_rgb.shape[0]))
 
 
 def _rootsift(d: np.ndarray) -> np.ndarray:
