@@ -322,6 +322,40 @@ def test_parameters_are_validated_and_detector_ones_apply_live(encoder):
         assert not ro.successful  # shapes the stored keyframe data
 
 
+def test_stopped_and_refused_node_sets_leave_nothing_in_the_graph(encoder):
+    """A refused start and a stopped NodeSet leave no node and no lifecycle service behind (rclpy's
+    LifecycleNode kept its state machine, and with it the node, until garbage collection: a later
+    test's client then waited for a loop_closure_node that was gone)."""
+    import gc
+
+    from megaloc_ros.errors import MegalocError
+
+    ctx = rclpy.Context()
+    rclpy.init(args=[], context=ctx, domain_id=DOMAIN_ID)
+    gc.disable()  # what is left must go because it was destroyed, not because it was collected
+    try:
+        observer = rclpy.create_node("observer", context=ctx)
+        with pytest.raises(MegalocError, match="min_segvlad_score"):  # the verifier refuses, after
+            NodeSet(params(**{"verifier.min_segvlad_score": 2.0}), domain_id=DOMAIN_ID,  # loop_closure_node
+                    encoder=encoder).start()
+        with pytest.raises(MegalocError, match="image_transport"):
+            NodeSet(params(image_transport="theora"), domain_id=DOMAIN_ID, encoder=encoder).start()
+        with NodeSet(params(autostart=False), domain_id=DOMAIN_ID, encoder=encoder, use_verifier=False):
+            _wait(lambda: ("loop_closure_node", "/") in observer.get_node_names_and_namespaces(), 20,
+                  "the running node in the graph")
+
+        def left():
+            return ([n for n in observer.get_node_names_and_namespaces() if n[0] != "observer"]
+                    + [s for s, _ in observer.get_service_names_and_types() if "_node/" in s])
+        deadline = time.monotonic() + 10
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left(), f"left in the graph: {left()}"
+    finally:
+        gc.enable()
+        rclpy.try_shutdown(context=ctx)
+
+
 def test_lifecycle_transitions_start_save_and_reload_the_map(encoder, frames, tmp_path):
     """autostart false: nothing runs until configure + activate; deactivate saves the map;
     cleanup + configure loads it again and new keyframes start the next session."""

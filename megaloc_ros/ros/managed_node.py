@@ -9,6 +9,7 @@ shutdown, and /diagnostics with per-report deltas. A node fills in the hooks bel
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,22 @@ RELIABLE_KEEP_ALL = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliabil
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
+@contextlib.contextmanager
+def destroyed_on_error(node):
+    """Destroy ``node`` if the block raises (a constructor refusing its parameters): the caller
+    never gets the object, and an undestroyed node stays in the ROS graph until garbage
+    collection with its services answering nothing (a second ``loop_closure_node`` that made
+    clients of the real one wait for it)."""
+    try:
+        yield
+    except BaseException:
+        try:
+            node.destroy_node()
+        except Exception:  # the original error is the one to report
+            pass
+        raise
+
+
 class ManagedNode(LifecycleNode):
     """Base of the megaloc_ros nodes. ``specs``: the node's parameters; ``prefix`` and
     ``params_cls``: the dataclass its live ``<prefix>.*`` parameters build; ``sections``: every
@@ -44,11 +61,12 @@ class ManagedNode(LifecycleNode):
                  sections: Optional[dict[str, type]] = None, **kwargs):
         super().__init__(node_name, **kwargs)
         self._specs, self._prefix, self._params_cls = specs, prefix, params_cls
-        self._values = P.declare(self, specs)
-        self.add_on_set_parameters_callback(P.validator(specs, sections or {prefix: params_cls},
-                                                        lambda: self._values))
-        self.add_post_set_parameters_callback(self._after_set_parameters)
-        self._build_params()  # its own checks, before anything starts
+        with self.destroyed_on_error():
+            self._values = P.declare(self, specs)
+            self.add_on_set_parameters_callback(P.validator(specs, sections or {prefix: params_cls},
+                                                            lambda: self._values))
+            self.add_post_set_parameters_callback(self._after_set_parameters)
+            self._build_params()  # its own checks, before anything starts
         self.stats = Stats()
         self.last_error = ""
         self._dirty = False  # state changed since the last save
@@ -58,6 +76,9 @@ class ManagedNode(LifecycleNode):
         self._own_timers: list = []
         self._prev_snapshot: dict[str, float] = {}
         self._configured = False
+
+    def destroyed_on_error(self):
+        return destroyed_on_error(self)
 
     def _autostart(self) -> None:
         if self._values["autostart"]:
@@ -167,6 +188,15 @@ class ManagedNode(LifecycleNode):
         self._drop_subscriptions()
         if self._configured:
             self._drain()
+
+    def destroy_node(self) -> None:
+        super().destroy_node()
+        # rclpy's LifecycleNode never destroys its state machine, and the state machine holds the
+        # node: without this the node and its lifecycle services stay in the ROS graph until
+        # garbage collection, and a client of a later node of the same name waits on them
+        machine = getattr(self, "_state_machine", None)
+        if machine is not None:
+            machine.destroy_when_not_in_use()
 
     def close(self) -> None:
         """Stop taking input, finish it, save (``save_map_on_shutdown``) and release everything.

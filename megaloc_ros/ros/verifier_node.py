@@ -83,7 +83,8 @@ class VerifierNode(ManagedNode):
         sections = P.node_sections(P.VERIFIER_NODE)
         super().__init__(node_name, P.node_specs(P.VERIFIER_NODE), "verifier", sections["verifier"],
                          sections, **kwargs)
-        self._camera()
+        with self.destroyed_on_error():
+            self._camera()
         self.verification = None   # the pipeline's verification stage, built on configure
         self._lock = threading.RLock()   # the Verifier and the pending candidates
         self._keyframes: dict[int, object] = {}   # id -> Keyframe (with pose) received this run

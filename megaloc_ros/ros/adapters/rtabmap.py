@@ -108,6 +108,7 @@ class RtabmapAdapter(Node):
         self.pending_timeout = float(d("pending_timeout", 30.0).value)
         X = [float(v) for v in d("base_T_camera", [float(v) for v in np.eye(4).reshape(-1)]).value]
         if len(X) != 16:
+            self.destroy_node()  # refused: leave nothing of it in the graph
             raise MegalocError(f"base_T_camera must have 16 values (row-major 4x4), got {len(X)}")
         self.base_T_camera = np.array(X).reshape(4, 4)
         self.sigmas = dict(default_sigma_t=float(d("default_sigma_t", 0.05).value),
