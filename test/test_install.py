@@ -29,11 +29,11 @@ IMPORT_TO_DIST = {
     "scipy": "scipy", "skimage": "scikit-image", "yaml": "pyyaml", "tqdm": "tqdm", "rosbags": "rosbags",
     "matplotlib": "matplotlib", "threadpoolctl": "threadpoolctl", "simplejpeg": "simplejpeg", "gtsam": "gtsam", "evo": "evo",
     "torch": "torch", "safetensors": "safetensors", "onnx": "onnx", "onnxscript": "onnxscript",
-    "openvino": "openvino", "nncf": "nncf",
+    "openvino": "openvino", "nncf": "nncf", "kornia": "kornia",
 }
 # Imports a runtime module may make inside a function (never at module level) for an optional
-# feature, with the extra that provides them: the torch backend, an OpenVINO IR.
-OPTIONAL_IMPORTS = {"torch": "export", "openvino": "openvino", "evo": "test"}
+# feature, with the extra that provides them: the torch backend, an OpenVINO IR, exporting LighterGlue.
+OPTIONAL_IMPORTS = {"torch": "export", "openvino": "openvino", "evo": "test", "kornia": "export"}
 # Provided by the ROS 2 installation; each must be a package.xml dependency.
 ROS_IMPORTS = {"rclpy", "rcl_interfaces", "builtin_interfaces", "std_msgs", "geometry_msgs", "sensor_msgs",
                "nav_msgs", "visualization_msgs", "diagnostic_msgs", "lifecycle_msgs", "launch", "launch_ros",

