@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "poses), close the GTSAM pose graph over seeded drifted odometry with the verified "
                         "loops' metric transforms, and print ATE/RPE of odometry and optimised trajectory")
     p.add_argument("--drift-seeds", type=int, default=10, help="--pose-graph: drift seeds to run (default 10)")
+    p.add_argument("--robots", type=int, default=1, choices=(1, 2),
+                   help="--pose-graph: 2 splits the sequence between two robots, each with its own odometry "
+                        "origin, merged by the fleet pose graph at their first inter-robot loop; prints the "
+                        "merged trajectory's ATE (megaloc_ros/evaluation/fleet_trajectory.py)")
     p.add_argument("--image-topic",
                    help="sensor_msgs/Image or sensor_msgs/CompressedImage topic "
                         "(default: the bag's only image topic)")
@@ -233,10 +237,17 @@ def pose_graph(args, encoder=None) -> int:
 
     from megaloc_ros.evaluation import trajectory_eval as TE
     settings = pipeline_settings(args.params, cli_overrides(args), verify=True)
-    r = TE.run(args.pose_graph, TE.DriftModel(), seeds=args.drift_seeds, settings=settings, encoder=encoder)
-    print(TE.report(r))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    if args.robots == 2:
+        from megaloc_ros.evaluation import fleet_trajectory as FT
+        f = FT.run(TE.DriftModel(), seeds=args.drift_seeds, settings=settings, encoder=encoder)
+        print(FT.report(f))
+        (out / "fleet_pose_graph.json").write_text(json.dumps(asdict(f), indent=1))
+        print(f"figures: {out / 'fleet_pose_graph.json'}")
+        return 0 if all(s.merged_at_frame >= 0 for s in f.seeds) else 1
+    r = TE.run(args.pose_graph, TE.DriftModel(), seeds=args.drift_seeds, settings=settings, encoder=encoder)
+    print(TE.report(r))
     d = asdict(r)
     d.update(median_gain=r.median_gain, max_wrong_change=r.max_wrong_change)
     (out / "pose_graph.json").write_text(json.dumps(d, indent=1))

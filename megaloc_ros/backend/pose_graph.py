@@ -151,6 +151,44 @@ def _interpolate(t: int, t0: int, T0: np.ndarray, t1: int, T1: np.ndarray) -> np
     return out
 
 
+def odometry_covariance(params: PoseGraphParams, D: np.ndarray) -> np.ndarray:
+    """GTSAM-order covariance of the odometry increment ``D`` between two nodes (module doc)."""
+    dist = float(np.linalg.norm(D[:3, 3]))
+    ang = float(np.linalg.norm(Rotation.from_matrix(D[:3, :3]).as_rotvec()))
+    st = max(params.odom_min_sigma_t, params.odom_translation_noise * dist)
+    sr = max(params.odom_min_sigma_r, params.odom_rotation_noise * (dist + ang))
+    return np.diag([sr ** 2] * 3 + [st ** 2] * 3)
+
+
+def loop_edge(params: PoseGraphParams, Dq: np.ndarray, Dm: np.ndarray, Z: np.ndarray,
+              covariance: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(measurement between the match node and the query node, its GTSAM-order covariance) of a
+    loop ``Z`` (query camera in the match camera), with ``Dq`` / ``Dm`` each node's base -> the
+    base at that end's stamp (module doc: extrinsic, default and minimum sigmas, adjoint)."""
+    Xc = params.camera_extrinsic
+    Z = np.asarray(Z, np.float64)
+    M = Dm @ Xc @ Z @ np.linalg.inv(Xc) @ np.linalg.inv(Dq)
+    cov = None if covariance is None else np.asarray(covariance, np.float64).reshape(6, 6)
+    if cov is None or not np.any(cov) or not np.all(np.isfinite(cov)):
+        cov = np.diag([params.loop_default_sigma_t ** 2] * 3 + [params.loop_default_sigma_r ** 2] * 3)
+    cg = to_gtsam_cov(cov) + np.diag([params.loop_min_sigma_r ** 2] * 3 + [params.loop_min_sigma_t ** 2] * 3)
+    A = _pose3(Dq @ Xc).AdjointMap()
+    cg = A @ cg @ A.T
+    return M, 0.5 * (cg + cg.T)
+
+
+def noise_model(params: PoseGraphParams, kind: str, cov: np.ndarray, loss: Optional[str] = None):
+    """Gaussian noise of ``cov``; a loop's wrapped in the ``loss`` (default ``params.robust``)."""
+    noise = gtsam.noiseModel.Gaussian.Covariance(np.asarray(cov, np.float64))
+    loss = loss or params.robust
+    if kind == "loop" and loss in ("cauchy", "huber"):
+        k = params.robust_k
+        m = (gtsam.noiseModel.mEstimator.Cauchy.Create(k) if loss == "cauchy"
+             else gtsam.noiseModel.mEstimator.Huber.Create(k))
+        noise = gtsam.noiseModel.Robust.Create(m, noise)
+    return noise
+
+
 class PoseGraph:
     """See the module docstring. Not thread-safe: one caller at a time."""
 
@@ -212,12 +250,7 @@ class PoseGraph:
             guess = T
         else:
             D = np.linalg.inv(self.odom[-1]) @ T
-            dist = float(np.linalg.norm(D[:3, 3]))
-            ang = float(np.linalg.norm(Rotation.from_matrix(D[:3, :3]).as_rotvec()))
-            st = max(p.odom_min_sigma_t, p.odom_translation_noise * dist)
-            sr = max(p.odom_min_sigma_r, p.odom_rotation_noise * (dist + ang))
-            cov = np.diag([sr ** 2] * 3 + [st ** 2] * 3)
-            self._add_factor("odom", i - 1, i, D, cov)
+            self._add_factor("odom", i - 1, i, D, odometry_covariance(p, D))
             prev = self._current(i - 1)
             guess = prev @ D
         self._init.insert(X(i), _pose3(guess))
@@ -233,15 +266,9 @@ class PoseGraph:
 
     def _make_factor(self, kind, a, b, meas, cov, loss: Optional[str] = None):
         """``loss``: of a loop factor, default ``params.robust`` (gnc: plain, GNC wraps it)."""
-        noise = gtsam.noiseModel.Gaussian.Covariance(np.asarray(cov, np.float64))
+        noise = noise_model(self.params, kind, cov, loss)
         if kind == "prior":
             return gtsam.PriorFactorPose3(X(a), _pose3(meas), noise)
-        loss = loss or self.params.robust
-        if kind == "loop" and loss in ("cauchy", "huber"):
-            k = self.params.robust_k
-            m = (gtsam.noiseModel.mEstimator.Cauchy.Create(k) if loss == "cauchy"
-                 else gtsam.noiseModel.mEstimator.Huber.Create(k))
-            noise = gtsam.noiseModel.Robust.Create(m, noise)
         return gtsam.BetweenFactorPose3(X(a), X(b), _pose3(meas), noise)
 
     def _current(self, i: int) -> np.ndarray:
@@ -299,19 +326,9 @@ class PoseGraph:
         if nq == nm:
             self.stats["refused"] += 1
             return LoopResult("refused", "both ends fall on the same node")
-        p = self.params
-        Xc = p.camera_extrinsic
         Dq = np.linalg.inv(self.odom[nq]) @ Oq   # node nq -> base at the query stamp
         Dm = np.linalg.inv(self.odom[nm]) @ Om
-        Z = np.asarray(Z, np.float64)
-        M = Dm @ Xc @ Z @ np.linalg.inv(Xc) @ np.linalg.inv(Dq)
-        cov = None if covariance is None else np.asarray(covariance, np.float64).reshape(6, 6)
-        if cov is None or not np.any(cov) or not np.all(np.isfinite(cov)):
-            cov = np.diag([p.loop_default_sigma_t ** 2] * 3 + [p.loop_default_sigma_r ** 2] * 3)
-        cg = to_gtsam_cov(cov) + np.diag([p.loop_min_sigma_r ** 2] * 3 + [p.loop_min_sigma_t ** 2] * 3)
-        A = _pose3(Dq @ Xc).AdjointMap()
-        cg = A @ cg @ A.T
-        cg = 0.5 * (cg + cg.T)
+        M, cg = loop_edge(self.params, Dq, Dm, Z, covariance)
         self._add_factor("loop", nm, nq, M, cg)
         self.stats["loops"] += 1
         return LoopResult("added", "", nq, nm)

@@ -160,8 +160,10 @@ def metric_loop(seq: TumSequence, q: int, m: int, params=None):
     return estimate_metric_pose(mxy, qxy, seq.load_depth(m), seq.K, seq.K, params)
 
 
-def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print) -> tuple[list[Loop], dict]:
-    """Accepted loops of the pipeline on the sequence, each with a metric transform (see module doc)."""
+def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print,
+                   sessions: Optional[list[int]] = None) -> tuple[list[Loop], dict]:
+    """Accepted loops of the pipeline on the sequence, each with a metric transform (see module doc).
+    ``sessions``: per frame, the session (robot) it belongs to (default all 0)."""
     from megaloc_ros import pipeline as P
     from megaloc_ros.verification.metric_pose import pose_error
     first = seq.load_rgb(0)
@@ -171,7 +173,8 @@ def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print) -> 
     counts = {"frames": len(seq), "accepted": 0, "metric_from_verifier": 0, "metric_pose": 0, "no_metric_pose": 0}
     for i in range(len(seq)):
         depth = seq.depth_m(i)
-        res = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), depth_m=depth)
+        res = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), session=sessions[i] if sessions else 0,
+                           depth_m=depth)
         for v in res.loops:
             if not v.accepted:
                 continue
