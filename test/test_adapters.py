@@ -351,3 +351,64 @@ def test_pose_graph_node_closes_the_loop_and_publishes(ros, interfaces, tmp_path
     node2 = ros.add(PoseGraphNode("pose_graph_node_2", context=ros.ctx, parameter_overrides=params))
     assert len(node2.graph) == n_nodes and node2.graph.stats["loops"] == 4
     assert np.allclose(node2.graph.poses(), node.graph.poses(), atol=1e-5)
+
+
+def test_pose_graph_nodes_of_two_robots_merge_at_their_first_loop(ros, tmp_path):
+    """Two robots' pose_graph_nodes with one fleet_graph_topic: each shares its graph nodes and
+    adds the other's; robot_b's node, which gets the inter-robot loop (sessions naming the two
+    robots), puts robot_a's odometry frame where it truly is in robot_b's map and draws both
+    trajectories; robot_a's, which got no loop, keeps robot_b apart. Saved and loaded, the fleet
+    graph is the same."""
+    from nav_msgs.msg import Odometry
+    from visualization_msgs.msg import MarkerArray
+
+    from megaloc_ros.evaluation.fleet_trajectory import rigid_error
+    from megaloc_ros.fleet import robot_session
+    from megaloc_ros.ros.pose_graph_node import PoseGraphNode
+    params = [Parameter("graph.base_T_camera", value=[float(v) for v in BASE_T_CAM.reshape(-1)]),
+              Parameter("graph.keyframe_distance", value=0.25), Parameter("publish_tf", value=False),
+              Parameter("fleet_graph_topic", value="/megaloc_fleet/graph"), Parameter("path_period", value=0.1)]
+    nodes = {r: ros.add(PoseGraphNode(context=ros.ctx, namespace=f"/{r}", parameter_overrides=params +
+                                      [Parameter("map_path", value=str(tmp_path / r))]))
+             for r in ("robot_a", "robot_b")}
+    h = ros.node("robots")
+    markers = []
+    h.create_subscription(MarkerArray, "/robot_b/pose_graph_node/markers", markers.append, LATCHED)
+    qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+    pubs = {r: h.create_publisher(Odometry, f"/{r}/odom", qos) for r in nodes}
+    loops_b = h.create_publisher(LoopClosureArray, "/robot_b/verifier_node/loop_closures", RELIABLE)
+    for p in (*pubs.values(), loops_b):
+        wait_matched(p)
+    # robot_a drives the first half lap (its odometry frame is the world), robot_b the second half
+    # from its own origin: its odometry frame sits at the circle's pose at 20 s
+    origin_b = _circle(20.0)
+    ta, tb = np.arange(0.0, 20.0, 0.1), np.arange(20.0, 40.0, 0.1)
+    for r, times, to_odom in (("robot_a", ta, np.eye(4)), ("robot_b", tb, np.linalg.inv(origin_b))):
+        for t in times:
+            m = Odometry(child_frame_id="base_link")
+            m.header = conv.make_header(BASE + int(round(t * NS)), "odom")
+            m.pose.pose = conv.matrix_to_pose(to_odom @ _circle(t))
+            pubs[r].publish(m)
+    for r, times in (("robot_a", ta), ("robot_b", tb)):
+        assert wait_for(lambda: nodes[r].stats.count("odometry_received") == len(times))
+    a, b = nodes["robot_a"].graph, nodes["robot_b"].graph
+    # each has the other's nodes from the fleet topic, neither has merged the other
+    assert wait_for(lambda: "robot_a" in b.robots and "robot_b" in a.robots
+                    and len(b.robots["robot_a"].stamps) == len(a.robots["robot_a"].stamps)
+                    and len(a.robots["robot_b"].stamps) == len(b.robots["robot_b"].stamps))
+    assert not b.merged("robot_a") and not a.merged("robot_b")
+    # robot_b, near the end of the lap, sees where robot_a started
+    lc = loop_msg(BASE + int(39.55 * NS), BASE + int(0.45 * NS), _cam_loop(39.55, 0.45),
+                  np.diag([1e-4] * 3 + [1e-5] * 3), qid=7, mid=3)
+    lc.query_session, lc.match_session = robot_session("robot_b"), robot_session("robot_a")
+    loops_b.publish(LoopClosureArray(loops=[lc]))
+    assert wait_for(lambda: b.merged("robot_a") and nodes["robot_b"].stats.count("loops_added") == 1)
+    # robot_a's odometry frame (the world) in robot_b's map (robot_b's odometry frame)
+    te, re = rigid_error(b.origin("robot_a"), np.linalg.inv(origin_b))
+    assert te < 0.02 and re < 0.5, (te, re)
+    assert wait_for(lambda: markers and {m.ns for m in markers[-1].markers} >= {"robot_a", "robot_b", "loops"})
+    assert not a.merged("robot_b")   # robot_a got no loop
+    nodes["robot_b"].save_map("")
+    from megaloc_ros.backend.fleet_graph import FleetPoseGraph
+    again = FleetPoseGraph.load(str(tmp_path / "robot_b") + ".graph")
+    assert again.merged("robot_a") and np.allclose(again.origin("robot_a"), b.origin("robot_a"), atol=1e-6)

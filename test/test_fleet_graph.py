@@ -38,15 +38,15 @@ def test_a_robot_joins_the_map_at_its_first_inter_robot_loop():
     # a loop inside B first: B has no place in the map yet, the loop waits for it
     assert g.add_loop("b", int(tb[-3] * NS), "b", int(tb[0] * NS), cam_loop(tb[-3], tb[0])).status == "added"
     g.update()
-    assert not g.merged("b") and g.poses("b") is None and g.map_to_odom("b") is None
-    assert g.merged("a") and np.allclose(g.map_to_odom("a"), np.eye(4), atol=1e-6)
+    assert not g.merged("b") and g.poses("b") is None and g.origin("b") is None
+    assert g.merged("a") and np.allclose(g.origin("a"), np.eye(4), atol=1e-6)
     for t, T in zip(tb[-2:], odom_b[-2:]):
         g.add_keyframe("b", int(t * NS), T)
     # B, near the end of the lap, sees where A started
     g.add_loop("b", int(tb[-1] * NS), "a", int(ta[1] * NS), cam_loop(tb[-1], ta[1]))
     g.update()
     assert g.merged("b") and g.stats["inter_robot_loops"] == 1
-    te, re = rigid_error(g.map_to_odom("b"), origin)
+    te, re = rigid_error(g.origin("b"), origin)
     assert te < 1e-3 and re < 0.05, (te, re)       # exact odometry and loop: B's origin exactly
     P = g.poses("b")
     assert max(rigid_error(P[k], truth_at(t))[0] for k, t in enumerate(tb)) < 1e-3

@@ -16,20 +16,35 @@ initialised from that loop and the merged robot's current estimate, its nodes fr
 their odometry; every later solve moves ``o_r`` with the rest. ``update`` solves the merged robots'
 factors from the current estimate: Levenberg-Marquardt with a Huber loss on the loops, then the
 Cauchy loss from there (``robust`` "cauchy"; "huber" or "none" as in ``PoseGraph``, "gnc" is not
-offered here). Loop stamps attach to the nearest node within ``max_stamp_gap`` (no interpolation:
-the fleet's nodes are its keyframes, which the loops name).
+offered here).
+
+Nodes come from ``add_keyframe`` (a peer's shared nodes, or keyframes chosen by the caller) or
+from ``add_odometry`` (dense odometry, a node by ``PoseGraph``'s distance / angle / time rule). A
+loop end between two nodes of its robot is attached to the nearer one through the pose
+interpolated between them (``PoseGraph`` uses its dense odometry there; a peer's nodes are all a
+fleet graph knows of it); a loop with an end after its robot's last node waits until that robot's
+nodes reach it; one farther than ``max_stamp_gap`` from every node is refused.
+
+``save`` / ``load``: numpy .npz (no pickle): robots, their nodes, the loops, the estimate.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import gtsam
 import numpy as np
 
-from megaloc_ros.backend.pose_graph import (LoopResult, PoseGraphParams, _mat, _pose3, loop_edge, noise_model,
-                                            odometry_covariance)
-from megaloc_ros.errors import MegalocError
+from megaloc_ros.backend.pose_graph import (LoopResult, PoseGraphParams, _interpolate, _mat, _pose3, is_new_node,
+                                            loop_edge, noise_model, odometry_covariance)
+from megaloc_ros.errors import MapFileError, MegalocError
+from megaloc_ros.io.files import atomic_write
+
+FORMAT = "megaloc_ros.fleet_graph/1"
 
 
 @dataclass
@@ -42,18 +57,21 @@ class _Robot:
 class FleetPoseGraph:
     """See the module docstring. Not thread-safe: one caller at a time."""
 
-    def __init__(self, params: Optional[PoseGraphParams] = None):
+    def __init__(self, params: Optional[PoseGraphParams] = None, reference: Optional[str] = None):
+        """``reference``: the robot whose odometry frame is the map (default: the first one added)."""
         self.params = params or PoseGraphParams()
         if self.params.robust == "gnc":
             raise MegalocError("the fleet graph offers robust cauchy, huber or none (not gnc)")
         self.robots: dict[str, _Robot] = {}
-        self.reference: Optional[str] = None
+        self.reference: Optional[str] = reference
         # loops: (match robot, match node, query robot, query node, measurement, GTSAM covariance)
         self.loops: list[tuple[str, int, str, int, np.ndarray, np.ndarray]] = []
         self._merged: set[str] = set()
         self._estimate: dict[int, np.ndarray] = {}   # key -> 4x4, merged robots only
         self.merge_events: list[tuple[str, int]] = []  # (robot, loop count when it joined)
-        self.stats = {"nodes": 0, "loops": 0, "inter_robot_loops": 0, "refused": 0, "skipped_unit": 0}
+        self._pending: list[tuple] = []   # add_loop arguments of loops waiting for their nodes
+        self.stats = {"nodes": 0, "loops": 0, "inter_robot_loops": 0, "refused": 0, "skipped_unit": 0,
+                      "pending": 0}
 
     # ------------------------------------------------------------------ keys
     def _x(self, robot: str, i: int) -> int:
@@ -70,6 +88,7 @@ class FleetPoseGraph:
             r = self.robots[robot] = _Robot(len(self.robots))
             if self.reference is None:
                 self.reference = robot
+            if robot == self.reference:
                 self._merged.add(robot)
                 self._estimate[self._o(robot)] = np.eye(4)
         stamp_ns = int(stamp_ns)
@@ -84,15 +103,46 @@ class FleetPoseGraph:
             self._estimate[self._x(robot, i)] = (self._estimate[self._o(robot)] @ T if prev is None
                                                  else prev @ np.linalg.inv(r.odom[i - 1]) @ T)
         self.stats["nodes"] += 1
+        self._retry_pending()
         return len(r.stamps) - 1
 
-    def _node(self, robot: str, stamp_ns: int) -> Optional[int]:
+    def add_odometry(self, robot: str, stamp_ns: int, T_odom_base: np.ndarray) -> Optional[int]:
+        """A dense odometry sample of ``robot``: a node when it moved, turned or waited enough since
+        its last one (``PoseGraph``'s rule); returns the node's index, else None."""
         r = self.robots.get(robot)
-        if r is None or not r.stamps:
+        if r is not None and r.stamps:
+            if int(stamp_ns) <= r.stamps[-1] or not is_new_node(self.params, r.stamps[-1], r.odom[-1],
+                                                                int(stamp_ns), np.asarray(T_odom_base)):
+                return None
+        return self.add_keyframe(robot, stamp_ns, T_odom_base)
+
+    def robot_names(self) -> list[str]:
+        return list(self.robots)
+
+    def _attach(self, robot: str, stamp_ns: int):
+        """(node, node base -> base at ``stamp_ns``), "later" (after the robot's last node) or None."""
+        r = self.robots.get(robot)
+        if r is None or not r.stamps or stamp_ns > r.stamps[-1]:
+            return "later"
+        s, gap = r.stamps, self.params.max_stamp_gap * 1e9
+        j = bisect.bisect_left(s, stamp_ns)
+        if j < len(s) and s[j] == stamp_ns:
+            return j, np.eye(4)
+        if j == 0:
+            return (0, np.eye(4)) if s[0] - stamp_ns <= gap else None
+        n = j - 1 if stamp_ns - s[j - 1] <= s[j] - stamp_ns else j
+        if abs(s[n] - stamp_ns) > gap:
             return None
-        s = np.asarray(r.stamps)
-        j = int(np.argmin(np.abs(s - stamp_ns)))
-        return j if abs(int(s[j]) - stamp_ns) <= self.params.max_stamp_gap * 1e9 else None
+        T = _interpolate(stamp_ns, s[j - 1], r.odom[j - 1], s[j], r.odom[j])
+        return n, np.linalg.inv(r.odom[n]) @ T
+
+    def _retry_pending(self) -> None:
+        if not self._pending:
+            return
+        waiting, self._pending = self._pending, []
+        for args in waiting:
+            self.add_loop(*args)   # either attached now, or back in the list
+        self.stats["pending"] = len(self._pending)
 
     def add_loop(self, query_robot: str, query_stamp_ns: int, match_robot: str, match_stamp_ns: int,
                  T_match_query: np.ndarray, covariance: Optional[np.ndarray] = None,
@@ -101,14 +151,21 @@ class FleetPoseGraph:
         if not metric_scale:
             self.stats["skipped_unit"] += 1
             return LoopResult("skipped_unit", "translation is a unit direction (no depth): not a metric constraint")
-        nq, nm = self._node(query_robot, int(query_stamp_ns)), self._node(match_robot, int(match_stamp_ns))
-        if nq is None or nm is None:
+        aq, am = self._attach(query_robot, int(query_stamp_ns)), self._attach(match_robot, int(match_stamp_ns))
+        if aq is None or am is None:
             self.stats["refused"] += 1
-            return LoopResult("refused", "a stamp is not at a node of its robot")
+            return LoopResult("refused", "a stamp is outside its robot's nodes")
+        if "later" in (aq, am):
+            self._pending.append((query_robot, query_stamp_ns, match_robot, match_stamp_ns,
+                                  np.asarray(T_match_query, np.float64).copy(), covariance, True))
+            self._pending = self._pending[-1000:]
+            self.stats["pending"] = len(self._pending)
+            return LoopResult("pending", "a stamp is after its robot's last node: waits for it")
+        (nq, Dq), (nm, Dm) = aq, am
         if query_robot == match_robot and nq == nm:
             self.stats["refused"] += 1
             return LoopResult("refused", "both ends fall on the same node")
-        M, cov = loop_edge(self.params, np.eye(4), np.eye(4), T_match_query, covariance)
+        M, cov = loop_edge(self.params, Dq, Dm, T_match_query, covariance)
         self.loops.append((match_robot, nm, query_robot, nq, M, cov))
         self.stats["loops"] += 1
         self.stats["inter_robot_loops"] += query_robot != match_robot
@@ -184,6 +241,69 @@ class FleetPoseGraph:
             return None
         return np.stack([self._estimate[self._x(robot, i)] for i in range(len(self.robots[robot].stamps))])
 
-    def map_to_odom(self, robot: str) -> Optional[np.ndarray]:
-        """T_map_odom of ``robot`` (where its odometry frame sits in the map), or None."""
+    def origin(self, robot: str) -> Optional[np.ndarray]:
+        """Where ``robot``'s odometry origin sits in the map (its variable ``o``), or None."""
         return self._estimate[self._o(robot)].copy() if robot in self._merged else None
+
+    def map_to_odom(self, robot: str) -> Optional[np.ndarray]:
+        """The correction T_map_odom of ``robot`` now: its latest node's map pose times the inverse
+        of that node's odometry (``PoseGraph.map_to_odom``), or None while it is not merged."""
+        if robot not in self._merged or not self.robots[robot].stamps:
+            return None
+        r = self.robots[robot]
+        return self._estimate[self._x(robot, len(r.stamps) - 1)] @ np.linalg.inv(r.odom[-1])
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write the graph to ``path`` atomically (npz, no pickle)."""
+        names = list(self.robots)
+        robots = [{"name": n, "stamps": [int(x) for x in self.robots[n].stamps]} for n in names]
+        meta = {"format": FORMAT, "params": dataclasses.asdict(self.params), "reference": self.reference,
+                "robots": robots, "merged": sorted(self._merged),
+                "loops": [[rm, int(nm), rq, int(nq)] for rm, nm, rq, nq, _, _ in self.loops]}
+        odom = [T for n in names for T in self.robots[n].odom]
+        est = [[n, i] for n in names for i in range(len(self.robots[n].stamps)) if self._x(n, i) in self._estimate]
+        with atomic_write(Path(path)) as f:
+            np.savez_compressed(
+                f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                odom=np.array(odom, np.float64).reshape(-1, 4, 4),
+                loop_meas=np.array([lp[4] for lp in self.loops], np.float64).reshape(-1, 4, 4),
+                loop_cov=np.array([lp[5] for lp in self.loops], np.float64).reshape(-1, 6, 6),
+                anchors=np.array([self._estimate[self._o(n)] for n in names if n in self._merged],
+                                 np.float64).reshape(-1, 4, 4),
+                estimate=np.array([self._estimate[self._x(n, i)] for n, i in est], np.float64).reshape(-1, 4, 4))
+
+    @classmethod
+    def load(cls, path, params: Optional[PoseGraphParams] = None) -> "FleetPoseGraph":
+        """The graph saved at ``path`` (its settings unless ``params`` is given)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes().decode())
+                if meta.get("format") != FORMAT:
+                    raise MapFileError(f"{path}: not a {FORMAT} file")
+                d = {k: z[k] for k in z.files}
+        except MapFileError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise MapFileError(f"{path} is not a fleet pose graph ({exc})") from None
+        stored = dict(meta["params"])
+        stored["base_T_camera"] = tuple(stored["base_T_camera"])
+        g = cls(params or PoseGraphParams(**stored))
+        k = 0
+        for rob in meta["robots"]:
+            r = g.robots[rob["name"]] = _Robot(len(g.robots))
+            r.stamps = [int(x) for x in rob["stamps"]]
+            r.odom = [np.array(T) for T in d["odom"][k:k + len(r.stamps)]]
+            k += len(r.stamps)
+        g.reference = meta["reference"]
+        g._merged = set(meta["merged"])
+        g.loops = [(rm, nm, rq, nq, d["loop_meas"][i], d["loop_cov"][i])
+                   for i, (rm, nm, rq, nq) in enumerate(meta["loops"])]
+        for n, T in zip([n for n in g.robots if n in g._merged], d["anchors"]):
+            g._estimate[g._o(n)] = np.array(T)
+        est = [(n, i) for n in g.robots for i in range(len(g.robots[n].stamps)) if n in g._merged]
+        for (n, i), T in zip(est, d["estimate"]):
+            g._estimate[g._x(n, i)] = np.array(T)
+        g.stats.update(nodes=k, loops=len(g.loops), inter_robot_loops=sum(lp[0] != lp[2] for lp in g.loops))
+        g.update()
+        return g

@@ -151,6 +151,16 @@ def _interpolate(t: int, t0: int, T0: np.ndarray, t1: int, T1: np.ndarray) -> np
     return out
 
 
+def is_new_node(params: PoseGraphParams, last_stamp_ns: int, last_T: np.ndarray, stamp_ns: int,
+                T: np.ndarray) -> bool:
+    """Whether odometry ``T`` at ``stamp_ns`` is far enough (distance, angle or time) from the last
+    node to be a new one."""
+    D = np.linalg.inv(last_T) @ T
+    ang = np.linalg.norm(Rotation.from_matrix(D[:3, :3]).as_rotvec())
+    return (np.linalg.norm(D[:3, 3]) >= params.keyframe_distance or ang >= params.keyframe_angle
+            or (stamp_ns - last_stamp_ns) * 1e-9 >= params.keyframe_interval)
+
+
 def odometry_covariance(params: PoseGraphParams, D: np.ndarray) -> np.ndarray:
     """GTSAM-order covariance of the odometry increment ``D`` between two nodes (module doc)."""
     dist = float(np.linalg.norm(D[:3, 3]))
@@ -230,11 +240,7 @@ class PoseGraph:
         return node
 
     def _is_keyframe(self, stamp_ns: int, T: np.ndarray) -> bool:
-        D = np.linalg.inv(self.odom[-1]) @ T
-        p = self.params
-        ang = np.linalg.norm(Rotation.from_matrix(D[:3, :3]).as_rotvec())
-        return (np.linalg.norm(D[:3, 3]) >= p.keyframe_distance or ang >= p.keyframe_angle
-                or (stamp_ns - self.stamps[-1]) * 1e-9 >= p.keyframe_interval)
+        return is_new_node(self.params, self.stamps[-1], self.odom[-1], stamp_ns, T)
 
     def add_keyframe(self, stamp_ns: int, T_odom_base: np.ndarray) -> int:
         """Force a node at this odometry pose; returns its index."""

@@ -129,7 +129,7 @@ def run(drift: Optional[TE.DriftModel] = None, seeds: int = 10, split: Optional[
             # B's origin in the map after the alignment the ATE uses (the map frame itself is A's
             # odometry frame, which drifts from the world with nothing to correct it absolutely)
             align = TE.umeyama_se3(est[:, :3, 3], gt[:, :3, 3])
-            origin = rigid_error(align @ g.map_to_odom(ROBOTS[1]), gt[split])
+            origin = rigid_error(align @ g.origin(ROBOTS[1]), gt[split])
         else:
             ate, origin = float("nan"), (float("nan"), float("nan"))
         single = TE.optimise(seq, d.apply(gt), loops, gp)
