@@ -1,9 +1,49 @@
 """Shared fixtures. Real data comes from the repository's data/ (see data/README.md)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import venv
+from pathlib import Path
+
 import pytest
 
 from megaloc_ros.io import datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clean_env(**extra) -> dict:
+    """The environment without the project's paths and caches (what a user's shell has)."""
+    drop = ("PYTHONPATH", "LD_LIBRARY_PATH", "AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "VIRTUAL_ENV",
+            "MEGALOC_CACHE", "MEGALOC_ROS_ROOT", "MEGALOC_MODEL", "XDG_CACHE_HOME", "COLCON_PREFIX_PATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def installed_venv(tmp_path_factory):
+    """`pip install .` of what a clone holds (package, requirements, setup.py; no data, no tests)
+    into a venv of its own: only tools/requirements/runtime.txt, no torch, no ROS. Shared by the
+    tests of the installed package (one install: ~1 min). (venv dir, its python, a user's
+    environment with HOME and XDG_CACHE_HOME under the temporary directory)."""
+    tmp = tmp_path_factory.mktemp("installed")
+    env_dir = tmp / "venv"
+    venv.create(env_dir, with_pip=True)
+    env = clean_env(HOME=str(tmp / "home"), XDG_CACHE_HOME=str(tmp / "xdg"))
+    src = tmp / "src"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if f.startswith(("megaloc_ros/", "tools/requirements/")) or f in ("setup.py", "MANIFEST.in", "README.md"):
+            if (ROOT / f).is_file():
+                (src / f).parent.mkdir(parents=True, exist_ok=True)
+                (src / f).write_bytes((ROOT / f).read_bytes())
+    r = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(src)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return env_dir, env_dir / "bin" / "python", env
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import venv
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from conftest import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 REQ = ROOT / "tools" / "requirements"
@@ -226,20 +227,12 @@ def test_megaloc_ros_command_is_installed_by_colcon():
     assert re.search(r"install\(PROGRAMS[^)]*scripts/megaloc-ros", cmake)
 
 
-def _clean_env(**extra) -> dict:
-    """The environment without the project's paths and caches (what a user's shell has)."""
-    drop = ("PYTHONPATH", "LD_LIBRARY_PATH", "AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "VIRTUAL_ENV",
-            "MEGALOC_CACHE", "MEGALOC_ROS_ROOT", "MEGALOC_MODEL", "XDG_CACHE_HOME", "COLCON_PREFIX_PATH")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(extra)
-    return env
-
 
 def test_default_cache_is_the_users_cache_directory(tmp_path):
     code = "from megaloc_ros.encoding.cache import cache_root; print(cache_root())"
 
     def root(**env):
-        r = subprocess.run([sys.executable, "-c", code], env=_clean_env(PYTHONPATH=str(ROOT), **env),
+        r = subprocess.run([sys.executable, "-c", code], env=clean_env(PYTHONPATH=str(ROOT), **env),
                            cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         return Path(r.stdout.strip())
@@ -249,7 +242,7 @@ def test_default_cache_is_the_users_cache_directory(tmp_path):
     assert root(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "xdg"), MEGALOC_CACHE="/somewhere") == Path("/somewhere")
     # tools/with_env.sh (make test, make demo) keeps the repository's cache
     r = subprocess.run([str(ROOT / "tools" / "with_env.sh"), "python", "-c", code],
-                       env=_clean_env(), cwd=tmp_path, capture_output=True, text=True)
+                       env=clean_env(), cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and Path(r.stdout.strip()) == ROOT / ".cache", r.stderr[-2000:]
 
 
@@ -274,26 +267,12 @@ print(json.dumps({"descriptor": f.descriptor.tolist(), "patches": list(f.patch_f
 
 
 @pytest.mark.slow
-def test_clean_venv_with_the_runtime_dependencies_encodes_with_an_exported_model(tmp_path):
+def test_clean_venv_with_the_runtime_dependencies_encodes_with_an_exported_model(installed_venv, tmp_path):
     """`pip install .` into a venv of its own (only runtime.txt, no torch, no ROS), then the node's
     encoder on the offline ONNX model gives the descriptor the development environment gives."""
     model = offline_model()
     image = ROOT / "data" / "rtabmap" / "1.jpg"
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    py = env_dir / "bin" / "python"
-    env = _clean_env(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
-    src = tmp_path / "src"
-    # what a clone has, minus the data and tests
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if f.startswith(("megaloc_ros/", "tools/requirements/")) or f in ("setup.py", "MANIFEST.in", "README.md"):
-            if (ROOT / f).is_file():
-                (src / f).parent.mkdir(parents=True, exist_ok=True)
-                (src / f).write_bytes((ROOT / f).read_bytes())
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(src)], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    env_dir, py, env = installed_venv
     r = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], env=env, capture_output=True, text=True)
     installed = {canonicalize_name(d["name"]) for d in json.loads(r.stdout)}
     assert set(declared("runtime")) <= installed and "torch" not in installed
@@ -302,7 +281,7 @@ def test_clean_venv_with_the_runtime_dependencies_encodes_with_an_exported_model
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(env_dir)), out["file"]  # the installed copy, not the working tree
-    assert Path(out["cache"]) == tmp_path / "xdg" / "megaloc_ros"
+    assert Path(out["cache"]) == Path(env["XDG_CACHE_HOME"]) / "megaloc_ros"
     from megaloc_ros.encoding.encoder import Encoder
     from megaloc_ros.io.images import read_image_file
     ref = Encoder(model, device="cpu").encode([read_image_file(image)])[0]

@@ -1,9 +1,7 @@
 """Packaging: the core imports without ROS, and `pip install .` works in a plain venv."""
-import os
 import pkgutil
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -72,23 +70,10 @@ def exported_model():
 
 
 @pytest.mark.slow
-def test_pip_install_in_plain_venv(tmp_path):
+def test_pip_install_in_plain_venv(installed_venv, tmp_path):
     """`pip install .` with no ROS and no torch, then import every core module, run the Encoder
     on an exported model (when there is one) and the CLI."""
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    py = env_dir / "bin" / "python"
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("PYTHONPATH", "LD_LIBRARY_PATH", "AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "VIRTUAL_ENV")}
-    src = tmp_path / "src"
-    # copy only what git tracks, as a fresh clone would have it
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if f.startswith(("megaloc_ros/", "tools/requirements/")) or f in ("setup.py", "MANIFEST.in", "README.md"):
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            (src / f).write_bytes((ROOT / f).read_bytes())
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(src)], env=clean, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    env_dir, py, clean = installed_venv
     model = exported_model()
     args = [",".join(NOT_CORE)] + ([str(model), str(ROOT / "data" / "rtabmap" / "1.jpg")] if model else [])
     r = subprocess.run([str(py), "-c", CORE_CHECK, *args], env=clean, cwd=tmp_path, capture_output=True, text=True)
