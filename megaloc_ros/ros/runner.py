@@ -203,9 +203,6 @@ class NodeSet:
                 pass
         if self.context is not None:
             rclpy.try_shutdown(context=self.context)
-            # and finalise it now: its DDS participant (with every endpoint of a node whose start
-            # failed) otherwise stays in the graph until garbage collection
-            self.context.destroy()
         self.loop_closure = self.verifier = self.helper_node = None
         self._executor = self._thread = None
 
