@@ -362,7 +362,7 @@ def test_pose_graph_nodes_of_two_robots_merge_at_their_first_loop(ros, tmp_path)
     from nav_msgs.msg import Odometry
     from visualization_msgs.msg import MarkerArray
 
-    from megaloc_ros.evaluation.fleet_trajectory import rigid_error
+    from megaloc_ros.verification.metric_pose import pose_error
     from megaloc_ros.fleet import robot_session
     from megaloc_ros.ros.pose_graph_node import PoseGraphNode
     params = [Parameter("graph.base_T_camera", value=[float(v) for v in BASE_T_CAM.reshape(-1)]),
@@ -404,7 +404,7 @@ def test_pose_graph_nodes_of_two_robots_merge_at_their_first_loop(ros, tmp_path)
     loops_b.publish(LoopClosureArray(loops=[lc]))
     assert wait_for(lambda: b.merged("robot_a") and nodes["robot_b"].stats.count("loops_added") == 1)
     # robot_a's odometry frame (the world) in robot_b's map (robot_b's odometry frame)
-    te, re = rigid_error(b.origin("robot_a"), np.linalg.inv(origin_b))
+    te, re = pose_error(b.origin("robot_a"), np.linalg.inv(origin_b))
     assert te < 0.02 and re < 0.5, (te, re)
     assert wait_for(lambda: markers and {m.ns for m in markers[-1].markers} >= {"robot_a", "robot_b", "loops"})
     assert not a.merged("robot_b")   # robot_a got no loop

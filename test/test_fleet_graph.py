@@ -9,7 +9,7 @@ import pytest
 from megaloc_ros.backend.fleet_graph import FleetPoseGraph
 from megaloc_ros.backend.pose_graph import PoseGraphParams
 from megaloc_ros.errors import MegalocError
-from megaloc_ros.evaluation.fleet_trajectory import rigid_error
+from megaloc_ros.verification.metric_pose import pose_error
 from megaloc_ros.types import SECOND_NS as NS
 from test_pose_graph import BASE_T_CAM, cam_loop, drifted, truth_at
 
@@ -46,10 +46,10 @@ def test_a_robot_joins_the_map_at_its_first_inter_robot_loop():
     g.add_loop("b", int(tb[-1] * NS), "a", int(ta[1] * NS), cam_loop(tb[-1], ta[1]))
     g.update()
     assert g.merged("b") and g.stats["inter_robot_loops"] == 1
-    te, re = rigid_error(g.origin("b"), origin)
+    te, re = pose_error(g.origin("b"), origin)
     assert te < 1e-3 and re < 0.05, (te, re)       # exact odometry and loop: B's origin exactly
     P = g.poses("b")
-    assert max(rigid_error(P[k], truth_at(t))[0] for k, t in enumerate(tb)) < 1e-3
+    assert max(pose_error(P[k], truth_at(t))[0] for k, t in enumerate(tb)) < 1e-3
 
 
 def test_drifted_robots_end_up_in_one_frame():
@@ -63,9 +63,9 @@ def test_drifted_robots_end_up_in_one_frame():
     g.add_loop("b", int(tb[-1] * NS), "a", int(ta[1] * NS), cam_loop(tb[-1], ta[1]))
     g.update()
     P = g.poses("b")
-    merged = max(rigid_error(P[k], truth_at(t))[0] for k, t in enumerate(tb))
+    merged = max(pose_error(P[k], truth_at(t))[0] for k, t in enumerate(tb))
     # B's odometry put in the map at its true origin (the best it could do without the loops)
-    alone = max(rigid_error(origin @ T, truth_at(t))[0] for T, t in zip(odom_b, tb))
+    alone = max(pose_error(origin @ T, truth_at(t))[0] for T, t in zip(odom_b, tb))
     assert merged < 0.25 * alone, (merged, alone)
 
 

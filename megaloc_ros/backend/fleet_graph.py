@@ -39,6 +39,7 @@ from typing import Optional
 import gtsam
 import numpy as np
 
+from megaloc_ros import fleet
 from megaloc_ros.backend.pose_graph import (LoopResult, PoseGraphParams, _interpolate, _mat, _pose3, is_new_node,
                                             loop_edge, noise_model, odometry_covariance)
 from megaloc_ros.errors import MapFileError, MegalocError
@@ -70,6 +71,7 @@ class FleetPoseGraph:
         self._estimate: dict[int, np.ndarray] = {}   # key -> 4x4, merged robots only
         self.merge_events: list[tuple[str, int]] = []  # (robot, loop count when it joined)
         self._pending: list[tuple] = []   # add_loop arguments of loops waiting for their nodes
+        self.needs_update = False         # loops added since the last ``update``
         self.stats = {"nodes": 0, "loops": 0, "inter_robot_loops": 0, "refused": 0, "skipped_unit": 0,
                       "pending": 0}
 
@@ -116,8 +118,25 @@ class FleetPoseGraph:
                 return None
         return self.add_keyframe(robot, stamp_ns, T_odom_base)
 
+    def add_nodes(self, robot: str, stamps, poses) -> int:
+        """A robot's shared nodes (stamps ns, odometry poses 4x4), of which those after its last
+        node are added (a peer resends its whole chain); returns how many were."""
+        r = self.robots.get(robot)
+        last = r.stamps[-1] if r is not None and r.stamps else -1
+        added = 0
+        for stamp, T in zip(stamps, poses):
+            if int(stamp) > last:
+                self.add_keyframe(robot, int(stamp), T)
+                last, added = int(stamp), added + 1
+        return added
+
     def robot_names(self) -> list[str]:
         return list(self.robots)
+
+    def robot_of_session(self, session: int) -> Optional[str]:
+        """The robot (this graph knows) whose fleet session is ``session`` (``fleet.robot_session``)."""
+        names = list(self.robots) + ([self.reference] if self.reference else [])
+        return next((n for n in names if fleet.robot_session(n) == session), None)
 
     def _attach(self, robot: str, stamp_ns: int):
         """(node, node base -> base at ``stamp_ns``), "later" (after the robot's last node) or None."""
@@ -168,6 +187,7 @@ class FleetPoseGraph:
         M, cov = loop_edge(self.params, Dq, Dm, T_match_query, covariance)
         self.loops.append((match_robot, nm, query_robot, nq, M, cov))
         self.stats["loops"] += 1
+        self.needs_update = True
         self.stats["inter_robot_loops"] += query_robot != match_robot
         self._merge()
         return LoopResult("added", "", nq, nm)
@@ -230,6 +250,7 @@ class FleetPoseGraph:
         for loss in stages:
             values = gtsam.LevenbergMarquardtOptimizer(self._graph(loss), values, lp).optimize()
         self._estimate = {k: _mat(values.atPose3(k)) for k in self._estimate}
+        self.needs_update = False
 
     # ------------------------------------------------------------------ output
     def merged(self, robot: str) -> bool:

@@ -86,11 +86,12 @@ def rotation_error_deg(loop, poses, q: int, m: int) -> Optional[float]:
     motion capture's; None without a transform or poses. A loop whose pair is covisible but whose
     transform is wrong (the cabinet seen from its other, similar-looking side) misleads a back end
     as much as a false loop does."""
+    from megaloc_ros.verification.metric_pose import pose_error
     if poses is None or loop.transform is None:
         return None
-    R_true = (np.linalg.inv(poses[m]) @ poses[q])[:3, :3]
-    c = (np.trace(np.asarray(loop.transform.rotation).T @ R_true) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+    T = np.eye(4)
+    T[:3, :3] = loop.transform.rotation
+    return pose_error(T, np.linalg.inv(poses[m]) @ poses[q])[1]
 
 
 def _features(encoder, paths):

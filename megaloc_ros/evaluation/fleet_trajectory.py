@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from megaloc_ros.evaluation import trajectory_eval as TE
+from megaloc_ros.verification.metric_pose import pose_error
 
 ROBOTS = ("robot_a", "robot_b")
 
@@ -36,13 +37,6 @@ def split_odometry(gt: np.ndarray, split: int, drift: TE.DriftModel) -> tuple[np
     rel = np.einsum("ij,njk->nik", np.linalg.inv(gt[split]), gt[split:])
     b = TE.DriftModel(drift.sigma_t, drift.sigma_yaw_deg, drift.seed + 1000, drift.up).apply(rel)
     return a, b
-
-
-def rigid_error(T: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """(translation m, rotation deg) between two rigid transforms."""
-    D = np.linalg.inv(truth) @ T
-    c = (np.trace(D[:3, :3]) - 1.0) / 2.0
-    return float(np.linalg.norm(D[:3, 3])), float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
 
 
 @dataclass
@@ -129,7 +123,7 @@ def run(drift: Optional[TE.DriftModel] = None, seeds: int = 10, split: Optional[
             # B's origin in the map after the alignment the ATE uses (the map frame itself is A's
             # odometry frame, which drifts from the world with nothing to correct it absolutely)
             align = TE.umeyama_se3(est[:, :3, 3], gt[:, :3, 3])
-            origin = rigid_error(align @ g.origin(ROBOTS[1]), gt[split])
+            origin = pose_error(align @ g.origin(ROBOTS[1]), gt[split])
         else:
             ate, origin = float("nan"), (float("nan"), float("nan"))
         single = TE.optimise(seq, d.apply(gt), loops, gp)

@@ -116,7 +116,6 @@ class PoseGraphNode(ManagedNode):
         super().__init__(node_name, pose_graph_node_specs(), "graph", PoseGraphParams, **kwargs)
         self.graph = None   # PoseGraph, or FleetPoseGraph with fleet_graph_topic
         self.robot = ""     # fleet name, with fleet_graph_topic set
-        self._robots: dict[int, str] = {}   # fleet session -> robot name
         self._pub_fleet = None
         self._fleet_sent = 0.0
         self._fleet_nodes_sent = 0
@@ -143,7 +142,6 @@ class PoseGraphNode(ManagedNode):
             raise MegalocError(f"fleet_graph_topic must be absolute (shared by every robot), got {topic!r}")
         if topic:
             self.robot = fleet.robot_name(self.get_namespace(), self._param("fleet_robot"))
-            self._robots = {fleet.robot_session(self.robot): self.robot}
         with self._lock:
             if state and Path(state).exists():
                 self.graph = (FleetPoseGraph.load(state, self._build_params()) if topic
@@ -152,8 +150,6 @@ class PoseGraphNode(ManagedNode):
             else:
                 self.graph = FleetPoseGraph(self._build_params(), self.robot) if topic else \
                     PoseGraph(self._build_params())
-            if topic:
-                self._robots.update({fleet.robot_session(n): n for n in self.graph.robot_names()})
         self._pub_path = self.create_lifecycle_publisher(PathMsg, "~/path", LATCHED)
         self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", LATCHED)
         self._pub_correction = self.create_lifecycle_publisher(TransformStamped, "~/map_to_odom", 10)
@@ -207,15 +203,12 @@ class PoseGraphNode(ManagedNode):
                 self._odom_frame = self._param("odom_frame") or msg.header.frame_id or "odom"
                 self._base_frame = msg.child_frame_id
                 if self.robot:
-                    loops = self.graph.stats["loops"]
-                    node = self.graph.add_odometry(self.robot, stamp, T)
-                    if node is None:
+                    if self.graph.add_odometry(self.robot, stamp, T) is None:
                         return
-                    if self.graph.stats["loops"] > loops:   # a waiting loop reached its node
+                    if self.graph.needs_update:   # a waiting loop reached its node
                         self.graph.update()
                 else:
-                    node = self.graph.add_odometry(stamp, T)
-                    if node is None:
+                    if self.graph.add_odometry(stamp, T) is None:
                         return
                     self.graph.update()
                 self._dirty = True
@@ -244,7 +237,8 @@ class PoseGraphNode(ManagedNode):
                 T[:3, :3], T[:3, 3] = rp.rotation, rp.translation
                 with self._lock:
                     if self.robot:
-                        qr, mr = self._robots.get(lc.query_session), self._robots.get(lc.match_session)
+                        qr, mr = self.graph.robot_of_session(lc.query_session), \
+                            self.graph.robot_of_session(lc.match_session)
                         if qr is None or mr is None:
                             self.stats.inc("loops_unknown_robot")
                             self.get_logger().warning(
@@ -283,20 +277,14 @@ class PoseGraphNode(ManagedNode):
         if not peer or peer == self.robot:
             return
         try:
+            stamps = [conv.stamp_to_ns(ps.header.stamp) for ps in msg.poses]
+            poses = [conv.pose_to_matrix(ps.pose) for ps in msg.poses]
             with self._lock:
-                self._robots[fleet.robot_session(peer)] = peer
-                r = self.graph.robots.get(peer)
-                last = r.stamps[-1] if r is not None and r.stamps else -1
-                merged, loops, added = self.graph.merged(peer), self.graph.stats["loops"], 0
-                for ps in msg.poses:
-                    stamp = conv.stamp_to_ns(ps.header.stamp)
-                    if stamp > last:
-                        self.graph.add_keyframe(peer, stamp, conv.pose_to_matrix(ps.pose))
-                        last, added = stamp, added + 1
+                added = self.graph.add_nodes(peer, stamps, poses)
                 if added:
                     self.stats.inc("fleet_nodes_received", added)
                     self._dirty = True
-                if self.graph.stats["loops"] > loops or (merged and added):
+                if self.graph.needs_update:   # waiting loops reached the new nodes
                     self.graph.update()
         except Exception as exc:
             self.stats.error("fleet_errors", str(exc))
