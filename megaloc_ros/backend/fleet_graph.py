@@ -40,8 +40,8 @@ import gtsam
 import numpy as np
 
 from megaloc_ros import fleet
-from megaloc_ros.backend.pose_graph import (LoopResult, PoseGraphParams, _interpolate, _mat, _pose3, is_new_node,
-                                            loop_edge, noise_model, odometry_covariance)
+from megaloc_ros.backend.pose_graph import (LoopResult, PoseGraphParams, interpolate_pose, is_new_node, loop_edge,
+                                            noise_model, odometry_covariance, to_matrix, to_pose3)
 from megaloc_ros.errors import MapFileError, MegalocError
 from megaloc_ros.io.files import atomic_write
 
@@ -152,7 +152,7 @@ class FleetPoseGraph:
         n = j - 1 if stamp_ns - s[j - 1] <= s[j] - stamp_ns else j
         if abs(s[n] - stamp_ns) > gap:
             return None
-        T = _interpolate(stamp_ns, s[j - 1], r.odom[j - 1], s[j], r.odom[j])
+        T = interpolate_pose(stamp_ns, s[j - 1], r.odom[j - 1], s[j], r.odom[j])
         return n, np.linalg.inv(r.odom[n]) @ T
 
     def _retry_pending(self) -> None:
@@ -219,19 +219,19 @@ class FleetPoseGraph:
         p = self.params
         g = gtsam.NonlinearFactorGraph()
         tight = gtsam.noiseModel.Isotropic.Sigma(6, p.prior_sigma)
-        g.add(gtsam.PriorFactorPose3(self._o(self.reference), _pose3(np.eye(4)), tight))
+        g.add(gtsam.PriorFactorPose3(self._o(self.reference), to_pose3(np.eye(4)), tight))
         for name in self._merged:
             r = self.robots[name]
             if not r.stamps:
                 continue
-            g.add(gtsam.BetweenFactorPose3(self._o(name), self._x(name, 0), _pose3(r.odom[0]), tight))
+            g.add(gtsam.BetweenFactorPose3(self._o(name), self._x(name, 0), to_pose3(r.odom[0]), tight))
             for i in range(1, len(r.stamps)):
                 D = np.linalg.inv(r.odom[i - 1]) @ r.odom[i]
-                g.add(gtsam.BetweenFactorPose3(self._x(name, i - 1), self._x(name, i), _pose3(D),
+                g.add(gtsam.BetweenFactorPose3(self._x(name, i - 1), self._x(name, i), to_pose3(D),
                                                noise_model(p, "odom", odometry_covariance(p, D))))
         for rm, nm, rq, nq, M, cov in self.loops:
             if rm in self._merged and rq in self._merged:
-                g.add(gtsam.BetweenFactorPose3(self._x(rm, nm), self._x(rq, nq), _pose3(M),
+                g.add(gtsam.BetweenFactorPose3(self._x(rm, nm), self._x(rq, nq), to_pose3(M),
                                                noise_model(p, "loop", cov, loss)))
         return g
 
@@ -241,7 +241,7 @@ class FleetPoseGraph:
             return
         values = gtsam.Values()
         for k, T in self._estimate.items():
-            values.insert(k, _pose3(T))
+            values.insert(k, to_pose3(T))
         lp = gtsam.LevenbergMarquardtParams()
         lp.setMaxIterations(self.params.iterations)
         lp.setRelativeErrorTol(1e-10)
@@ -249,7 +249,7 @@ class FleetPoseGraph:
         stages = ["huber", "cauchy"] if self.params.robust == "cauchy" else [self.params.robust]
         for loss in stages:
             values = gtsam.LevenbergMarquardtOptimizer(self._graph(loss), values, lp).optimize()
-        self._estimate = {k: _mat(values.atPose3(k)) for k in self._estimate}
+        self._estimate = {k: to_matrix(values.atPose3(k)) for k in self._estimate}
         self.needs_update = False
 
     # ------------------------------------------------------------------ output

@@ -127,12 +127,14 @@ class LoopResult:
     match_node: int = -1
 
 
-def _pose3(T: np.ndarray) -> gtsam.Pose3:
+def to_pose3(T: np.ndarray) -> gtsam.Pose3:
+    """A 4x4 rigid transform as a gtsam.Pose3."""
     T = np.asarray(T, np.float64)
     return gtsam.Pose3(gtsam.Rot3(T[:3, :3]), gtsam.Point3(*T[:3, 3]))
 
 
-def _mat(p: gtsam.Pose3) -> np.ndarray:
+def to_matrix(p: gtsam.Pose3) -> np.ndarray:
+    """A gtsam.Pose3 as a 4x4 matrix."""
     return np.asarray(p.matrix(), np.float64)
 
 
@@ -141,7 +143,9 @@ def to_gtsam_cov(cov_xyz_rpy: np.ndarray) -> np.ndarray:
     return c[np.ix_(_TO_GTSAM, _TO_GTSAM)]
 
 
-def _interpolate(t: int, t0: int, T0: np.ndarray, t1: int, T1: np.ndarray) -> np.ndarray:
+def interpolate_pose(t: int, t0: int, T0: np.ndarray, t1: int, T1: np.ndarray) -> np.ndarray:
+    """The pose at stamp ``t`` between (t0, T0) and (t1, T1): translation linear, rotation slerp
+    (clamped to the ends)."""
     if t1 == t0:
         return T0.copy()
     a = min(max((t - t0) / (t1 - t0), 0.0), 1.0)
@@ -182,7 +186,7 @@ def loop_edge(params: PoseGraphParams, Dq: np.ndarray, Dm: np.ndarray, Z: np.nda
     if cov is None or not np.any(cov) or not np.all(np.isfinite(cov)):
         cov = np.diag([params.loop_default_sigma_t ** 2] * 3 + [params.loop_default_sigma_r ** 2] * 3)
     cg = to_gtsam_cov(cov) + np.diag([params.loop_min_sigma_r ** 2] * 3 + [params.loop_min_sigma_t ** 2] * 3)
-    A = _pose3(Dq @ Xc).AdjointMap()
+    A = to_pose3(Dq @ Xc).AdjointMap()
     cg = A @ cg @ A.T
     return M, 0.5 * (cg + cg.T)
 
@@ -259,7 +263,7 @@ class PoseGraph:
             self._add_factor("odom", i - 1, i, D, odometry_covariance(p, D))
             prev = self._current(i - 1)
             guess = prev @ D
-        self._init.insert(X(i), _pose3(guess))
+        self._init.insert(X(i), to_pose3(guess))
         self.stamps.append(stamp_ns)
         self.odom.append(T)
         self._recent.clear()
@@ -274,15 +278,15 @@ class PoseGraph:
         """``loss``: of a loop factor, default ``params.robust`` (gnc: plain, GNC wraps it)."""
         noise = noise_model(self.params, kind, cov, loss)
         if kind == "prior":
-            return gtsam.PriorFactorPose3(X(a), _pose3(meas), noise)
-        return gtsam.BetweenFactorPose3(X(a), X(b), _pose3(meas), noise)
+            return gtsam.PriorFactorPose3(X(a), to_pose3(meas), noise)
+        return gtsam.BetweenFactorPose3(X(a), X(b), to_pose3(meas), noise)
 
     def _current(self, i: int) -> np.ndarray:
         if self._init.exists(X(i)):
-            return _mat(self._init.atPose3(X(i)))
+            return to_matrix(self._init.atPose3(X(i)))
         if self._estimate is not None and self._estimate.exists(X(i)):
-            return _mat(self._estimate.atPose3(X(i)))
-        return _mat(self._isam.calculateEstimatePose3(X(i)))
+            return to_matrix(self._estimate.atPose3(X(i)))
+        return to_matrix(self._isam.calculateEstimatePose3(X(i)))
 
     # ------------------------------------------------------------------ loops
     def _odom_at(self, stamp_ns: int) -> Optional[tuple[int, np.ndarray]]:
@@ -298,7 +302,7 @@ class PoseGraph:
             return (0, self.odom[0]) if s[0] - stamp_ns <= gap else None
         if j == len(s):
             return None  # after the last node: add_loop makes a node first
-        T = _interpolate(stamp_ns, s[j - 1], self.odom[j - 1], s[j], self.odom[j])
+        T = interpolate_pose(stamp_ns, s[j - 1], self.odom[j - 1], s[j], self.odom[j])
         n = j - 1 if stamp_ns - s[j - 1] <= s[j] - stamp_ns else j
         if abs(s[n] - stamp_ns) > gap:
             return None
@@ -374,7 +378,7 @@ class PoseGraph:
         """The current estimate of every node (the new ones at their initial guess)."""
         v = gtsam.Values()
         for i in range(len(self.stamps)):
-            v.insert(X(i), _pose3(self._current(i)))
+            v.insert(X(i), to_pose3(self._current(i)))
         return v
 
     def _solve_batch(self) -> None:
@@ -433,7 +437,7 @@ class PoseGraph:
             self.update()
         if self._estimate is None:
             return np.zeros((0, 4, 4))
-        return np.stack([_mat(self._estimate.atPose3(X(i))) for i in range(len(self.stamps))])
+        return np.stack([to_matrix(self._estimate.atPose3(X(i))) for i in range(len(self.stamps))])
 
     def map_to_odom(self) -> np.ndarray:
         """T_map_odom = T_map_base(last node) * inverse(T_odom_base(last node))."""
@@ -455,7 +459,7 @@ class PoseGraph:
             if est is None:
                 out.append(1.0)
                 continue
-            err = _pose3(meas).localCoordinates(_mat_between(est, a, b))
+            err = to_pose3(meas).localCoordinates(_mat_between(est, a, b))
             w = float(np.sqrt(err @ np.linalg.solve(cov, err)))
             k = self.params.robust_k
             out.append(1.0 if self.params.robust == "none" else
@@ -494,7 +498,7 @@ class PoseGraph:
                 g._add_factor(names[int(kind)], int(a), int(b), meas, cov)
             poses = z["poses"]
         for i in range(len(g.stamps)):
-            g._init.insert(X(i), _pose3(poses[i] if i < len(poses) else g.odom[i]))
+            g._init.insert(X(i), to_pose3(poses[i] if i < len(poses) else g.odom[i]))
         g.stats.update(nodes=len(g.stamps), loops=sum(1 for f in g.factors if f[0] == "loop"))
         g.update()
         return g
