@@ -2,6 +2,9 @@
 SHELL := /bin/bash
 RUN := tools/with_env.sh
 PYTEST_ARGS ?=
+# pytest-xdist workers; the DDS tests (marked ros) stay together on one of them (test/conftest.py)
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup test test-fast demo bench clean
 
@@ -9,11 +12,11 @@ setup:
 	@tools/setup_env.sh
 
 test: setup
-	$(RUN) python -m pytest test $(PYTEST_ARGS)
+	$(RUN) python -m pytest test $(XDIST) $(PYTEST_ARGS)
 
 # Skips the slow full-size export and rosbag-replay tests.
 test-fast: setup
-	$(RUN) python -m pytest test -m "not slow" $(PYTEST_ARGS)
+	$(RUN) python -m pytest test -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 demo: setup
 	$(RUN) megaloc-ros demo --output demo_out

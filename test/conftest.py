@@ -13,6 +13,15 @@ from megaloc_ros.io import datasets
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``ros`` (DDS: rclpy nodes, live replays, the demo's nodes) run one after
+    another on one pytest-xdist worker (`make test` runs two): their ROS domains are chosen per
+    file, not per worker, and their discovery timeouts assume they do not compete with each other."""
+    for item in items:
+        if item.get_closest_marker("ros"):
+            item.add_marker(pytest.mark.xdist_group("dds"))
+
+
 def clean_env(**extra) -> dict:
     """The environment without the project's paths and caches (what a user's shell has)."""
     drop = ("PYTHONPATH", "LD_LIBRARY_PATH", "AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "VIRTUAL_ENV",

@@ -128,3 +128,13 @@ def test_readme_layout_matches_the_tree():
         assert str(rel) in named or str(rel.parent) in named and rel.parent != PKG.relative_to(root) \
             and not any(n.startswith(str(rel.parent) + "/") for n in named), \
             f"{rel} is not in README's layout table"
+
+
+def test_tests_that_talk_dds_are_marked_ros():
+    """`make test` runs the tests on two workers and keeps the ``ros``-marked ones on one
+    (conftest.py): a test starting nodes without the mark would share ROS domains with them."""
+    starts = ("NodeSet(", "rclpy.init(", "replay_live(", "fleet_replay", '"demo", "--output"')
+    test_dir = Path(__file__).resolve().parent
+    unmarked = [p.name for p in sorted(test_dir.glob("test_*.py"))
+                if any(s in p.read_text() for s in starts) and "mark.ros" not in p.read_text()]
+    assert not unmarked, f"test files starting ROS nodes without @pytest.mark.ros: {unmarked}"
