@@ -52,6 +52,17 @@ def _providers(device: str) -> list:
     return out
 
 
+def onnx_session(path, device: str = "auto", threads: int = 0):
+    """An ONNX Runtime session for the model at ``path`` on the providers for ``device``
+    (TensorRT / CUDA / CPU), all graph optimisations on; ``threads`` 0: ONNX Runtime's default."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=_providers(device))
+
+
 class Encoder:
     """Runs an exported model. ``encode(list of RGB uint8 HxWx3) -> list[ImageFeatures]``."""
 
@@ -92,12 +103,7 @@ class Encoder:
                 backend = "torch"
         self.backend = backend
         if backend == "onnxruntime":
-            import onnxruntime as ort
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if threads:
-                so.intra_op_num_threads = threads
-            self._session = ort.InferenceSession(str(self.model_path), so, providers=_providers(device))
+            self._session = onnx_session(self.model_path, device, threads)
             self.providers = self._session.get_providers()
             self._outputs = [outs["descriptor"]["name"]] + ([outs["patch_features"]["name"]]
                                                              if self.has_patch_features else [])

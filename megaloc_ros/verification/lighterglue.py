@@ -164,8 +164,9 @@ class LighterGlue:
     """The matcher from an ONNX model (``model_path()`` by default)."""
 
     def __init__(self, onnx_path: Optional[Path] = None, device: str = "auto", threads: int = 0):
+        from megaloc_ros.encoding.encoder import onnx_session
         self.path = Path(onnx_path) if onnx_path else model_path()
-        self.session = xfeat.onnx_session(self.path, device, threads)
+        self.session = onnx_session(self.path, device, threads)
 
     def scores(self, a, b) -> np.ndarray:
         """Log assignment [N + 1, M + 1] of two ``geometry.LocalFeatures`` (XFeat)."""

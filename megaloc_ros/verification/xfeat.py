@@ -195,20 +195,11 @@ def _bilinear(fmap: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
             fy * ((1 - fx) * f[y1, x0] + fx * f[y1, x1]))
 
 
-def onnx_session(path: Path, device: str = "auto", threads: int = 0):
-    """An ONNX Runtime session on the encoder's providers for ``device`` (TensorRT / CUDA / CPU)."""
-    import onnxruntime as ort
-    from megaloc_ros.encoding.encoder import _providers
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=_providers(device))
-
-
 class XFeat:
     """XFeat keypoints and descriptors from an ONNX model (``model_path()`` by default)."""
 
     def __init__(self, onnx_path: Optional[Path] = None, device: str = "auto", threads: int = 0):
+        from megaloc_ros.encoding.encoder import onnx_session
         self.path = Path(onnx_path) if onnx_path else model_path()
         self.session = onnx_session(self.path, device, threads)
 
