@@ -57,8 +57,8 @@ def test_verifier_entry_export_import(rtabmap_seq):
     from megaloc_ros.types import Candidate, Keyframe
     from megaloc_ros.verification.verifier import Verifier, VerifierParams
     enc = load_encoder()
-    owner, other = Verifier(VerifierParams(), backbone=enc.model_name), Verifier(VerifierParams(),
-                                                                                 backbone=enc.model_name)
+    vp = VerifierParams(consistency_window=0)  # one query on its own: the pair decision
+    owner, other = Verifier(vp, backbone=enc.model_name), Verifier(vp, backbone=enc.model_name)
     kf = {i: Keyframe(i, i * 10**9, 0, "camera") for i in (3, 42)}
     for i, v in ((3, owner), (42, other)):
         img = rtabmap_seq.load_rgb(i)

@@ -116,7 +116,8 @@ def test_read_only_metadata_is_what_may_change_live():
                                               "max_accepted_per_query", "max_threshold_px",
                                               "min_significance", "min_significance_segvlad",
                                               "min_segvlad_z", "segvlad_background",
-                                              "segvlad_exclude_recent")}
+                                              "segvlad_exclude_recent", "consistency_window",
+                                              "consistency_radius")}
     lc = {s.name: s for s in P.loop_closure_specs()}
     assert lc["encoder.model_path"].read_only and lc["map.index"].read_only
     assert not lc["detector.similarity_threshold"].read_only

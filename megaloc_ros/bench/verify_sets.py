@@ -14,7 +14,9 @@ Sets:
 Sequences run through the pipeline's stages (``LoopClosurePipeline.process`` with cached encoder
 features, default ``DetectorParams``): the verifier decides on the detector's raw top-k of every
 keyframe. The pair set calls the Verification stage directly: every frame of both scenes is
-added as a keyframe, then each pair is verified as a one-candidate query.
+added as a keyframe, then each pair is verified as a one-candidate query, by the pair decision
+alone (``consistency_window`` 0: a pair has no neighbouring keyframes to be consistent with; on
+the sequences a loop must also be consistent with the keyframes before it).
 
 Per set:
   accepted true / false  loops the verifier accepted whose pair is / is not the same place
@@ -35,6 +37,7 @@ Per set:
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -166,7 +169,9 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
     f_t = features.get("tum_fr3_cabinet") or _features(encoder, t.rgb_paths)
     f_o = features.get("rtabmap") or _features(encoder, other.image_paths)
     pairs = VP.pairs(n, t, n_other=len(other))
-    vp = verifier_params or VerifierParams()
+    # isolated pairs have no sequence: the pair decision alone (consistency_window would only
+    # pick up chance neighbours among the pairs' ids)
+    vp = dataclasses.replace(verifier_params or VerifierParams(), consistency_window=0)
     v = Verifier(vp, t.K, t.image_size)
     # the map: the other scene first (ids 0..), then the TUM frames (ids 1000 + i)
     base = {"rtabmap": 0, "tum": 1000}
@@ -203,7 +208,8 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
     angles = [p.angle_deg for p in pairs if p.positive]
     return _summary("tum_pairs", rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, v,
                     f"{n_pos} positive pairs ({min(angles):.0f}-{max(angles):.0f} deg), "
-                    f"{len(pairs) - n_pos} zero-covisibility pairs", rot_errors)
+                    f"{len(pairs) - n_pos} zero-covisibility pairs, each decided on its own "
+                    "(consistency_window 0)", rot_errors)
 
 
 def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what,

@@ -38,7 +38,9 @@ z >= ``min_segvlad_z``. SegVLAD adds evidence and re-ranks, it never vetoes stro
 (``min_segvlad_score`` is an optional absolute floor, off by default). Of a query's accepted
 candidates only the ``max_accepted_per_query`` with the most evidence (-log10 NFA + max(z, 0))
 are kept (default 1): the neighbours of the true match also pass, and one well-supported loop
-per keyframe is what a pose graph needs. The thresholds were chosen on rtabmap only (with the
+per keyframe is what a pose graph needs. Then consistency (``consistency_window``,
+``consistency_radius``): a loop is published only when a keyframe just before the query also
+passed to the same stretch of the map (``Verifier._check_consistency``). The thresholds were chosen on rtabmap only (with the
 offline DINOv2 ViT-S/14); `megaloc-ros bench verify --sets all` reports them on the other sets.
 Every reason names the statistics (e.g. "accepted: 34/61 inliers within 1.6 px, -log10 NFA
 12.3 >= 6; segvlad 0.31 z 4.1 (over 32 keyframes)").
@@ -171,6 +173,11 @@ class VerifierParams:
     min_inliers: int = setting(0, "inlier floor on top of the a-contrario test (0: none)", range=(0, None))
     max_accepted_per_query: int = setting(1, "keep the N accepted candidates with the most evidence (-log10 NFA "
                                           "+ segvlad z) (0 = all)", range=(0, None))
+    consistency_window: int = setting(2, "a loop is accepted only when a query keyframe at most N ids away (in a "
+                                      "sequence: one of the N before) also passed to the same place (0: each "
+                                      "keyframe on its own)", range=(0, None))
+    consistency_radius: int = setting(3, "keyframe ids a consistent loop's match may lie from the earlier one's "
+                                      "(revisits go at another speed)", range=(0, None))
 
     def __post_init__(self) -> None:
         validate(self, "verifier")
@@ -241,6 +248,10 @@ class Verifier:
         self.pca: Optional[segvlad.Pca] = None
         self._entries: dict[KeyframeId, _Entry] = {}
         self.last_candidate_ms: list[float] = []
+        # query keyframe id -> match ids that passed the pair decision (consistency), recent only
+        self._passed: dict[KeyframeId, list[KeyframeId]] = {}
+        # query keyframe id -> (loop, pass reason, evidence rank) withheld for want of consistency
+        self._withheld: dict[KeyframeId, list] = {}
         self._lock = threading.Lock()
         self._patch_encoder = None
         if params.segvlad_model:
@@ -385,8 +396,10 @@ class Verifier:
         return geometry.scale_intrinsics(self.camera_matrix, self.camera_size, size)
 
     def verify(self, candidates: list[Candidate]) -> list[VerifiedLoop]:
-        """Decide on each candidate of one query keyframe (added before); same order as given.
-        ``last_evidence`` and ``last_candidate_ms`` then hold each candidate's evidence and time."""
+        """Decide on each candidate of one query keyframe (added before); same order as given,
+        followed by any earlier-withheld loop of a later keyframe that this one makes consistent
+        (only when keyframes are verified out of order, as a fleet's are). ``last_evidence`` and
+        ``last_candidate_ms`` then hold each given candidate's evidence and time."""
         if not candidates:
             return []
         qid = candidates[0].query.id
@@ -425,6 +438,7 @@ class Verifier:
             out.append(loop)
             evs.append(ev)
             ms.append((time.perf_counter() - t0) * 1e3 + shared_ms)
+        withheld = self._check_consistency(qid, out)
         cap = p.max_accepted_per_query
         order = sorted((k for k, r in enumerate(out) if r.accepted), key=lambda k: -evs[k].rank)
         if cap > 0 and len(order) > cap:
@@ -435,7 +449,79 @@ class Verifier:
                 r.reason = (f"rejected: passed ({r.reason[len('accepted: '):]}) but keyframe "
                             f"{best.candidate.match.id} has more evidence ({evs[order[0]].rank:.1f} "
                             f"vs {evs[k].rank:.1f})")
-        return out
+        return out + self._confirm_late(qid, out, withheld, evs)
+
+    def _confirm_late(self, qid: KeyframeId, out: list[VerifiedLoop], withheld: dict[int, str],
+                      evs: list) -> list[VerifiedLoop]:
+        """Keep ``qid``'s withheld loops (index -> the pass reason) while it has no accepted one;
+        return the withheld loops of keyframes just after ``qid``, verified before it (a fleet's
+        peer data comes out of order), that ``qid``'s passes now make consistent: at most one
+        per keyframe, accepted. In a sequence verified in order this returns nothing."""
+        p = self.params
+        late = []
+        with self._lock:
+            passed = self._passed.get(qid, [])
+            if any(r.accepted for r in out):
+                self._withheld.pop(qid, None)
+            elif withheld:
+                self._withheld.setdefault(qid, []).extend(
+                    (out[k], why, evs[k].rank) for k, why in withheld.items())
+            for q in [q for q in self._withheld if 0 < q - qid <= p.consistency_window]:
+                ok = [(rank, loop, why, m) for loop, why, rank in self._withheld[q] for m in passed
+                      if abs(loop.candidate.match.id - m) <= p.consistency_radius]
+                if ok:
+                    _, loop, why, m = max(ok, key=lambda t: t[0])
+                    loop.accepted = True
+                    loop.reason = f"accepted: {why}; consistent: keyframe {qid} passed to {m} (verified after it)"
+                    late.append(loop)
+                    del self._withheld[q]
+            while len(self._withheld) > 1024:
+                del self._withheld[next(iter(self._withheld))]
+        return late
+
+    def _check_consistency(self, qid: KeyframeId, out: list[VerifiedLoop]) -> dict[int, str]:
+        """Withhold the loops of ``qid`` that passed the pair decision but have no support: no
+        query within ``consistency_window`` keyframe ids of it (in a sequence: the ones before it)
+        passed to a match within ``consistency_radius`` ids. One frame matching a look-alike place
+        (a repeated door, a corridor section 50 m on) is the usual false loop; a true revisit
+        keeps matching the same stretch of the map from one keyframe to the next (the temporal
+        consistency of DBoW2 and RTAB-Map, here on verified evidence). Costs the first keyframe
+        of a revisit. A keyframe none of whose neighbours has been verified yet (the start of a
+        map; in a fleet, neighbours whose peer data is still in flight) is decided on its own.
+        Returns the withheld loops' indices in ``out`` with their pass reasons."""
+        p = self.params
+        passed = [r.candidate.match.id for r in out if r.accepted]
+        with self._lock:
+            self._passed.setdefault(qid, []).extend(passed)  # a query can be asked again (fleet)
+            while len(self._passed) > 1024:  # oldest first; fleet queries come far out of order
+                del self._passed[next(iter(self._passed))]
+            if p.consistency_window <= 0:
+                return {}
+            # either side: a fleet query can be asked again after its successors (peer data
+            # fetched late); in a single sequence only the keyframes before have been verified
+            verified = [q for q in self._passed if 0 < abs(qid - q) <= p.consistency_window]
+            near = [(q, m) for q in verified for m in self._passed[q]]
+        if not verified:  # the start of a map, or (fleet) its neighbours still wait for peer data
+            for r in out:
+                if r.accepted:
+                    r.reason += f"; consistency not checked: no keyframe within {p.consistency_window} verified yet"
+            return {}
+        withheld = {}
+        for k, r in enumerate(out):
+            if not r.accepted:
+                continue
+            mid = r.candidate.match.id
+            support = [(q, m) for q, m in near if abs(m - mid) <= p.consistency_radius]
+            if support:
+                q, m = min(support, key=lambda s: (abs(s[1] - mid), -s[0]))
+                r.reason += f"; consistent: keyframe {q} passed to {m}"
+            else:
+                withheld[k] = r.reason[len("accepted: "):]
+                r.accepted = False
+                r.reason = (f"rejected: passed ({r.reason[len('accepted: '):]}) but not yet consistent: "
+                            f"no keyframe within {p.consistency_window} of {qid} passed to a keyframe "
+                            f"within {p.consistency_radius} of {mid}")
+        return withheld
 
     def tentative_matches(self, a: geometry.LocalFeatures, b: geometry.LocalFeatures) -> np.ndarray:
         """Index pairs [M, 2] (into a, into b) by the configured ``matcher``."""
