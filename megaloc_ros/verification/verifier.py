@@ -40,8 +40,9 @@ candidates only the ``max_accepted_per_query`` with the most evidence (-log10 NF
 are kept (default 1): the neighbours of the true match also pass, and one well-supported loop
 per keyframe is what a pose graph needs. Then consistency (``consistency_window``,
 ``consistency_radius``): a loop is published only when a keyframe just before the query also
-passed to the same stretch of the map (``Verifier._check_consistency``). The thresholds were chosen on rtabmap only (with the
-offline DINOv2 ViT-S/14); `megaloc-ros bench verify --sets all` reports them on the other sets.
+passed to the same stretch of the map (``Verifier._check_consistency``). The thresholds were
+chosen on rtabmap only (with the offline DINOv2 ViT-S/14); `megaloc-ros bench verify --sets all`
+reports them on the other sets.
 Every reason names the statistics (e.g. "accepted: 34/61 inliers within 1.6 px, -log10 NFA
 12.3 >= 6; segvlad 0.31 z 4.1 (over 32 keyframes)").
 
@@ -83,6 +84,7 @@ from megaloc_ros.settings import section, setting, validate
 from megaloc_ros.types import Candidate, ImageFeatures, Keyframe, KeyframeId, VerifiedLoop
 
 _BLAS = None
+_HISTORY = 1024  # query keyframes consistency remembers (a fleet verifies them far out of order)
 
 
 def _one_blas_thread():
@@ -248,7 +250,8 @@ class Verifier:
         self.pca: Optional[segvlad.Pca] = None
         self._entries: dict[KeyframeId, _Entry] = {}
         self.last_candidate_ms: list[float] = []
-        # query keyframe id -> match ids that passed the pair decision (consistency), recent only
+        # consistency's short-term memory (not saved: a restart costs at most one revisit's first
+        # loop). Query keyframe id -> match ids that passed the pair decision, newest _HISTORY
         self._passed: dict[KeyframeId, list[KeyframeId]] = {}
         # query keyframe id -> (loop, pass reason, evidence rank) withheld for want of consistency
         self._withheld: dict[KeyframeId, list] = {}
@@ -475,7 +478,7 @@ class Verifier:
                     loop.reason = f"accepted: {why}; consistent: keyframe {qid} passed to {m} (verified after it)"
                     late.append(loop)
                     del self._withheld[q]
-            while len(self._withheld) > 1024:
+            while len(self._withheld) > _HISTORY:
                 del self._withheld[next(iter(self._withheld))]
         return late
 
@@ -493,7 +496,7 @@ class Verifier:
         passed = [r.candidate.match.id for r in out if r.accepted]
         with self._lock:
             self._passed.setdefault(qid, []).extend(passed)  # a query can be asked again (fleet)
-            while len(self._passed) > 1024:  # oldest first; fleet queries come far out of order
+            while len(self._passed) > _HISTORY:  # oldest first; fleet queries come far out of order
                 del self._passed[next(iter(self._passed))]
             if p.consistency_window <= 0:
                 return {}
