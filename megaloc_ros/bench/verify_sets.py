@@ -142,18 +142,20 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
         t_cand.extend(verifier.last_candidate_ms)
         evs = list(verifier.last_evidence)
         for k, r in enumerate(out.loops):
+            # a loop confirmed late belongs to an earlier query (only out of order; not here)
+            q = frame_of[r.candidate.query.id]
             m = frame_of[r.candidate.match.id]
-            y = bool(valid[i, m])
+            y = bool(valid[q, m])
             ev = evs[k] if k < len(evs) else None
-            rows.append((i, m, y, *_signals(ev, r.candidate), r.accepted))
+            rows.append((q, m, y, *_signals(ev, r.candidate), r.accepted))
             if y:
-                offered.add(i)
+                offered.add(q)
             if r.accepted:
                 true_acc += y
                 false_acc += not y
                 if y:
-                    confirmed.add(i)
-                    rot_errors.append(rotation_error_deg(r, poses, i, m))
+                    confirmed.add(q)
+                    rot_errors.append(rotation_error_deg(r, poses, q, m))
     return _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier,
                     f"{len(seq)} frames, {len(frame_of)} keyframes", rot_errors)
 

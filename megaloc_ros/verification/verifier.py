@@ -447,11 +447,8 @@ class Verifier:
         if cap > 0 and len(order) > cap:
             best = out[order[0]]
             for k in order[cap:]:
-                r = out[k]
-                r.accepted = False
-                r.reason = (f"rejected: passed ({r.reason[len('accepted: '):]}) but keyframe "
-                            f"{best.candidate.match.id} has more evidence ({evs[order[0]].rank:.1f} "
-                            f"vs {evs[k].rank:.1f})")
+                _demote(out[k], f"keyframe {best.candidate.match.id} has more evidence "
+                                f"({evs[order[0]].rank:.1f} vs {evs[k].rank:.1f})")
         return out + self._confirm_late(qid, out, withheld, evs)
 
     def _confirm_late(self, qid: KeyframeId, out: list[VerifiedLoop], withheld: dict[int, str],
@@ -469,7 +466,7 @@ class Verifier:
             elif withheld:
                 self._withheld.setdefault(qid, []).extend(
                     (out[k], why, evs[k].rank) for k, why in withheld.items())
-            for q in [q for q in self._withheld if 0 < q - qid <= p.consistency_window]:
+            for q in [q for q in range(qid + 1, qid + p.consistency_window + 1) if q in self._withheld]:
                 ok = [(rank, loop, why, m) for loop, why, rank in self._withheld[q] for m in passed
                       if abs(loop.candidate.match.id - m) <= p.consistency_radius]
                 if ok:
@@ -478,8 +475,7 @@ class Verifier:
                     loop.reason = f"accepted: {why}; consistent: keyframe {qid} passed to {m} (verified after it)"
                     late.append(loop)
                     del self._withheld[q]
-            while len(self._withheld) > _HISTORY:
-                del self._withheld[next(iter(self._withheld))]
+            _trim(self._withheld)
         return late
 
     def _check_consistency(self, qid: KeyframeId, out: list[VerifiedLoop]) -> dict[int, str]:
@@ -496,13 +492,13 @@ class Verifier:
         passed = [r.candidate.match.id for r in out if r.accepted]
         with self._lock:
             self._passed.setdefault(qid, []).extend(passed)  # a query can be asked again (fleet)
-            while len(self._passed) > _HISTORY:  # oldest first; fleet queries come far out of order
-                del self._passed[next(iter(self._passed))]
+            _trim(self._passed)
             if p.consistency_window <= 0:
                 return {}
             # either side: a fleet query can be asked again after its successors (peer data
             # fetched late); in a single sequence only the keyframes before have been verified
-            verified = [q for q in self._passed if 0 < abs(qid - q) <= p.consistency_window]
+            w = p.consistency_window
+            verified = [q for q in range(qid - w, qid + w + 1) if q != qid and q in self._passed]
             near = [(q, m) for q in verified for m in self._passed[q]]
         if not verified:  # the start of a map, or (fleet) its neighbours still wait for peer data
             for r in out:
@@ -519,11 +515,8 @@ class Verifier:
                 q, m = min(support, key=lambda s: (abs(s[1] - mid), -s[0]))
                 r.reason += f"; consistent: keyframe {q} passed to {m}"
             else:
-                withheld[k] = r.reason[len("accepted: "):]
-                r.accepted = False
-                r.reason = (f"rejected: passed ({r.reason[len('accepted: '):]}) but not yet consistent: "
-                            f"no keyframe within {p.consistency_window} of {qid} passed to a keyframe "
-                            f"within {p.consistency_radius} of {mid}")
+                withheld[k] = _demote(r, f"not yet consistent: no keyframe within {p.consistency_window} "
+                                         f"of {qid} passed to a keyframe within {p.consistency_radius} of {mid}")
         return withheld
 
     def tentative_matches(self, a: geometry.LocalFeatures, b: geometry.LocalFeatures) -> np.ndarray:
@@ -676,6 +669,20 @@ class Verifier:
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise MapFileError(f"{path} is inconsistent or truncated ({exc})") from None
         return v
+
+
+def _demote(loop: VerifiedLoop, why: str) -> str:
+    """Reject a loop that passed the pair decision, saying why; returns its pass reason."""
+    passed = loop.reason[len("accepted: "):]
+    loop.accepted = False
+    loop.reason = f"rejected: passed ({passed}) but {why}"
+    return passed
+
+
+def _trim(history: dict) -> None:
+    """Drop the oldest entries beyond ``_HISTORY`` (insertion order)."""
+    while len(history) > _HISTORY:
+        del history[next(iter(history))]
 
 
 def _cat(arrays: list[np.ndarray], empty_shape: tuple[int, int], dtype) -> np.ndarray:
