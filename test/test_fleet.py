@@ -107,6 +107,11 @@ def test_two_robots_find_the_inter_robot_loops_one_robot_finds(tmp_path, baselin
     assert s["keyframes_fetched"] <= s["keyframes_shared"]
     for r in out["robots"]:
         assert r["peer_keyframes"] > 0
+        # a loop withheld, then confirmed by a peer keyframe verified later, is one candidate
+        # verified (not two), rejected at first and accepted late
+        vs = r["verifier_stats"]
+        assert (vs.get("loops_accepted", 0) + vs.get("loops_rejected", 0)
+                == vs["candidates_verified"] + vs.get("loops_confirmed_late", 0)), vs
         assert r["loop_closure_stats"]["fleet_keyframes_inserted"] == r["peer_keyframes"]
     # each robot's saved map holds its peer's keyframes, as the peer's session, with their origin
     from megaloc_ros.mapping.place_map import PlaceMap

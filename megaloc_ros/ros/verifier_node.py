@@ -8,7 +8,9 @@ Subscribes   <keyframes_topic>  megaloc_ros/Keyframe (reliable, keep-all: none m
                                 loop_closure_node put in the map (local id, owner, owner's service)
 Publishes    ~/loop_closures    LoopClosureArray: accepted loops only, verified=true, with the
                                 transform when the camera intrinsics are known
-             ~/rejected         LoopClosureArray: rejected candidates (debugging)
+             ~/rejected         LoopClosureArray: rejected candidates (debugging); a loop withheld
+                                for want of a consistent one is here first, and on
+                                ~/loop_closures if a keyframe verified later supports it
              ~/explanations     sensor_msgs/Image: each accepted loop drawn (query | match,
                                 voting SuperSegments, inlier matches, the reason); rendered only
                                 while someone subscribes (megaloc_ros/ros/explanations.py)
@@ -22,6 +24,10 @@ Inter-robot candidates (their match is a peer keyframe) are verified here: the m
 asked for once from its owner's ~/keyframe_data when it first becomes a candidate, then kept
 (and saved) like our own keyframes. The candidates wait for the answer; an owner that does not
 answer within ``fleet_request_timeout`` costs a rejection and a count, never a stall.
+
+Counts (/diagnostics): ``candidates_verified`` the candidates decided (each once);
+``loops_rejected`` the rejections among them; ``loops_accepted`` the loops published, of which
+``loops_confirmed_late`` were rejected (withheld) first. So accepted + rejected = verified + late.
 
 Each keyframe is reduced by ``megaloc_ros.verification.verifier.Verifier`` to what verification needs (no
 image is kept). A candidate array whose query keyframe has not arrived yet waits up to
@@ -219,11 +225,12 @@ class VerifierNode(ManagedNode):
 
     def _refuse(self, msg: LoopClosureArray, exc: MapMismatch) -> None:
         """Candidates naming another map's keyframes: never verified; counted, logged, and
-        published on ~/rejected (so the verdict stays visible), and counted as verified."""
+        published on ~/rejected (so the verdict stays visible), and counted as verified and rejected."""
         cands = [conv.msg_to_candidate(lc) for lc in msg.loops]
         for _ in cands:
             self.stats.error("map_mismatch", str(exc))
         self.stats.inc("candidates_verified", len(cands))
+        self.stats.inc("loops_rejected", len(cands))
         self.get_logger().error(str(exc), throttle_duration_sec=2.0)
         self._pub_rejected.publish(conv.loops_to_array(
             [VerifiedLoop(c, False, reason=f"rejected: {exc}") for c in cands],
@@ -265,11 +272,16 @@ class VerifierNode(ManagedNode):
                                     throttle_duration_sec=2.0)
             return
         self.stats.latency("verify", ms)
+        # past the given candidates' verdicts: loops of other keyframes, withheld (and counted in
+        # loops_rejected) earlier, that these make consistent (a fleet's out-of-order peers)
+        late = results[len(cands):]
         accepted = [r for r in results if r.accepted]
         rejected = [r for r in results if not r.accepted]
         for r in results:
             self.get_logger().debug(f"{r.candidate.query.id} -> {r.candidate.match.id}: {r.reason}")
         self.stats.inc("loops_accepted", len(accepted))
+        if late:
+            self.stats.inc("loops_confirmed_late", len(late))
         inter = sum(1 for r in accepted if r.candidate.match.id in self._peers)
         if inter:
             self.stats.inc("fleet_loops_accepted", inter)
@@ -277,7 +289,7 @@ class VerifierNode(ManagedNode):
             self.stats.set("fleet_bytes_per_loop", self.stats.count("fleet_bytes_fetched")
                            / self.stats.count("fleet_loops_accepted"))
         self.stats.inc("loops_rejected", len(rejected))
-        self.stats.inc("candidates_verified", len(results))
+        self.stats.inc("candidates_verified", len(cands))
         stamp = conv.stamp_to_ns(msg.header.stamp)
         if accepted:
             out = conv.loops_to_array(accepted, stamp, msg.header.frame_id, msg.map_id)
