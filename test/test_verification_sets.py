@@ -47,6 +47,13 @@ def test_tum_cabinet_sequence_no_false_accepts(tum_features):
     assert r["accepted_false"] == 0
     assert r["queries_offered"] >= 15
     assert r["queries_confirmed"] >= 2                 # measured 2 of 23 with SIFT: wide baselines
+    # where recall is lost: per query, the angle to its nearest true match offered (measured
+    # 0-30 deg 2/8, 30-60 0/8, 60-90 0/6, >= 90 0/1)
+    bands = r["recall_by_angle"]
+    assert [b for b, _, _ in bands] == ["0-30", "30-60", "60-90", ">=90"]
+    assert sum(n for _, _, n in bands) == r["queries_offered"]
+    assert sum(c for _, c, _ in bands) == r["queries_confirmed"]
+    assert sum(n for b, _, n in bands if b != "0-30") >= 10
 
 
 @pytest.mark.skipif(not xfeat.available(), reason="XFeat weights not installed "
@@ -108,6 +115,12 @@ def test_map_fitted_vocabulary_is_kept_for_other_backbones(rtabmap_seq, rtabmap_
     for i in range(3):
         v.add_keyframe(Keyframe(i, i), rtabmap_seq.load_rgb(i), rtabmap_features[i])
     assert v.has_vocabulary and "fitted on this map" in v.vocabulary_source
+
+
+def test_recall_by_angle():
+    assert VS.recall_by_angle({1: 10.0, 2: 45.0, 3: 100.0, 4: 29.9}, {1, 3}) == [
+        ("0-30", 1, 2), ("30-60", 0, 1), ("60-90", 0, 0), (">=90", 1, 1)]
+    assert VS.recall_by_angle({1: None}, {1}) == []      # no poses (rtabmap, corridor)
 
 
 def test_roc_auc():
