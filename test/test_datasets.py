@@ -22,6 +22,9 @@ def test_corridor_two_sessions(corridor_seq):
     q0 = 111  # first query frame
     assert set(np.nonzero(corridor_seq.gt[q0])[0]) == {0, 1, 2}
     assert not corridor_seq.gt[:111, :111].any() and not corridor_seq.gt[111:, 111:].any()
+    # ... because the set labels query-reference pairs only, not because no place is passed twice
+    assert corridor_seq.labeled[0, 111] and not corridor_seq.labeled[40, 88]
+    assert not corridor_seq.labeled[111:, 111:].any()
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):

@@ -198,6 +198,19 @@ def test_operating_point_without_loops_has_no_precision():
     assert (op["precision"], op["recall"]) == (0.5, 0.5)
 
 
+def test_loops_on_unlabelled_pairs_are_neither_true_nor_false():
+    v = G.valid_pairs(GT, STAMPS, 2.0)
+    labeled = np.ones((5, 5), bool)
+    labeled[4, 2] = labeled[2, 4] = False      # e.g. two frames of one traversal of a VPR set
+    pub = [[], [], [], [(0, 0.9)], [(2, 0.8)]]
+    op = M.operating_point(pub, v, labeled)
+    assert (op["loops"], op["false_loops"], op["unlabeled_loops"], op["precision"]) == (1, 0, 1, 1.0)
+    assert M.operating_point(pub, v)["false_loops"] == 1
+    # the curve drops the unlabelled prediction: only query 3's is scored
+    c = M.curve_from_matches(pub, v, labeled)
+    assert c.fp.tolist() == [0] and M.curve_from_matches(pub, v).fp.max() == 1
+
+
 def test_unreachable_names_the_setting_by_hand():
     """10 frames at 1 Hz: 0-4 seen again as 5-9 (true matches 5~0 ... 9~4, 5 s apart)."""
     n = 10

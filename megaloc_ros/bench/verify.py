@@ -139,10 +139,10 @@ def run(sequence: str = "rtabmap", model: str | None = None, threshold: float | 
     for name, pub, curve_src in [("global only", published, retrieved),
                                  ("global + verification", accepted_pub, accepted_pub),
                                  ("top-k + verification", accepted_top, accepted_top)]:
-        op = metrics.operating_point(pub, valid)
-        curve = metrics.curve_from_matches(curve_src, valid)
+        op = metrics.operating_point(pub, valid, seq.labeled)
+        curve = metrics.curve_from_matches(curve_src, valid, seq.labeled)
         rows[name] = {"precision": op["precision"], "recall": op["recall"], "loops": op["loops"],
-                      "false_loops": op["false_loops"],
+                      "false_loops": op["false_loops"], "unlabeled_loops": op.get("unlabeled_loops", 0),
                       "recall_at_100_precision": curve.max_recall_at_full_precision}
     a, c = np.asarray(t_add), np.asarray(t_cand)
     return {
@@ -190,6 +190,10 @@ def print_table(r: dict) -> None:
         print(f"{name:24s} {prec} {row['recall']:7.3f} "
               f"{row['loops']:>7d} ({row['false_loops']:d}) {row['recall_at_100_precision']:8.3f} {l:>23s}")
     rows = r["rows"]
+    unl = {name: row["unlabeled_loops"] for name, row in rows.items() if row.get("unlabeled_loops")}
+    if unl:
+        print("not counted, on pairs the set does not label (within one traversal): "
+              + ", ".join(f"{name} {n}" for name, n in unl.items()))
     g0, vk = rows["global only"], rows["top-k + verification"]
     if not vk["loops"]:
         print("=> the verifier accepted no loop on this sequence (nothing confirmed, nothing false)")

@@ -21,7 +21,10 @@ the sequences a loop must also be consistent with the keyframes before it).
 Per set:
   accepted true / false  loops the verifier accepted whose pair is / is not the same place
                          (sequences: ``gt`` outside the detector's exclusion window, as in
-                         megaloc_ros.evaluation.metrics; pairs: the pair's label);
+                         megaloc_ros.evaluation.metrics; pairs: the pair's label). Corridor labels
+                         query-reference pairs only: candidates within one traversal (its route
+                         passes some places twice) are neither, left out of the table and counted
+                         apart ("unlabelled");
   verification recall    queries with an accepted true loop / queries whose top-k holds a true
                          match (pairs: accepted positives / positives): what the verifier keeps
                          of what retrieval offered, separate from the backbone's own recall;
@@ -159,6 +162,7 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
     confirmed = set()
     true_acc = false_acc = 0
     rot_errors = []
+    unlabeled = [0, 0]  # candidates, accepted loops on pairs the set does not label
     for i in range(len(seq)):
         out = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), int(seq.sessions[i]), features=feats[i])
         det = out.detection
@@ -174,6 +178,10 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
             # a loop confirmed late belongs to an earlier query (only out of order; not here)
             q = frame_of[r.candidate.query.id]
             m = frame_of[r.candidate.match.id]
+            if seq.labeled is not None and not seq.labeled[q, m]:
+                unlabeled[0] += 1
+                unlabeled[1] += r.accepted
+                continue
             y = bool(valid[q, m])
             ev = evs[k] if k < len(evs) else None
             rows.append((q, m, y, *_signals(ev, r.candidate), r.accepted))
@@ -186,8 +194,13 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
                 if y:
                     confirmed.add(q)
                     rot_errors.append(rotation_error_deg(r, poses, q, m))
-    return _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier,
-                    f"{len(seq)} frames, {len(frame_of)} keyframes", rot_errors)
+    what = f"{len(seq)} frames, {len(frame_of)} keyframes"
+    if seq.labeled is not None:
+        what += (f"; {unlabeled[0]} candidates within one traversal (not labelled by the set, not "
+                 f"counted), {unlabeled[1]} of them accepted")
+    out = _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what, rot_errors)
+    out["unlabeled"] = {"candidates": unlabeled[0], "accepted": unlabeled[1]}
+    return out
 
 
 def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = None, n: int = 60) -> dict:

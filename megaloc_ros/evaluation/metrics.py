@@ -25,6 +25,10 @@
 * *With verification*: the same, using per query only the candidates the verifier accepted;
   the query's prediction is its accepted candidate with the highest global score, swept over
   that global score (so a rejected candidate is simply not a prediction).
+* Unlabelled pairs (``labeled``, a set that labels only some pairs, e.g. query-reference): a
+  match on a pair the set does not label is neither true nor false; it is left out of the curve
+  and the precision, and the operating point counts it as ``unlabeled_loops`` (only when
+  ``labeled`` is given).
 * Operating point: what the system publishes at its configured thresholds, counted per loop
   (precision = true loops / published loops; None, shown "-", when nothing was published) and
   per query (recall = queries with at least one true loop / n_positive; None when n_positive is
@@ -111,9 +115,16 @@ def best_prediction(matches: Sequence[Matches]) -> tuple[np.ndarray, np.ndarray]
     return match, score
 
 
-def curve_from_matches(matches: Sequence[Matches], valid: np.ndarray) -> PRCurve:
-    """PR curve over the best match of each query; ``valid`` from ``valid_pairs``."""
-    match, score = best_prediction(matches)
+def _labelled(matches: Sequence[Matches], labeled) -> Sequence[Matches]:
+    if labeled is None:
+        return matches
+    return [[(m, s) for m, s in ms if labeled[q, m]] for q, ms in enumerate(matches)]
+
+
+def curve_from_matches(matches: Sequence[Matches], valid: np.ndarray, labeled=None) -> PRCurve:
+    """PR curve over the best match of each query; ``valid`` from ``valid_pairs``; ``labeled``:
+    the pairs the ground truth labels (None: all)."""
+    match, score = best_prediction(_labelled(matches, labeled))
     q = np.arange(len(matches))
     correct = np.zeros(len(matches), bool)
     has = match >= 0
@@ -135,22 +146,28 @@ def recall_at_k(matches: Sequence[Matches], valid: np.ndarray, k: int) -> float 
     return hit / n
 
 
-def operating_point(published: Sequence[Matches], valid: np.ndarray) -> dict:
-    """Precision per published loop, recall per query, for what the system actually output."""
-    tp = fp = 0
+def operating_point(published: Sequence[Matches], valid: np.ndarray, labeled=None) -> dict:
+    """Precision per published loop, recall per query, for what the system actually output;
+    loops on pairs ``labeled`` leaves out are counted apart (module doc)."""
+    tp = fp = unlabeled = 0
     found = np.zeros(len(published), bool)
     for q, ms in enumerate(published):
         for m, _ in ms:
-            if valid[q, m]:
+            if labeled is not None and not labeled[q, m]:
+                unlabeled += 1
+            elif valid[q, m]:
                 tp += 1
                 found[q] = True
             else:
                 fp += 1
     n_pos = int(valid.any(axis=1).sum())
-    return {"loops": tp + fp, "true_loops": tp, "false_loops": fp,
-            "precision": tp / (tp + fp) if tp + fp else None,
-            "recall": float(found.sum() / n_pos) if n_pos else None,
-            "queries_with_true_loop": int(found.sum()), "n_positive": n_pos}
+    out = {"loops": tp + fp, "true_loops": tp, "false_loops": fp,
+           "precision": tp / (tp + fp) if tp + fp else None,
+           "recall": float(found.sum() / n_pos) if n_pos else None,
+           "queries_with_true_loop": int(found.sum()), "n_positive": n_pos}
+    if labeled is not None:
+        out["unlabeled_loops"] = unlabeled
+    return out
 
 
 KEYFRAME_SELECTION = ("keyframe selection (detector.min_keyframe_interval_s, max_similarity_to_last, "

@@ -1,7 +1,8 @@
 """The real image sequences shipped in ``data/`` (see data/README.md for sources and licences).
 
 Both are returned as one ``ImageSequence``: images in capture order, stamps, sessions and a
-symmetric boolean ground-truth matrix ``gt[i, j]`` (frames i and j show the same place).
+symmetric boolean ground-truth matrix ``gt[i, j]`` (frames i and j show the same place), and
+where the set does not label every pair, which pairs it does (``labeled``).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -29,6 +31,9 @@ class ImageSequence:
     stamps_ns: np.ndarray   # int64 [N]
     sessions: np.ndarray    # int32 [N]
     gt: np.ndarray          # bool [N, N], symmetric, False on the diagonal
+    # bool [N, N]: the pairs whose truth the set states (None: all). A place-recognition set
+    # labels query-reference pairs only: a revisit within one traversal is neither true nor false
+    labeled: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -59,7 +64,9 @@ def rtabmap(root: Path | None = None) -> ImageSequence:
 
 def corridor(root: Path | None = None) -> ImageSequence:
     """Corridor: the reference traversal (session 0) then the query traversal (session 1, a day
-    later) as one two-session sequence; ground truth links each query to its reference frames."""
+    later) as one two-session sequence; ground truth links each query to its reference frames.
+    Pairs within one traversal are not labelled (``labeled``): the route passes some places twice
+    (reference frames 40 and 88 show the same lockers and door), which the set does not record."""
     d = _need((root or data_dir()) / "corridor")
     ref = sorted(_need(d / "ref").glob("*.jpg"))
     qry = sorted(_need(d / "query").glob("*.jpg"))
@@ -74,7 +81,8 @@ def corridor(root: Path | None = None) -> ImageSequence:
     stamps = np.concatenate([np.arange(n_ref) * half_hz,
                              86_400 * SECOND_NS + np.arange(len(qry)) * half_hz]).astype(np.int64)
     sessions = np.concatenate([np.zeros(n_ref), np.ones(len(qry))]).astype(np.int32)
-    return ImageSequence("corridor", ref + qry, stamps, sessions, gt)
+    return ImageSequence("corridor", ref + qry, stamps, sessions, gt,
+                         labeled=sessions[:, None] != sessions[None, :])
 
 
 SEQUENCES = {"rtabmap": rtabmap, "corridor": corridor}
