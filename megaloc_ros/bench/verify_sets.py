@@ -80,13 +80,15 @@ def roc_auc(labels, scores) -> Optional[float]:
 
 
 def _sequence(name: str):
-    """(ImageSequence, camera matrix or None, camera size or None, camera-to-world poses or None)."""
+    """(ImageSequence, camera matrix or None, camera size or None, camera-to-world poses or None,
+    depth in metres of frame i or None: an RGB-D set gives the verifier its depth, as an RGB-D
+    robot would, so loop transforms come from PnP)."""
     from megaloc_ros.evaluation.covisibility import as_image_sequence
     from megaloc_ros.io import datasets, tum
     if name == "tum_fr3_cabinet":
         t = tum.tum_fr3_cabinet()
-        return as_image_sequence(t), t.K, t.image_size, t.poses
-    return datasets.SEQUENCES[name](), None, None, None
+        return as_image_sequence(t), t.K, t.image_size, t.poses, t.depth_m
+    return datasets.SEQUENCES[name](), None, None, None, lambda i: None
 
 
 ANGLE_BANDS = (0.0, 30.0, 60.0, 90.0)  # deg: recall is shown for [0, 30), [30, 60), [60, 90), >= 90
@@ -146,7 +148,7 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
     from megaloc_ros.evaluation import metrics
     from megaloc_ros.mapping.detector import DetectorParams
     from megaloc_ros.verification.verifier import VerifierParams
-    seq, K, size, poses = _sequence(name)
+    seq, K, size, poses, depth = _sequence(name)
     feats = features if features is not None else _features(encoder, seq.image_paths)
     dp = DetectorParams()
     vp = verifier_params or VerifierParams()
@@ -164,7 +166,8 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
     rot_errors = []
     unlabeled = [0, 0]  # candidates, accepted loops on pairs the set does not label
     for i in range(len(seq)):
-        out = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), int(seq.sessions[i]), features=feats[i])
+        out = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), int(seq.sessions[i]), features=feats[i],
+                           depth_m=depth(i))
         det = out.detection
         if det.keyframe is None:
             continue

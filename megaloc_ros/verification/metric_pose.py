@@ -106,19 +106,27 @@ def backproject(keypoints_xy: np.ndarray, depth_m: np.ndarray, K: np.ndarray,
     inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
     z = np.full(len(xy), np.nan)
     r = max(0, int(params.depth_window) // 2)
-    for i in np.flatnonzero(inside):
-        if r == 0:
-            z[i] = depth_m[v[i], u[i]]
-            continue
-        win = depth_m[max(0, v[i] - r):v[i] + r + 1, max(0, u[i] - r):u[i] + r + 1]
-        n_all = win.size
-        win = win[np.isfinite(win)]
-        if win.size == 0 or 2 * win.size < n_all:  # at least half the window measured
-            continue
-        med = float(np.median(win))
-        if params.max_depth_spread > 0 and (win.max() - win.min()) > params.max_depth_spread * med:
-            continue  # a depth discontinuity: the keypoint may belong to either side
-        z[i] = med
+    idx = np.flatnonzero(inside)
+    if r == 0:
+        z[idx] = depth_m[v[idx], u[idx]]
+    elif len(idx):
+        # every keypoint's window at once: [n, (2r+1)^2] depths, NaN outside the image
+        d = np.arange(-r, r + 1)
+        vv = v[idx, None, None] + d[None, :, None]
+        uu = u[idx, None, None] + d[None, None, :]
+        in_img = ((vv >= 0) & (vv < h) & (uu >= 0) & (uu < w)).reshape(len(idx), -1)
+        win = np.where(in_img, depth_m[np.clip(vv, 0, h - 1), np.clip(uu, 0, w - 1)].reshape(len(idx), -1),
+                       np.nan)
+        measured = np.isfinite(win)
+        n_ok = measured.sum(axis=1)
+        ok = (n_ok > 0) & (2 * n_ok >= in_img.sum(axis=1))  # at least half the window measured
+        win, idx = win[ok], idx[ok]
+        med = np.nanmedian(win, axis=1) if len(idx) else np.zeros(0)
+        if params.max_depth_spread > 0 and len(idx):
+            # a depth discontinuity: the keypoint may belong to either side
+            flat = (np.nanmax(win, axis=1) - np.nanmin(win, axis=1)) <= params.max_depth_spread * med
+            idx, med = idx[flat], med[flat]
+        z[idx] = med
     valid = np.isfinite(z) & (z >= params.min_depth) & (z <= params.max_depth)
     K = np.asarray(K, np.float64)
     x = (xy[:, 0] - K[0, 2]) / K[0, 0] * z
