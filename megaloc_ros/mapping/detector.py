@@ -53,7 +53,10 @@ class DetectorParams:
         0.60, "cosine similarity a candidate needs; depends on the descriptor (model) and index kind: "
         "tune it with megaloc-ros eval on a bag of your robot (recall at 100% precision picks it)",
         range=(-1.0, 1.0))
-    consistency_k: int = setting(2, "consecutive keyframes that must agree (1 = off)", range=(1, None))
+    consistency_k: int = setting(2, "consecutive keyframes whose global matches must agree before a candidate "
+                                 "is published on ~/candidates (1 = off); the verifier, which takes the raw "
+                                 "top-k (~/retrieved) by default, checks consistency on verified loops instead "
+                                 "(verifier.consistency_window)", range=(1, None))
     island_radius: int = setting(3, "matches within this many ids are one place", range=(0, None))
     consistency_max_gap_s: float = setting(5.0, "a longer pause (s) between keyframes breaks agreement",
                                            range=(0.0, None))

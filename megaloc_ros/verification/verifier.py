@@ -177,7 +177,8 @@ class VerifierParams:
                                           "+ segvlad z) (0 = all)", range=(0, None))
     consistency_window: int = setting(2, "a loop is accepted only when a query keyframe at most N ids away (in a "
                                       "sequence: one of the N before) also passed to the same place (0: each "
-                                      "keyframe on its own)", range=(0, None))
+                                      "keyframe on its own); on verified evidence, unlike the detector's "
+                                      "consistency_k on global scores", range=(0, None))
     consistency_radius: int = setting(3, "keyframe ids a consistent loop's match may lie from the earlier one's "
                                       "(revisits go at another speed)", range=(0, None))
 
