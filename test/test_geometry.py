@@ -125,3 +125,44 @@ def test_real_image_against_its_warped_copy(rtabmap_seq, kind, least):
     assert not rtabmap_seq.gt[40, 20]
     other = rtabmap_seq.load_rgb(20)  # a different place
     assert geometry.verify_pair(a, F.extract(other, kind, min_side=16)).inliers < 20
+
+
+# ----------------------------------------------------------------------------- lens distortion
+
+def _distort(lf, d):
+    """``lf``'s pinhole keypoints (intrinsics K) as a camera with distortion ``d`` images them."""
+    x = cv2.undistortPoints(lf.keypoints.reshape(-1, 1, 2).astype(np.float64), K, None).reshape(-1, 2)
+    if d.model == "equidistant":
+        p = cv2.fisheye.distortPoints(x.reshape(-1, 1, 2), K, np.array(d.d))
+    else:
+        p = cv2.projectPoints(np.c_[x, np.ones(len(x))].reshape(-1, 1, 3), np.zeros(3), np.zeros(3), K,
+                              np.array(d.d))[0]
+    return LocalFeatures(p.reshape(-1, 2).astype(np.float32), lf.descriptors, lf.image_size)
+
+
+WIDE = {  # a wide-angle lens's barrel distortion in each CameraInfo model
+    "plumb_bob": (-0.3, 0.1, 0.001, -0.002, 0.0),
+    "rational_polynomial": (-0.3, 0.1, 0.001, -0.002, 0.0, 0.01, 0.02, 0.0),
+    "equidistant": (0.1, -0.02, 0.01, 0.0),
+}
+
+
+@pytest.mark.parametrize("model", sorted(WIDE))
+def test_distortion_is_undone_to_the_pinhole_pixels(model):
+    d = geometry.Distortion(model, WIDE[model])
+    q, _, _, _ = two_view_scene(n_out=0)
+    qd = _distort(q, d)
+    assert np.abs(qd.keypoints - q.keypoints).max() > 20  # a real lens moves the edges that far
+    assert np.abs(d.undistort(qd.keypoints, K) - q.keypoints).max() < 0.01
+
+
+def test_distortion_from_camera_info():
+    assert geometry.Distortion.from_camera_info("", []) is None
+    assert geometry.Distortion.from_camera_info("plumb_bob", [0.0] * 5) is None  # nothing to undo
+    assert geometry.Distortion.from_camera_info("plumb_bob", [-0.1, 0, 0, 0, 0]).d == (-0.1, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="not supported"):
+        geometry.Distortion.from_camera_info("kannala_brandt", [0.1])
+    with pytest.raises(ValueError, match="takes 4 coefficients"):
+        geometry.Distortion.from_camera_info("equidistant", [0.1, 0.0])
+    with pytest.raises(ValueError, match="without a distortion model"):
+        geometry.Distortion.from_camera_info("", [0.1, 0.0, 0.0, 0.0, 0.0])

@@ -441,8 +441,16 @@ def test_camera_info_gives_loop_transforms(encoder, frames, rtabmap_seq):
         _wait(lambda: info_pub.get_subscription_count() > 0, 20, "camera_info subscription")
         w, hgt = frames[0].shape[1], frames[0].shape[0]
         f = 0.9 * w  # a plausible focal length for this camera (no calibration is shipped)
-        info_pub.publish(CameraInfo(width=w, height=hgt, k=[f, 0.0, w / 2, 0.0, f, hgt / 2, 0.0, 0.0, 1.0]))
+        k = [f, 0.0, w / 2, 0.0, f, hgt / 2, 0.0, 0.0, 1.0]
+        # a lens model the verifier cannot undo: refused, counted, the intrinsics not taken
+        info_pub.publish(CameraInfo(width=w, height=hgt, k=k, distortion_model="kannala_brandt", d=[0.1]))
+        _wait(lambda: ns.verifier.stats.count("camera_info_errors") > 0, 10, "the refusal")
+        assert ns.verifier.verifier.camera_matrix is None
+        # a slight barrel distortion, as CameraInfo gives it (tiny: these frames are undistorted)
+        info_pub.publish(CameraInfo(width=w, height=hgt, k=k, distortion_model="plumb_bob",
+                                    d=[-0.001, 0.0, 0.0, 0.0, 0.0]))
         _wait(lambda: ns.verifier.verifier.camera_matrix is not None, 10, "intrinsics at the verifier")
+        assert ns.verifier.verifier.distortion.model == "plumb_bob"
         rec = Recorder(ns)
         replay(ns, frames, [0, 1, 2, 3, 40, 41, 42, 43])  # 40-43 revisit 0-3
     pairs = check_loops(rec, rtabmap_seq.gt, min_loops=1)

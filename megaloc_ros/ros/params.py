@@ -147,8 +147,15 @@ class VerifierNodeSettings(CommonNodeSettings):
                                          "for width x height images; rescaled to the keyframe images); [0.0]: "
                                          "from camera_info_topic, else unknown (loops without transform)",
                                          read_only=True)
-    camera_info_topic: str = setting("", "sensor_msgs/CameraInfo giving the intrinsics when camera_matrix is "
-                                     "not set (the first valid message is used); empty: none", read_only=True)
+    camera_distortion_model: str = setting("", "lens distortion of camera_matrix, as CameraInfo names it; "
+                                           "empty: none", choices=("", "plumb_bob", "rational_polynomial",
+                                                                   "equidistant"), read_only=True)
+    camera_distortion: list[float] = setting([0.0], "its coefficients, CameraInfo's d (plumb_bob: k1 k2 p1 p2 "
+                                             "k3; rational_polynomial: k1 k2 p1 p2 k3 k4 k5 k6; equidistant: "
+                                             "k1 k2 k3 k4)", read_only=True)
+    camera_info_topic: str = setting("", "sensor_msgs/CameraInfo giving the intrinsics and distortion when "
+                                     "camera_matrix is not set (the first valid message is used); empty: "
+                                     "none", read_only=True)
     peer_keyframes_topic: str = setting("loop_closure_node/peer_keyframes", "megaloc_ros/FleetKeyframe input: "
                                         "the peers' keyframes loop_closure_node put in the map (their verification "
                                         "data is asked for from the owner's ~/keyframe_data when they become "

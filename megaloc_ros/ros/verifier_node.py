@@ -55,6 +55,7 @@ from megaloc_ros import fleet
 
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.types import Keyframe, VerifiedLoop
+from megaloc_ros.verification import geometry
 from megaloc_ros.pipeline import build_verification, live_verifier_params
 from megaloc_ros.ros import conversions as conv
 from megaloc_ros.ros import params as P
@@ -82,7 +83,7 @@ class VerifierNode(ManagedNode):
 
     STATE_NAME = "verifier state"
     DIAG_ERRORS = ("keyframe_errors", "verify_errors", "map_mismatch", "fleet_requests_failed",
-                   "fleet_requests_timed_out")
+                   "fleet_requests_timed_out", "camera_info_errors")
     DIAG_WARNING = ("candidates_expired", "candidates expired")
 
     def __init__(self, node_name: str = P.VERIFIER_NODE, **kwargs):
@@ -112,19 +113,25 @@ class VerifierNode(ManagedNode):
         return self.verification.verifier if self.verification is not None else None
 
     def _camera(self):
+        """(K, (w, h), Distortion or None) from the camera_* parameters; (None, None, None): unset."""
         c = [float(v) for v in self._param("camera_matrix")]
         if len(c) == 1 and c[0] == 0.0 or not c:
-            return None, None
+            return None, None, None
         if len(c) != 6 or min(c[0], c[1], c[4], c[5]) <= 0:
             raise MegalocError(f"camera_matrix must be [fx, fy, cx, cy, width, height] with positive focal "
                                f"lengths and size, got {c}")
         k = np.array([[c[0], 0, c[2]], [0, c[1], c[3]], [0, 0, 1]], np.float64)
-        return k, (int(c[4]), int(c[5]))
+        try:
+            dist = geometry.Distortion.from_camera_info(self._param("camera_distortion_model"),
+                                                        self._param("camera_distortion"))
+        except ValueError as exc:
+            raise MegalocError(f"camera_distortion: {exc}") from None
+        return k, (int(c[4]), int(c[5])), dist
 
     def _build_verification(self, map_path: str):
-        k, size = self._camera()
+        k, size, dist = self._camera()
         state = verifier_state_path(map_path) if map_path else ""
-        v = build_verification(self._build_params(), k, size, state, map_path)
+        v = build_verification(self._build_params(), k, size, state, map_path, distortion=dist)
         if state and Path(state).exists():
             self.get_logger().info(f"loaded verifier state {state}: {len(v.verifier)} keyframes")
         return v
@@ -204,10 +211,19 @@ class VerifierNode(ManagedNode):
             self.get_logger().warning(f"ignoring CameraInfo without intrinsics on {self._param('camera_info_topic')}",
                                       throttle_duration_sec=10.0)
             return
+        try:
+            dist = geometry.Distortion.from_camera_info(msg.distortion_model, msg.d)
+        except ValueError as exc:  # geometry on a lens model it cannot undo would be wrong: no transform
+            self.stats.error("camera_info_errors", str(exc))
+            self.get_logger().error(f"ignoring CameraInfo on {self._param('camera_info_topic')}: {exc}",
+                                    throttle_duration_sec=10.0)
+            return
         with self._lock:
             self.verifier.camera_matrix, self.verifier.camera_size = k, (int(msg.width), int(msg.height))
+            self.verifier.distortion = dist
         self.get_logger().info(f"camera intrinsics from CameraInfo: fx={k[0, 0]:.1f} fy={k[1, 1]:.1f} "
-                               f"for {msg.width}x{msg.height} images")
+                               f"for {msg.width}x{msg.height} images, distortion "
+                               f"{'none' if dist is None else dist.model}")
 
     def _on_candidates(self, msg: LoopClosureArray) -> None:
         self.stats.inc("candidate_arrays_received")

@@ -9,10 +9,10 @@ decision rested on, from what the verifier stored for the two keyframes (no imag
     best partner on the match side and its vote (mean of its ``vote_top_k`` best similarities,
     clipped at 0; the mean of the votes is the candidate's SegVLAD score,
     ``decision.segvlad_scores``);
-  * geometry: the tentative matches (``Verifier.tentative_matches``), the a-contrario check the verifier
-    runs on them (``acontrario.check_pair``: inlier count, -log10 NFA, the epipolar distance it
-    settled on, and its inlier mask), the inlier pairs as keypoint pairs in each image's pixel
-    frame.
+  * geometry: the verifier's own check (``Verifier.check_geometry``: the tentative matches and
+    the a-contrario test on them, inlier count, -log10 NFA, the epipolar distance it settled on,
+    and its inlier mask), the inlier pairs as keypoint pairs in each image's pixel frame (as
+    detected, distortion not undone: they are drawn on the images).
 
 It is only called when someone wants a picture, so recomputing is fine; the counts it finds
 are checked against the verdict's (``Explanation.inliers`` against ``VerifiedLoop.inliers``)
@@ -70,7 +70,7 @@ import numpy as np
 
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.types import SECOND_NS, Candidate, VerifiedLoop
-from megaloc_ros.verification import acontrario, decision, geometry, segments, segvlad
+from megaloc_ros.verification import decision, geometry, segments, segvlad
 
 TOP_K = 5                   # query SuperSegments outlined (best similarity first)
 GAP = 8                     # pixels between the two panels
@@ -150,10 +150,7 @@ def explain_details(verifier, candidate: Candidate) -> Explanation:
         ex.segvlad_note = "no SegVLAD yet: the vocabulary is fitted after the first keyframes"
     else:
         ex.segvlad_note = "no SegVLAD: a keyframe without patch features"
-    kq, km = verifier._intrinsics(tuple(q.image_size)), verifier._intrinsics(tuple(m.image_size))
-    pairs = verifier.tentative_matches(q.local, m.local)
-    chk = acontrario.check_pair(q.local, m.local, kq, km, threshold_px=p.ransac_threshold_px,
-                                max_threshold_px=p.max_threshold_px, pairs=pairs)
+    pairs, chk, _, _ = verifier.check_geometry(q, m)
     ex.matches = len(pairs)
     ex.verdict_inliers = int(chk.inliers)
     ex.significance = float(chk.significance.score)

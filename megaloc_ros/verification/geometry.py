@@ -70,6 +70,57 @@ class TwoViewResult:
     pose: Optional[RelativePose]  # None without intrinsics or when RANSAC failed
 
 
+# sensor_msgs/CameraInfo distortion models this package undistorts keypoints for, and how many
+# coefficients each takes (OpenCV's order: k1 k2 p1 p2 k3 [k4 k5 k6]; fisheye k1 k2 k3 k4)
+DISTORTION_MODELS = {"plumb_bob": (4, 5), "rational_polynomial": (8,), "equidistant": (4,)}
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """Lens distortion as sensor_msgs/CameraInfo gives it: ``model`` (``DISTORTION_MODELS``) and
+    its coefficients ``d``. They act on normalised image coordinates, so they hold for the camera
+    at any image size (only the intrinsics are rescaled)."""
+    model: str
+    d: tuple
+
+    def __post_init__(self) -> None:
+        if self.model not in DISTORTION_MODELS:
+            raise ValueError(f"distortion model {self.model!r} is not supported (supported: "
+                             f"{', '.join(DISTORTION_MODELS)})")
+        if len(self.d) not in DISTORTION_MODELS[self.model]:
+            raise ValueError(f"distortion model {self.model} takes "
+                             f"{' or '.join(map(str, DISTORTION_MODELS[self.model]))} coefficients, got {len(self.d)}")
+        object.__setattr__(self, "d", tuple(float(x) for x in self.d))
+
+    @classmethod
+    def from_camera_info(cls, model: str, d) -> Optional["Distortion"]:
+        """None when there is none to undo (no model, or all coefficients zero); ValueError for a
+        model this package does not undistort."""
+        d = [float(x) for x in d]
+        if not any(d):
+            return None
+        if not model:
+            raise ValueError(f"distortion coefficients {d} without a distortion model")
+        return cls(model, tuple(d))
+
+    def undistort(self, xy: np.ndarray, K: np.ndarray) -> np.ndarray:
+        """Pixel positions [N, 2] of the distorted image -> where an ideal pinhole camera with the
+        same ``K`` would see them (NaN where the model has no inverse, beyond a fisheye's 90 deg)."""
+        pts = np.asarray(xy, np.float64).reshape(-1, 1, 2)
+        if not len(pts):
+            return np.zeros((0, 2), np.float64)
+        K = np.asarray(K, np.float64)
+        D = np.asarray(self.d, np.float64)
+        if self.model == "equidistant":
+            out = cv2.fisheye.undistortPoints(pts, K, D, P=K)
+        else:  # OpenCV's default 5 iterations leave pixels of error at a wide lens's edge
+            out = cv2.undistortPoints(pts, K, D, P=K, criteria=_UNDISTORT_CRITERIA)
+        return out.reshape(-1, 2)
+
+
+_UNDISTORT_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-9)
+
+
 def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
     """``K`` calibrated at (w, h) ``from_size`` -> the same camera at ``to_size``."""
     sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]

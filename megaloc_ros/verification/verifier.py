@@ -237,9 +237,12 @@ class Verifier:
 
     def __init__(self, params: VerifierParams = VerifierParams(),
                  camera_matrix: Optional[np.ndarray] = None,
-                 camera_size: Optional[tuple[int, int]] = None, backbone: Optional[str] = None):
+                 camera_size: Optional[tuple[int, int]] = None, backbone: Optional[str] = None,
+                 distortion: Optional[geometry.Distortion] = None):
         """``backbone``: the model name of the patch features, to pick its shipped vocabulary
-        (unknown: the only shipped vocabulary of their width, if any)."""
+        (unknown: the only shipped vocabulary of their width, if any). ``distortion``: the lens
+        model of ``camera_matrix`` (CameraInfo's distortion_model and d), undone on the keypoints
+        before geometry; keypoints are stored as detected."""
         self.params = params
         self.backbone = backbone
         self.vocabulary_source = ""    # which vocabulary SegVLAD uses, once it has one
@@ -247,6 +250,7 @@ class Verifier:
         self.map_id = ""  # the place map this state belongs to ("" until it is bound to one)
         self.camera_matrix = None if camera_matrix is None else np.asarray(camera_matrix, np.float64).reshape(3, 3)
         self.camera_size = None if camera_size is None else (int(camera_size[0]), int(camera_size[1]))
+        self.distortion = distortion
         self.centroids: Optional[np.ndarray] = None  # [K, C]
         self.pca: Optional[segvlad.Pca] = None
         self._entries: dict[KeyframeId, _Entry] = {}
@@ -527,6 +531,30 @@ class Verifier:
             return lighterglue.default_model().match(a, b)
         return local.match(a, b, self.params.ratio, self.params.mutual)
 
+    def _pinhole(self, e: _Entry, K: Optional[np.ndarray]) -> np.ndarray:
+        """``e``'s keypoints where an ideal pinhole camera with intrinsics ``K`` would see them:
+        the lens ``distortion`` undone (as stored without one, or without intrinsics)."""
+        if self.distortion is None or K is None:
+            return e.local.keypoints
+        return self.distortion.undistort(e.local.keypoints, K).astype(np.float32)
+
+    def check_geometry(self, q: _Entry, m: _Entry):
+        """(tentative matches [M, 2], ``acontrario.PairCheck``, query and match keypoints as the
+        check used them): the geometric half of a decision, also what an explanation draws.
+        Matches whose keypoint the distortion model cannot undo (beyond a fisheye's 90 deg) are
+        left out."""
+        p = self.params
+        Kq, Km = self._intrinsics(q.image_size), self._intrinsics(m.image_size)
+        pairs = self.tentative_matches(q.local, m.local)
+        qk, mk = self._pinhole(q, Kq), self._pinhole(m, Km)
+        if self.distortion is not None and len(pairs):
+            pairs = pairs[np.isfinite(qk[pairs[:, 0]]).all(axis=1) & np.isfinite(mk[pairs[:, 1]]).all(axis=1)]
+        chk = acontrario.check_pair(geometry.LocalFeatures(qk, q.local.descriptors, q.image_size),
+                                    geometry.LocalFeatures(mk, m.local.descriptors, m.image_size), Kq, Km,
+                                    threshold_px=p.ransac_threshold_px, max_threshold_px=p.max_threshold_px,
+                                    pairs=pairs)
+        return pairs, chk, qk, mk
+
     def _decide(self, cand: Candidate, q: _Entry, m: _Entry, vocab_note: Optional[str],
                 bg_scores: Optional[np.ndarray]):
         """(VerifiedLoop, decision.Evidence) for one candidate."""
@@ -550,18 +578,15 @@ class Verifier:
                                     f"{p.min_segvlad_score:.2f} (geometry skipped)"), ev
         else:
             ev.segvlad_note = vocab_note or "no segvlad (keyframe without patch features)"
-        pairs = self.tentative_matches(q.local, m.local)
-        chk = acontrario.check_pair(q.local, m.local, self._intrinsics(q.image_size),
-                                    self._intrinsics(m.image_size), threshold_px=p.ransac_threshold_px,
-                                    max_threshold_px=p.max_threshold_px, pairs=pairs)
+        pairs, chk, qk, mk = self.check_geometry(q, m)
         ev.significance = chk.significance
         ok, reason = decision.decide(ev, p.min_significance, p.min_significance_segvlad, p.min_segvlad_z,
                                      p.min_inliers)
         pose = chk.pose
         if ok and m.keypoint_depth is not None and self._intrinsics(q.image_size) is not None:
             metric = metric_pose.pose_from_keypoint_depths(
-                m.local.keypoints, m.keypoint_depth, self._intrinsics(m.image_size),
-                q.local.keypoints, self._intrinsics(q.image_size), pairs, METRIC_POSE)
+                mk, m.keypoint_depth, self._intrinsics(m.image_size),
+                qk, self._intrinsics(q.image_size), pairs, METRIC_POSE)
             if metric is not None:
                 pose = metric.pose
                 reason += (f"; metric transform: PnP {len(metric.inliers)}/{metric.points_with_depth} "
@@ -581,6 +606,8 @@ class Verifier:
             es = [self._entries[i] for i in ids]
             meta = {"format": FORMAT, "version": VERSION, "params": asdict(self.params),
                     "camera_size": self.camera_size, "map_id": self.map_id,
+                    "distortion": None if self.distortion is None else [self.distortion.model,
+                                                                        list(self.distortion.d)],
                     "vocabulary_source": self.vocabulary_source, "backbone": self.backbone}
             arrays = {
                 "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
@@ -612,9 +639,11 @@ class Verifier:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path, camera_matrix: Optional[np.ndarray] = None) -> "Verifier":
+    def load(cls, path, camera_matrix: Optional[np.ndarray] = None,
+             distortion: Optional[geometry.Distortion] = None) -> "Verifier":
         """Read a state written by ``save``; MapFileError if it is not one, or is damaged.
-        ``camera_matrix`` overrides the saved intrinsics."""
+        ``camera_matrix`` overrides the saved intrinsics (and ``distortion`` with it: given
+        intrinsics without a distortion mean none)."""
         path = Path(path)
         try:
             with open(path, "rb") as f:  # npz is a zip: anything else is not a state (say so plainly)
@@ -640,7 +669,9 @@ class Verifier:
         try:
             params = VerifierParams.from_dict(meta["params"])
             K = camera_matrix if camera_matrix is not None else d.get("camera_matrix")
-            v = cls(params, K, meta.get("camera_size"), meta.get("backbone"))
+            if camera_matrix is None and meta.get("distortion"):
+                distortion = geometry.Distortion(meta["distortion"][0], tuple(meta["distortion"][1]))
+            v = cls(params, K, meta.get("camera_size"), meta.get("backbone"), distortion)
             v.vocabulary_source = meta.get("vocabulary_source", "")
             v.map_id = str(meta.get("map_id", ""))
             if "centroids" in d:
