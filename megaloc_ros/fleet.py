@@ -15,7 +15,8 @@ Design (the nodes in ``megaloc_ros/ros`` move these over DDS):
   ``extras`` so a saved map knows where its peers' keyframes came from.
 * Verification data travels only for candidates: ``export_entry`` / ``import_entry`` turn one
   keyframe's verifier entry (keypoints, local descriptors, SuperSegment descriptors, keypoint
-  depths) into bytes and back.
+  depths, and the owner's camera: intrinsics and lens distortion, since robots need not share a
+  camera) into bytes and back.
 """
 from __future__ import annotations
 
@@ -133,8 +134,12 @@ def export_entry(verifier, kid: int) -> bytes:
     bytes: what its verification needs, nothing else (no image). KeyError when not stored."""
     with verifier._lock:
         e = verifier._entries[int(kid)]
+        K, dist = verifier.camera_of(e)
         meta = {"image_size": list(e.image_size), "local_features": verifier.params.local_features,
-                "vocabulary_source": verifier.vocabulary_source}
+                "vocabulary_source": verifier.vocabulary_source,
+                # the camera that took it: the robots of a fleet need not share one
+                "camera_matrix": None if K is None else np.asarray(K, np.float64).ravel().tolist(),
+                "distortion": None if dist is None else dist.saved()}
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
                   "keypoints": np.asarray(e.local.keypoints), "descriptors": np.asarray(e.local.descriptors)}
         for name in ("supersegments", "pending_patches", "pending_weights", "keypoint_depth"):
@@ -161,6 +166,9 @@ def import_entry(verifier, kid: int, data: bytes) -> str:
     size = tuple(int(v) for v in meta["image_size"])
     e = _Entry(size, geometry.LocalFeatures(d["keypoints"], d["descriptors"], size))
     e.keypoint_depth = d.get("keypoint_depth")
+    if meta.get("camera_matrix") is not None:  # entries from before cameras travelled have none
+        e.camera = (np.array(meta["camera_matrix"], np.float64).reshape(3, 3),
+                    geometry.Distortion.from_saved(meta.get("distortion")))
     note = "local features"
     with verifier._lock:
         same_vocab = meta["vocabulary_source"] == verifier.vocabulary_source

@@ -73,6 +73,43 @@ def test_verifier_entry_export_import(rtabmap_seq):
     assert rtabmap_seq.gt[42, 3]
 
 
+def test_a_peer_keyframe_keeps_its_own_camera(tmp_path):
+    """Robots of one fleet need not share a camera: the synthetic two-view scene, the match seen
+    by robot A's wide-angle camera (another focal length, principal point and a plumb_bob lens),
+    the query by robot B's. The entry carries A's camera across, so B recovers the rotation; read
+    with B's own camera, the same matches give a wrong one. B's saved state keeps A's camera."""
+    import cv2
+    from test_geometry import K, WIDE, _distort, angle_deg, two_view_scene
+    from megaloc_ros.verification import geometry
+    from megaloc_ros.verification.verifier import Verifier, VerifierParams, _Entry
+    K_a = np.array([[380.0, 0, 300], [0, 380.0, 250], [0, 0, 1]])
+    lens_a = geometry.Distortion("plumb_bob", WIDE["plumb_bob"])
+
+    def through(lf, K_to):  # the scene's pinhole keypoints (intrinsics K) as a camera K_to sees them
+        x = cv2.undistortPoints(lf.keypoints.reshape(-1, 1, 2).astype(np.float64), K, None).reshape(-1, 2)
+        return geometry.LocalFeatures((np.c_[x, np.ones(len(x))] @ K_to.T)[:, :2].astype(np.float32),
+                                      lf.descriptors, lf.image_size)
+
+    q, m, R, _ = two_view_scene()
+    robot_a = Verifier(VerifierParams(), K_a, (640, 480), distortion=lens_a)
+    robot_b = Verifier(VerifierParams(), K, (640, 480))
+    robot_a._entries[7] = _Entry((640, 480), _distort(through(m, K_a), lens_a, K_a))
+    robot_b._entries[1] = _Entry((640, 480), q)
+    fleet.import_entry(robot_b, 1007, fleet.export_entry(robot_a, 7))
+    peer = robot_b._entries[1007]
+    assert np.allclose(peer.camera[0], K_a) and peer.camera[1] == lens_a
+    _, chk, _, _ = robot_b.check_geometry(robot_b._entries[1], peer)
+    assert chk.inliers >= 130 and angle_deg(chk.pose.rotation, R) < 0.5     # measured 144, 0.08 deg
+    peer.camera = None  # read with B's camera
+    _, wrong, _, _ = robot_b.check_geometry(robot_b._entries[1], peer)
+    assert wrong.pose is None or angle_deg(wrong.pose.rotation, R) > 3.0   # measured 123, 20.0 deg
+    peer.camera = (K_a, lens_a)
+    robot_b.save(tmp_path / "b.verifier")
+    back = Verifier.load(tmp_path / "b.verifier")
+    assert back._entries[1].camera is None and back._entries[1007].camera[1] == lens_a
+    assert np.allclose(back._entries[1007].camera[0], K_a)
+
+
 # ----------------------------------------------------------------------------- the fleet over DDS
 
 @pytest.fixture(scope="module")

@@ -129,13 +129,14 @@ def test_real_image_against_its_warped_copy(rtabmap_seq, kind, least):
 
 # ----------------------------------------------------------------------------- lens distortion
 
-def _distort(lf, d):
-    """``lf``'s pinhole keypoints (intrinsics K) as a camera with distortion ``d`` images them."""
-    x = cv2.undistortPoints(lf.keypoints.reshape(-1, 1, 2).astype(np.float64), K, None).reshape(-1, 2)
+def _distort(lf, d, K_cam=K):
+    """``lf``'s pinhole keypoints (intrinsics ``K_cam``) as that camera with distortion ``d``
+    images them."""
+    x = cv2.undistortPoints(lf.keypoints.reshape(-1, 1, 2).astype(np.float64), K_cam, None).reshape(-1, 2)
     if d.model == "equidistant":
-        p = cv2.fisheye.distortPoints(x.reshape(-1, 1, 2), K, np.array(d.d))
+        p = cv2.fisheye.distortPoints(x.reshape(-1, 1, 2), K_cam, np.array(d.d))
     else:
-        p = cv2.projectPoints(np.c_[x, np.ones(len(x))].reshape(-1, 1, 3), np.zeros(3), np.zeros(3), K,
+        p = cv2.projectPoints(np.c_[x, np.ones(len(x))].reshape(-1, 1, 3), np.zeros(3), np.zeros(3), K_cam,
                               np.array(d.d))[0]
     return LocalFeatures(p.reshape(-1, 2).astype(np.float32), lf.descriptors, lf.image_size)
 

@@ -103,6 +103,14 @@ class Distortion:
             raise ValueError(f"distortion coefficients {d} without a distortion model")
         return cls(model, tuple(d))
 
+    def saved(self) -> list:
+        """[model, coefficients], for JSON (``from_saved`` reads it back)."""
+        return [self.model, list(self.d)]
+
+    @classmethod
+    def from_saved(cls, saved) -> Optional["Distortion"]:
+        return None if not saved else cls(saved[0], tuple(saved[1]))
+
     def undistort(self, xy: np.ndarray, K: np.ndarray) -> np.ndarray:
         """Pixel positions [N, 2] of the distorted image -> where an ideal pinhole camera with the
         same ``K`` would see them (NaN where the model has no inverse, beyond a fisheye's 90 deg)."""

@@ -218,6 +218,8 @@ class _Entry:
     pending_patches: Optional[np.ndarray] = None  # fp16 [P, C] until the vocabulary exists
     pending_weights: Optional[np.ndarray] = None  # fp16 [S, P] SuperSegment -> patch weights
     keypoint_depth: Optional[np.ndarray] = None   # float32 [N] metres per keypoint, NaN: none
+    # (intrinsics for image_size, distortion) of a peer robot's camera; None: the verifier's own
+    camera: Optional[tuple] = None
 
     @property
     def nbytes(self) -> int:
@@ -403,6 +405,13 @@ class Verifier:
             return self.camera_matrix
         return geometry.scale_intrinsics(self.camera_matrix, self.camera_size, size)
 
+    def camera_of(self, e: _Entry) -> tuple[Optional[np.ndarray], Optional[geometry.Distortion]]:
+        """(intrinsics for ``e``'s image size or None, lens distortion or None) of the camera that
+        took keyframe ``e``: its own (a peer robot's, ``_Entry.camera``), else this verifier's."""
+        if e.camera is not None:
+            return e.camera
+        return self._intrinsics(e.image_size), self.distortion
+
     def verify(self, candidates: list[Candidate]) -> list[VerifiedLoop]:
         """Decide on each candidate of one query keyframe (added before); same order as given,
         followed by any earlier-withheld loop of a later keyframe that this one makes consistent
@@ -531,12 +540,13 @@ class Verifier:
             return lighterglue.default_model().match(a, b)
         return local.match(a, b, self.params.ratio, self.params.mutual)
 
-    def _pinhole(self, e: _Entry, K: Optional[np.ndarray]) -> np.ndarray:
-        """``e``'s keypoints where an ideal pinhole camera with intrinsics ``K`` would see them:
-        the lens ``distortion`` undone (as stored without one, or without intrinsics)."""
-        if self.distortion is None or K is None:
+    def _pinhole(self, e: _Entry) -> np.ndarray:
+        """``e``'s keypoints where an ideal pinhole camera with its intrinsics would see them: its
+        camera's lens distortion undone (as stored without one, or without intrinsics)."""
+        K, dist = self.camera_of(e)
+        if dist is None or K is None:
             return e.local.keypoints
-        return self.distortion.undistort(e.local.keypoints, K).astype(np.float32)
+        return dist.undistort(e.local.keypoints, K).astype(np.float32)
 
     def check_geometry(self, q: _Entry, m: _Entry):
         """(tentative matches [M, 2], ``acontrario.PairCheck``, query and match keypoints as the
@@ -544,10 +554,10 @@ class Verifier:
         Matches whose keypoint the distortion model cannot undo (beyond a fisheye's 90 deg) are
         left out."""
         p = self.params
-        Kq, Km = self._intrinsics(q.image_size), self._intrinsics(m.image_size)
+        Kq, Km = self.camera_of(q)[0], self.camera_of(m)[0]
         pairs = self.tentative_matches(q.local, m.local)
-        qk, mk = self._pinhole(q, Kq), self._pinhole(m, Km)
-        if self.distortion is not None and len(pairs):
+        qk, mk = self._pinhole(q), self._pinhole(m)
+        if len(pairs):
             pairs = pairs[np.isfinite(qk[pairs[:, 0]]).all(axis=1) & np.isfinite(mk[pairs[:, 1]]).all(axis=1)]
         chk = acontrario.check_pair(geometry.LocalFeatures(qk, q.local.descriptors, q.image_size),
                                     geometry.LocalFeatures(mk, m.local.descriptors, m.image_size), Kq, Km,
@@ -583,10 +593,9 @@ class Verifier:
         ok, reason = decision.decide(ev, p.min_significance, p.min_significance_segvlad, p.min_segvlad_z,
                                      p.min_inliers)
         pose = chk.pose
-        if ok and m.keypoint_depth is not None and self._intrinsics(q.image_size) is not None:
-            metric = metric_pose.pose_from_keypoint_depths(
-                mk, m.keypoint_depth, self._intrinsics(m.image_size),
-                qk, self._intrinsics(q.image_size), pairs, METRIC_POSE)
+        Kq, Km = self.camera_of(q)[0], self.camera_of(m)[0]
+        if ok and m.keypoint_depth is not None and Kq is not None and Km is not None:
+            metric = metric_pose.pose_from_keypoint_depths(mk, m.keypoint_depth, Km, qk, Kq, pairs, METRIC_POSE)
             if metric is not None:
                 pose = metric.pose
                 reason += (f"; metric transform: PnP {len(metric.inliers)}/{metric.points_with_depth} "
@@ -604,10 +613,11 @@ class Verifier:
         with self._lock:
             ids = sorted(self._entries)
             es = [self._entries[i] for i in ids]
+            peer_cams = [(i, e.camera) for i, e in zip(ids, es) if e.camera is not None]
             meta = {"format": FORMAT, "version": VERSION, "params": asdict(self.params),
                     "camera_size": self.camera_size, "map_id": self.map_id,
-                    "distortion": None if self.distortion is None else [self.distortion.model,
-                                                                        list(self.distortion.d)],
+                    "distortion": None if self.distortion is None else self.distortion.saved(),
+                    "entry_distortion": [None if c[1] is None else c[1].saved() for _, c in peer_cams],
                     "vocabulary_source": self.vocabulary_source, "backbone": self.backbone}
             arrays = {
                 "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
@@ -632,6 +642,9 @@ class Verifier:
                 arrays[f"pending_weights_{i}"] = e.pending_weights
             if self.camera_matrix is not None:
                 arrays["camera_matrix"] = self.camera_matrix
+            if peer_cams:  # keyframes of peer robots' cameras
+                arrays["entry_camera_ids"] = np.array([i for i, _ in peer_cams], np.int64)
+                arrays["entry_camera_matrix"] = np.stack([c[0] for _, c in peer_cams]).astype(np.float64)
             if self.has_vocabulary:
                 arrays.update(centroids=self.centroids, pca_mean=self.pca.mean,
                               pca_components=self.pca.components, pca_scale=self.pca.scale)
@@ -669,8 +682,8 @@ class Verifier:
         try:
             params = VerifierParams.from_dict(meta["params"])
             K = camera_matrix if camera_matrix is not None else d.get("camera_matrix")
-            if camera_matrix is None and meta.get("distortion"):
-                distortion = geometry.Distortion(meta["distortion"][0], tuple(meta["distortion"][1]))
+            if camera_matrix is None:
+                distortion = geometry.Distortion.from_saved(meta.get("distortion"))
             v = cls(params, K, meta.get("camera_size"), meta.get("backbone"), distortion)
             v.vocabulary_source = meta.get("vocabulary_source", "")
             v.map_id = str(meta.get("map_id", ""))
@@ -698,6 +711,9 @@ class Verifier:
                     e.pending_patches = d[f"pending_patches_{kid}"]
                     e.pending_weights = d[f"pending_weights_{kid}"]
                 v._entries[kid] = e
+            for n, kid in enumerate(d.get("entry_camera_ids", np.zeros(0, np.int64)).tolist()):
+                v._entries[kid].camera = (d["entry_camera_matrix"][n],
+                                          geometry.Distortion.from_saved(meta["entry_distortion"][n]))
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise MapFileError(f"{path} is inconsistent or truncated ({exc})") from None
         return v
