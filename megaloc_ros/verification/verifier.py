@@ -60,6 +60,10 @@ matches (``matcher``): nearest neighbours with the ratio test and the mutual che
 LighterGlue for XFeat features (``megaloc_ros/verification/lighterglue.py``, ONNX Runtime):
 far more matches across wide viewpoint changes, at ~100-250 ms per candidate on 2 CPU cores.
 
+Cameras: the geometry works on keypoints with the lens distortion undone (``distortion``:
+CameraInfo's model and coefficients, ``geometry.Distortion``); keypoints are stored as detected.
+A peer robot's keyframe keeps the camera that took it (``camera_of``).
+
 Transform: with intrinsics, ``RelativePose`` (rotation, unit translation direction,
 ``metric_scale`` False) with the rough covariance of ``geometry.pose_covariance`` (angular
 variance (1 px / f)^2 / inliers on each axis); without intrinsics, None.
