@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-topic",
                    help="sensor_msgs/Image or sensor_msgs/CompressedImage topic "
                         "(default: the bag's only image topic)")
+    p.add_argument("--camera-info-topic", default="auto",
+                   help="sensor_msgs/CameraInfo for the verifier (intrinsics, lens distortion: loops get "
+                        "transforms, as the nodes' camera_info_topic gives them); default auto: the one "
+                        "beside the image topic, else the bag's only one; 'none': without")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pose-topic", help="ground truth from a pose topic in the bag "
                                         "(PoseStamped, PoseWithCovarianceStamped, Odometry, TransformStamped)")
@@ -160,6 +164,32 @@ def ground_truth_source(args, n_frames: int, reader):
     return (traj if args.pose_topic else None), resolve
 
 
+def camera_source(args, reader):
+    """(camera (K, (w, h), Distortion or None) or None, description) for the verifier, as the
+    nodes would have it: verifier_node's camera_matrix in ``--params`` when set (it wins over
+    CameraInfo there too), else the bag's CameraInfo (``--camera-info-topic``)."""
+    if args.params:
+        from megaloc_ros.ros.params import VERIFIER_NODE, camera_from_params
+        from megaloc_ros.settings import load_params_file
+        v = load_params_file(args.params, VERIFIER_NODE)
+        try:
+            cam = camera_from_params(v.get("camera_matrix", [0.0]), v.get("camera_distortion_model", ""),
+                                     v.get("camera_distortion", [0.0]))
+        except ValueError as exc:
+            raise MegalocError(f"{args.params}: {exc}") from None
+        if cam is not None:
+            return cam, f"camera_matrix in {args.params}"
+    if args.camera_info_topic == "none":
+        return None, "none (--camera-info-topic none): loops without transforms"
+    topic = (reader.camera_info_topic(args.image_topic) if args.camera_info_topic == "auto"
+             else args.camera_info_topic)
+    if topic is None:
+        return None, "no CameraInfo in the bag: loops without transforms"
+    K, size, dist = reader.camera_info(topic)
+    return (K, size, dist), (f"{topic}: fx {K[0, 0]:.1f} fy {K[1, 1]:.1f} for {size[0]}x{size[1]} images, "
+                             f"distortion {'none' if dist is None else dist.model}")
+
+
 def _check_decodable(reader, topic: str, n: int, tries: int = 10) -> None:
     """Raise the first decoding error when none of the first ``tries`` images decodes (an
     unsupported encoding); a few bad frames among good ones are skipped by the replay instead."""
@@ -208,23 +238,32 @@ def run(args, encoder=None) -> tuple[dict, Path]:
             raise MegalocError(f"topic {args.image_topic} in {args.bag} has no messages")
         _check_decodable(r, args.image_topic, n)  # an unknown encoding fails now, not after model loading
         odometry, resolve_gt = ground_truth_source(args, n, r)
+        camera, camera_desc = camera_source(args, r) if not args.no_verify else (None, "")
     if args.live:
         from megaloc_ros.ros.live_replay import replay_live
         from megaloc_ros.encoding.loader import load_encoder
         if odometry is not None:
             node_params.setdefault("odom_max_dt", min(args.pose_max_gap, 10.0))
+        if camera is not None and "camera_matrix" not in node_params:  # as verifier_node's parameters
+            K, (w, h), dist = camera
+            node_params["camera_matrix"] = [K[0, 0], K[1, 1], K[0, 2], K[1, 2], float(w), float(h)]
+            if dist is not None:
+                node_params.update(camera_distortion_model=dist.model, camera_distortion=list(dist.d))
         es = settings.encoder
         enc = encoder or (load_encoder(es.model_path, device=es.device) if es.model_path else None)
         replay = replay_live(args.bag, args.image_topic, settings, params_file=args.params,
                              rate=args.rate, quiet=args.quiet, trajectory=odometry, encoder=enc,
                              node_params=node_params)
     else:
-        pipe = PL.build(settings, encoder)
+        K, size, dist = camera if camera is not None else (None, None, None)
+        pipe = PL.build(settings, encoder, camera_matrix=K, camera_size=size, distortion=dist)
         replay = replay_offline(args.bag, args.image_topic, pipe, trajectory=odometry,
                                 pose_max_gap_s=args.pose_max_gap, quiet=args.quiet)
     gt, pos, valid, gt_desc = resolve_gt(replay.stamps_ns, exclude_s)
     report = evaluate(replay, gt, exclude_s)
     report["ground_truth"] = gt_desc
+    if camera_desc:
+        report["camera"] = camera_desc
     page = write_report(args.output, replay, report, gt, pos, valid)
     return report, page
 

@@ -395,3 +395,26 @@ def test_eval_skips_a_corrupt_frame_and_prints_no_precision_without_loops(tmp_pa
         row = next(ln for ln in printed.splitlines() if ln.startswith(name))
         assert row.split()[-2:] == ["-", "-"], row
     assert (tmp_path / "n" / "pr_curves.png").stat().st_size > 1000
+
+
+def test_eval_gives_the_verifier_the_bags_camera_info(tmp_path, real_encoder, capsys):
+    """A bag with sensor_msgs/CameraInfo beside its images (TUM fr3/cabinet, 58 RGB keyframes):
+    eval hands the intrinsics to the verifier, as the nodes' camera_info_topic would, so verified
+    loops carry a transform; with --camera-info-topic none they do not."""
+    from megaloc_ros.io import tum
+    from megaloc_ros.io.trajectory import Trajectory as Traj
+    t = tum.tum_fr3_cabinet()
+    bag = B.write_bag(tmp_path / "tum", t.rgb_paths, t.stamps_ns, compressed=True,
+                      trajectory=Traj(t.stamps_ns, t.poses), camera=(t.K, t.image_size, None))
+    # every frame a keyframe (the poses would thin them by travel), as `bench verify --sets` has them
+    base = [str(bag), "--image-topic", "/camera/image_raw/compressed", "--pose-topic", "/pose",
+            "--gt-distance", "0.5", "--set", "detector.min_travel_m=0", "--set", "detector.min_rotation_deg=0"]
+    with_info, printed = run_eval(base + ["-o", str(tmp_path / "a")], real_encoder, capsys)
+    assert with_info["camera"].startswith("/camera/camera_info: fx 535.4 fy 539.2 for 640x480")
+    assert "camera: /camera/camera_info" in printed
+    without, _ = run_eval(base + ["-o", str(tmp_path / "b"), "--camera-info-topic", "none"], real_encoder, capsys)
+    assert without["camera"].startswith("none")
+    for report, transform in ((with_info, True), (without, False)):
+        accepted = [lp for lp in report["loops"] if lp["verified"]]
+        assert accepted, "the cabinet's revisit gives verified loops"
+        assert all(("no transform" not in lp["reason"]) == transform for lp in accepted), accepted

@@ -130,6 +130,8 @@ def format_text(report: dict) -> str:
     """The metrics table printed by `eval` and the demo."""
     lines = [f"model: {report['model']}",
              f"bag:   {report['bag']} ({report['topic']}, {report['n_frames']} frames, {report['mode']} replay)"]
+    if report.get("camera"):
+        lines.append(f"camera: {report['camera']}")
     for note in report.get("notes", []):
         lines.append(f"note:  {note}")
     m = report.get("metrics")

@@ -26,6 +26,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 POSE_TYPES = (
     "geometry_msgs/msg/PoseStamped",
     "geometry_msgs/msg/PoseWithCovarianceStamped",
@@ -93,12 +94,14 @@ def _header(ts, ns: int, frame_id: str):
 def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, *,
               storage: str = "sqlite3", compressed: bool = False, topic: Optional[str] = None,
               frame_id: str = "camera", trajectory=None, pose_topic: str = "/pose",
-              world_frame: str = "map", overwrite: bool = False, progress: bool = False) -> Path:
+              world_frame: str = "map", overwrite: bool = False, progress: bool = False,
+              camera=None) -> Path:
     """Write ``image_paths`` (one message per image at ``stamps_ns``) into a new rosbag2.
 
     Compressed bags carry the image files' bytes unchanged (no re-encoding); raw bags carry rgb8.
     ``trajectory`` (io.trajectory.Trajectory) is written as PoseStamped on
-    ``pose_topic`` at its own stamps. Returns the bag directory.
+    ``pose_topic`` at its own stamps. ``camera`` (K 3x3, (width, height), geometry.Distortion or
+    None): a CameraInfo per image on ``<image namespace>/camera_info``. Returns the bag directory.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
 
@@ -129,7 +132,15 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
     try:
         with Writer(out, version=Writer.VERSION_LATEST, storage_plugin=plugin) as w:
             conn = w.add_connection(topic, msgtype, typestore=ts)
+            info = None
+            if camera is not None:
+                ns = topic.rsplit("/", 2 if compressed else 1)[0]
+                iconn = w.add_connection(f"{ns}/camera_info", CAMERA_INFO_TYPE, typestore=ts)
+                info = _camera_info_msg(ts, camera, frame_id)
             for path, t in zip(image_paths, stamps):
+                if info is not None:
+                    info.header = _header(ts, int(t), frame_id)
+                    w.write(iconn, int(t), ts.serialize_cdr(info, CAMERA_INFO_TYPE))
                 p = Path(path)
                 if compressed:
                     data = _checked_file_bytes(p)
@@ -166,6 +177,21 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _camera_info_msg(ts, camera, frame_id: str):
+    """A sensor_msgs/CameraInfo for (K, (width, height), Distortion or None)."""
+    K, (width, height), dist = camera
+    K = np.asarray(K, np.float64).reshape(3, 3)
+    P = np.zeros((3, 4))
+    P[:, :3] = K
+    return ts.types[CAMERA_INFO_TYPE](
+        header=_header(ts, 0, frame_id), height=int(height), width=int(width),
+        distortion_model=dist.model if dist is not None else "plumb_bob",
+        d=np.asarray(dist.d if dist is not None else [0.0] * 5, np.float64), k=K.ravel(),
+        r=np.eye(3).ravel(), p=P.ravel(), binning_x=0, binning_y=0,
+        roi=ts.types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0,
+                                                        do_rectify=False))
 
 
 def _checked_file_bytes(path: Path) -> bytes:
@@ -365,6 +391,35 @@ class BagReader:
                 msg.header.stamp = _stamp(self._ts, stamp)
                 raw = self._ts.serialize_cdr(msg, conn.msgtype)
             yield i, int(stamp), conn.msgtype, bytes(raw)
+
+    def camera_info_topic(self, image_topic: str) -> Optional[str]:
+        """The CameraInfo topic that goes with ``image_topic``: the one beside it
+        (``<namespace>/camera_info``, the image_transport convention), else the bag's only one;
+        None when there is none, or several and none beside it."""
+        infos = [t.name for t in self.topics if t.msgtype == CAMERA_INFO_TYPE]
+        ns = image_topic.rsplit("/", 2 if image_topic.endswith("/compressed") else 1)[0]
+        beside = f"{ns}/camera_info"
+        if beside in infos:
+            return beside
+        return infos[0] if len(infos) == 1 else None
+
+    def camera_info(self, topic: str):
+        """(K 3x3, (width, height), geometry.Distortion or None) of the first CameraInfo on
+        ``topic`` with intrinsics. BagError when it has none, or a distortion model the verifier
+        cannot undo."""
+        from megaloc_ros.verification.geometry import Distortion
+        conns = self._connections(topic, (CAMERA_INFO_TYPE,), "CameraInfo")
+        for i, (conn, _, raw) in enumerate(self._messages(conns)):
+            msg = self._deserialize(raw, conn.msgtype, topic, i)
+            k = np.asarray(msg.k, np.float64).reshape(3, 3)
+            if k[0, 0] <= 0 or k[1, 1] <= 0 or not msg.width or not msg.height:
+                continue
+            try:
+                dist = Distortion.from_camera_info(msg.distortion_model, msg.d)
+            except ValueError as exc:
+                raise BagError(f"camera info {topic} in {self.path}: {exc}") from None
+            return k, (int(msg.width), int(msg.height)), dist
+        raise BagError(f"camera info {topic} in {self.path} has no message with intrinsics")
 
     def trajectory(self, topic: str):
         """All poses on ``topic`` (PoseStamped, PoseWithCovarianceStamped, Odometry or

@@ -114,19 +114,12 @@ class VerifierNode(ManagedNode):
 
     def _camera(self):
         """(K, (w, h), Distortion or None) from the camera_* parameters; (None, None, None): unset."""
-        c = [float(v) for v in self._param("camera_matrix")]
-        if len(c) == 1 and c[0] == 0.0 or not c:
-            return None, None, None
-        if len(c) != 6 or min(c[0], c[1], c[4], c[5]) <= 0:
-            raise MegalocError(f"camera_matrix must be [fx, fy, cx, cy, width, height] with positive focal "
-                               f"lengths and size, got {c}")
-        k = np.array([[c[0], 0, c[2]], [0, c[1], c[3]], [0, 0, 1]], np.float64)
         try:
-            dist = geometry.Distortion.from_camera_info(self._param("camera_distortion_model"),
-                                                        self._param("camera_distortion"))
+            cam = P.camera_from_params(self._param("camera_matrix"), self._param("camera_distortion_model"),
+                                       self._param("camera_distortion"))
         except ValueError as exc:
-            raise MegalocError(f"camera_distortion: {exc}") from None
-        return k, (int(c[4]), int(c[5])), dist
+            raise MegalocError(str(exc)) from None
+        return cam if cam is not None else (None, None, None)
 
     def _build_verification(self, map_path: str):
         k, size, dist = self._camera()
