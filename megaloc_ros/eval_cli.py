@@ -185,7 +185,11 @@ def camera_source(args, reader):
              else args.camera_info_topic)
     if topic is None:
         return None, "no CameraInfo in the bag: loops without transforms"
-    K, size, dist = reader.camera_info(topic)
+    from megaloc_ros.io.bag import BagError
+    try:
+        K, size, dist = reader.camera_info(topic)
+    except BagError as exc:
+        raise MegalocError(f"{exc} (--camera-info-topic none: evaluate without it)") from None
     return (K, size, dist), (f"{topic}: fx {K[0, 0]:.1f} fy {K[1, 1]:.1f} for {size[0]}x{size[1]} images, "
                              f"distortion {'none' if dist is None else dist.model}")
 

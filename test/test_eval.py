@@ -236,8 +236,15 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, rtabmap_seq):
         ([str(good), "--set", "queue_size=3"], "only applies with --live"),
         ([str(tmp_path / "no_such_bag")], "bag " + str(tmp_path / "no_such_bag") + " not found"),
     ]
+    # a CameraInfo with a lens model the verifier cannot undo (written as a recorder would)
+    from types import SimpleNamespace
+    odd_lens = B.write_bag(tmp_path / "odd_lens", rtabmap_seq.image_paths[:3], rtabmap_seq.stamps_ns[:3],
+                           camera=(np.diag([400.0, 400.0, 1.0]), (512, 384),
+                                   SimpleNamespace(model="kannala_brandt", d=(0.1, 0.0, 0.0, 0.0))))
+    cases = [(argv + ["--no-verify"], msg) for argv, msg in cases]
+    cases.append(([str(odd_lens), "--gt-distance", "1"], "'kannala_brandt' is not supported"))
     for argv, msg in cases:
-        r = _cli("eval", *argv, "-o", str(tmp_path / "out"), "--no-verify")
+        r = _cli("eval", *argv, "-o", str(tmp_path / "out"))
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2, (argv, r.stderr)
         assert "Traceback" not in r.stderr
