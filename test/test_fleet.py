@@ -98,10 +98,10 @@ def test_a_peer_keyframe_keeps_its_own_camera(tmp_path):
     fleet.import_entry(robot_b, 1007, fleet.export_entry(robot_a, 7))
     peer = robot_b._entries[1007]
     assert np.allclose(peer.camera[0], K_a) and peer.camera[1] == lens_a
-    _, chk, _, _ = robot_b.check_geometry(robot_b._entries[1], peer)
+    chk = robot_b.check_geometry(robot_b._entries[1], peer).check
     assert chk.inliers >= 130 and angle_deg(chk.pose.rotation, R) < 0.5     # measured 144, 0.08 deg
     peer.camera = None  # read with B's camera
-    _, wrong, _, _ = robot_b.check_geometry(robot_b._entries[1], peer)
+    wrong = robot_b.check_geometry(robot_b._entries[1], peer).check
     assert wrong.pose is None or angle_deg(wrong.pose.rotation, R) > 3.0   # measured 123, 20.0 deg
     peer.camera = (K_a, lens_a)
     robot_b.save(tmp_path / "b.verifier")

@@ -134,8 +134,7 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
             conn = w.add_connection(topic, msgtype, typestore=ts)
             info = None
             if camera is not None:
-                ns = topic.rsplit("/", 2 if compressed else 1)[0]
-                iconn = w.add_connection(f"{ns}/camera_info", CAMERA_INFO_TYPE, typestore=ts)
+                iconn = w.add_connection(camera_info_beside(topic), CAMERA_INFO_TYPE, typestore=ts)
                 info = _camera_info_msg(ts, camera, frame_id)
             for path, t in zip(image_paths, stamps):
                 if info is not None:
@@ -177,6 +176,13 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def camera_info_beside(image_topic: str) -> str:
+    """``<namespace>/camera_info`` of an image topic (``.../image_raw`` or ``.../image_raw/compressed``):
+    the image_transport convention."""
+    ns = image_topic.rsplit("/", 2 if image_topic.endswith("/compressed") else 1)[0]
+    return f"{ns}/camera_info"
 
 
 def _camera_info_msg(ts, camera, frame_id: str):
@@ -397,8 +403,7 @@ class BagReader:
         (``<namespace>/camera_info``, the image_transport convention), else the bag's only one;
         None when there is none, or several and none beside it."""
         infos = [t.name for t in self.topics if t.msgtype == CAMERA_INFO_TYPE]
-        ns = image_topic.rsplit("/", 2 if image_topic.endswith("/compressed") else 1)[0]
-        beside = f"{ns}/camera_info"
+        beside = camera_info_beside(image_topic)
         if beside in infos:
             return beside
         return infos[0] if len(infos) == 1 else None
@@ -407,18 +412,16 @@ class BagReader:
         """(K 3x3, (width, height), geometry.Distortion or None) of the first CameraInfo on
         ``topic`` with intrinsics. BagError when it has none, or a distortion model the verifier
         cannot undo."""
-        from megaloc_ros.verification.geometry import Distortion
+        from megaloc_ros.verification.geometry import camera_from_info
         conns = self._connections(topic, (CAMERA_INFO_TYPE,), "CameraInfo")
         for i, (conn, _, raw) in enumerate(self._messages(conns)):
             msg = self._deserialize(raw, conn.msgtype, topic, i)
-            k = np.asarray(msg.k, np.float64).reshape(3, 3)
-            if k[0, 0] <= 0 or k[1, 1] <= 0 or not msg.width or not msg.height:
-                continue
             try:
-                dist = Distortion.from_camera_info(msg.distortion_model, msg.d)
+                cam = camera_from_info(msg.k, msg.width, msg.height, msg.distortion_model, msg.d)
             except ValueError as exc:
                 raise BagError(f"camera info {topic} in {self.path}: {exc}") from None
-            return k, (int(msg.width), int(msg.height)), dist
+            if cam is not None:
+                return cam
         raise BagError(f"camera info {topic} in {self.path} has no message with intrinsics")
 
     def trajectory(self, topic: str):

@@ -168,20 +168,18 @@ def camera_from_params(camera_matrix, distortion_model: str = "", distortion=(0.
     """(K 3x3, (width, height), geometry.Distortion or None) from verifier_node's camera_matrix
     [fx, fy, cx, cy, width, height], camera_distortion_model and camera_distortion; None when
     camera_matrix is unset ([0.0]). ValueError on a malformed one."""
-    import numpy as np
-    from megaloc_ros.verification.geometry import Distortion
+    from megaloc_ros.verification.geometry import camera_from_info
     c = [float(v) for v in camera_matrix]
     if not c or c == [0.0]:
         return None
     if len(c) != 6 or min(c[0], c[1], c[4], c[5]) <= 0:
         raise ValueError(f"camera_matrix must be [fx, fy, cx, cy, width, height] with positive focal "
                          f"lengths and size, got {c}")
-    k = np.array([[c[0], 0, c[2]], [0, c[1], c[3]], [0, 0, 1]], np.float64)
     try:
-        dist = Distortion.from_camera_info(distortion_model, distortion)
+        return camera_from_info([c[0], 0, c[2], 0, c[1], c[3], 0, 0, 1], int(c[4]), int(c[5]),
+                                distortion_model, distortion)
     except ValueError as exc:
         raise ValueError(f"camera_distortion: {exc}") from None
-    return k, (int(c[4]), int(c[5])), dist
 
 
 def node_sections(node: str) -> dict[str, type]:

@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo
@@ -197,20 +196,20 @@ class VerifierNode(ManagedNode):
                               f"map {v.map_id} (load the matching state: loop_closure_node/load_map loads both)")
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
-        k = np.array(msg.k, np.float64).reshape(3, 3)
         if self.verifier.camera_matrix is not None:
             return
-        if k[0, 0] <= 0 or k[1, 1] <= 0 or msg.width == 0 or msg.height == 0:
-            self.get_logger().warning(f"ignoring CameraInfo without intrinsics on {self._param('camera_info_topic')}",
-                                      throttle_duration_sec=10.0)
-            return
         try:
-            dist = geometry.Distortion.from_camera_info(msg.distortion_model, msg.d)
+            cam = geometry.camera_from_info(msg.k, msg.width, msg.height, msg.distortion_model, msg.d)
         except ValueError as exc:  # geometry on a lens model it cannot undo would be wrong: no transform
             self.stats.error("camera_info_errors", str(exc))
             self.get_logger().error(f"ignoring CameraInfo on {self._param('camera_info_topic')}: {exc}",
                                     throttle_duration_sec=10.0)
             return
+        if cam is None:
+            self.get_logger().warning(f"ignoring CameraInfo without intrinsics on {self._param('camera_info_topic')}",
+                                      throttle_duration_sec=10.0)
+            return
+        k, _, dist = cam
         with self._lock:
             self.verifier.camera_matrix, self.verifier.camera_size = k, (int(msg.width), int(msg.height))
             self.verifier.distortion = dist

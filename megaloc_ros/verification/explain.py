@@ -150,7 +150,8 @@ def explain_details(verifier, candidate: Candidate) -> Explanation:
         ex.segvlad_note = "no SegVLAD yet: the vocabulary is fitted after the first keyframes"
     else:
         ex.segvlad_note = "no SegVLAD: a keyframe without patch features"
-    pairs, chk, _, _ = verifier.check_geometry(q, m)
+    g = verifier.check_geometry(q, m)
+    pairs, chk = g.pairs, g.check
     ex.matches = len(pairs)
     ex.verdict_inliers = int(chk.inliers)
     ex.significance = float(chk.significance.score)

@@ -129,6 +129,16 @@ class Distortion:
 _UNDISTORT_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-9)
 
 
+def camera_from_info(k, width: int, height: int, distortion_model: str = "", d=()):
+    """(K 3x3, (width, height), Distortion or None) from sensor_msgs/CameraInfo's fields; None
+    when the message carries no intrinsics (K or size zero); ValueError for a distortion model
+    this package cannot undo."""
+    K = np.asarray(k, np.float64).reshape(3, 3)
+    if K[0, 0] <= 0 or K[1, 1] <= 0 or not width or not height:
+        return None
+    return K, (int(width), int(height)), Distortion.from_camera_info(distortion_model, d)
+
+
 def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
     """``K`` calibrated at (w, h) ``from_size`` -> the same camera at ``to_size``."""
     sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]

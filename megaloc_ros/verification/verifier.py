@@ -214,6 +214,17 @@ _FLAT_SEGMENT_FIELDS = {"segment_method": "method", "segment_max_side": "max_sid
 
 
 @dataclass
+class PairGeometry:
+    """What ``Verifier.check_geometry`` found for one pair."""
+    pairs: np.ndarray                 # tentative matches [M, 2] (query index, match index)
+    check: acontrario.PairCheck
+    query_keypoints: np.ndarray       # as the check used them: lens distortion undone
+    match_keypoints: np.ndarray
+    K_query: Optional[np.ndarray]     # intrinsics of each keyframe's camera (None: unknown)
+    K_match: Optional[np.ndarray]
+
+
+@dataclass
 class _Entry:
     """What one keyframe keeps."""
     image_size: tuple[int, int]                 # (w, h) of the image the keypoints refer to
@@ -552,11 +563,9 @@ class Verifier:
             return e.local.keypoints
         return dist.undistort(e.local.keypoints, K).astype(np.float32)
 
-    def check_geometry(self, q: _Entry, m: _Entry):
-        """(tentative matches [M, 2], ``acontrario.PairCheck``, query and match keypoints as the
-        check used them): the geometric half of a decision, also what an explanation draws.
-        Matches whose keypoint the distortion model cannot undo (beyond a fisheye's 90 deg) are
-        left out."""
+    def check_geometry(self, q: _Entry, m: _Entry) -> "PairGeometry":
+        """The geometric half of a decision, also what an explanation draws. Matches whose
+        keypoint the distortion model cannot undo (beyond a fisheye's 90 deg) are left out."""
         p = self.params
         Kq, Km = self.camera_of(q)[0], self.camera_of(m)[0]
         pairs = self.tentative_matches(q.local, m.local)
@@ -567,7 +576,7 @@ class Verifier:
                                     geometry.LocalFeatures(mk, m.local.descriptors, m.image_size), Kq, Km,
                                     threshold_px=p.ransac_threshold_px, max_threshold_px=p.max_threshold_px,
                                     pairs=pairs)
-        return pairs, chk, qk, mk
+        return PairGeometry(pairs, chk, qk, mk, Kq, Km)
 
     def _decide(self, cand: Candidate, q: _Entry, m: _Entry, vocab_note: Optional[str],
                 bg_scores: Optional[np.ndarray]):
@@ -592,14 +601,15 @@ class Verifier:
                                     f"{p.min_segvlad_score:.2f} (geometry skipped)"), ev
         else:
             ev.segvlad_note = vocab_note or "no segvlad (keyframe without patch features)"
-        pairs, chk, qk, mk = self.check_geometry(q, m)
+        g = self.check_geometry(q, m)
+        chk = g.check
         ev.significance = chk.significance
         ok, reason = decision.decide(ev, p.min_significance, p.min_significance_segvlad, p.min_segvlad_z,
                                      p.min_inliers)
         pose = chk.pose
-        Kq, Km = self.camera_of(q)[0], self.camera_of(m)[0]
-        if ok and m.keypoint_depth is not None and Kq is not None and Km is not None:
-            metric = metric_pose.pose_from_keypoint_depths(mk, m.keypoint_depth, Km, qk, Kq, pairs, METRIC_POSE)
+        if ok and m.keypoint_depth is not None and g.K_query is not None and g.K_match is not None:
+            metric = metric_pose.pose_from_keypoint_depths(g.match_keypoints, m.keypoint_depth, g.K_match,
+                                                           g.query_keypoints, g.K_query, g.pairs, METRIC_POSE)
             if metric is not None:
                 pose = metric.pose
                 reason += (f"; metric transform: PnP {len(metric.inliers)}/{metric.points_with_depth} "
