@@ -405,17 +405,21 @@ def test_eval_skips_a_corrupt_frame_and_prints_no_precision_without_loops(tmp_pa
 
 
 def test_eval_gives_the_verifier_the_bags_camera_info(tmp_path, real_encoder, capsys):
-    """A bag with sensor_msgs/CameraInfo beside its images (TUM fr3/cabinet, 58 RGB keyframes):
-    eval hands the intrinsics to the verifier, as the nodes' camera_info_topic would, so verified
-    loops carry a transform; with --camera-info-topic none they do not."""
+    """A bag with sensor_msgs/CameraInfo beside its images (TUM fr3/cabinet, the start and the
+    end of its loop: 18 of its 58 RGB keyframes): eval hands the intrinsics to the verifier, as
+    the nodes' camera_info_topic would, so verified loops carry a transform; with
+    --camera-info-topic none they do not."""
     from megaloc_ros.io import tum
     from megaloc_ros.io.trajectory import Trajectory as Traj
     t = tum.tum_fr3_cabinet()
-    bag = B.write_bag(tmp_path / "tum", t.rgb_paths, t.stamps_ns, compressed=True,
-                      trajectory=Traj(t.stamps_ns, t.poses), camera=(t.K, t.image_size, None))
-    # every frame a keyframe (the poses would thin them by travel), as `bench verify --sets` has them
+    idx = list(range(0, 8)) + list(range(48, 58))
+    bag = B.write_bag(tmp_path / "tum", [t.rgb_paths[i] for i in idx], t.stamps_ns[idx], compressed=True,
+                      trajectory=Traj(t.stamps_ns[idx], t.poses[idx]), camera=(t.K, t.image_size, None))
+    # every frame a keyframe (the poses would thin them by travel), as `bench verify --sets` has
+    # them; the end may query the start: more than exclude_recent_s apart, not 20 keyframes
     base = [str(bag), "--image-topic", "/camera/image_raw/compressed", "--pose-topic", "/pose",
-            "--gt-distance", "0.5", "--set", "detector.min_travel_m=0", "--set", "detector.min_rotation_deg=0"]
+            "--gt-distance", "0.5", "--set", "detector.min_travel_m=0", "--set", "detector.min_rotation_deg=0",
+            "--set", "detector.exclude_recent_keyframes=4"]
     with_info, printed = run_eval(base + ["-o", str(tmp_path / "a")], real_encoder, capsys)
     assert with_info["camera"].startswith("/camera/camera_info: fx 535.4 fy 539.2 for 640x480")
     assert "camera: /camera/camera_info" in printed
