@@ -54,6 +54,9 @@ def test_essential_matrix_recovers_pose_of_the_query_in_the_match_frame():
     assert np.allclose(np.linalg.norm(res.pose.translation), 1.0)
     cov = res.pose.covariance
     assert cov.shape == (6, 6) and np.all(np.diag(cov) > 0)
+    # a unit direction has no scale: a back end reading only the covariance must not trust it
+    assert np.all(np.diag(cov)[:3] >= geometry.UNKNOWN_SCALE_VARIANCE)
+    assert np.all(np.diag(cov)[3:] < np.radians(0.5) ** 2)
 
 
 def test_fundamental_matrix_without_intrinsics_counts_inliers_only():

@@ -145,14 +145,18 @@ def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[i
     return np.diag([sx, sy, 1.0]) @ np.asarray(K, np.float64)
 
 
-def pose_covariance(inliers: int, focal_px: float, pixel_sigma: float = 1.0) -> np.ndarray:
-    """Rough 6x6 covariance (x y z rx ry rz) of a two-view pose from ``inliers`` correspondences.
+# m^2 on each translation axis of a loop whose translation is a unit direction: a two-view pose
+# has no scale, so a back end that reads the covariance and not ``metric_scale`` must give the
+# translation no weight (a tight one would pull the two keyframes 1 m apart).
+UNKNOWN_SCALE_VARIANCE = 1e6
 
-    Angular std ~ pixel_sigma / focal / sqrt(inliers) for the rotation and for the direction
-    of translation (whose entries describe a unit vector: there is no metric scale).
-    """
+
+def pose_covariance(inliers: int, focal_px: float, pixel_sigma: float = 1.0) -> np.ndarray:
+    """Rough 6x6 covariance (x y z rx ry rz) of a two-view pose from ``inliers`` correspondences:
+    angular std ~ pixel_sigma / focal / sqrt(inliers) on each rotation axis, and
+    ``UNKNOWN_SCALE_VARIANCE`` on each translation axis (a unit direction has no scale)."""
     var = (pixel_sigma / max(focal_px, 1e-6)) ** 2 / max(inliers, 1)
-    return np.diag([var] * 6)
+    return np.diag([UNKNOWN_SCALE_VARIANCE] * 3 + [var] * 3)
 
 
 def _robust(fit, a, b, threshold, confidence, max_iters, fallback, ransac_first=False):
