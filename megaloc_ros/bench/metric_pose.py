@@ -1,6 +1,7 @@
 """Metric loop transforms from depth, measured against motion-capture ground truth.
 
 ``python -m megaloc_ros.bench.metric_pose [--features orb|sift|xfeat] [--json out.json]``
+``python -m megaloc_ros.bench.metric_pose --rotation``: ``rotation_sources``.
 
 On TUM RGB-D fr3/cabinet (58 keyframes; 52-57 come back to 0-3) it matches local features
 between the loop pairs (queries 52..57 x matches 0..3) and neighbouring pairs (i+1, i), estimates
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -107,11 +108,80 @@ def run(features: str = "orb", pairs=None, seq=None, params: Optional[MetricPose
     return out
 
 
+def rotation_sources(max_angle_deg: float = 60.0, min_significance: float = 6.0, seq=None) -> list[dict]:
+    """The verifier's own matches (default ``VerifierParams``) on every TUM fr3/cabinet frame pair
+    at most ``max_angle_deg`` apart whose epipolar fit reaches ``min_significance``: the rotation
+    error against motion capture of the essential matrix and of PnP on the match frame's depth
+    (``verifier.ROTATION_POSE``, at least 10 inliers), with PnP's inlier count and translation
+    error. What chose the verifier's ``ROTATION_POSE`` and ``METRIC_POSE`` thresholds."""
+    from itertools import combinations
+    from megaloc_ros.io import tum
+    from megaloc_ros.verification import acontrario, features as F
+    from megaloc_ros.verification.metric_pose import keypoint_depths, pose_from_keypoint_depths
+    from megaloc_ros.verification.verifier import ROTATION_POSE, VerifierParams
+    seq = seq or tum.tum_fr3_cabinet()
+    vp = VerifierParams()
+    feats = [F.extract(seq.load_rgb(i), vp.local_features, vp.max_keypoints, vp.feature_max_side,
+                       vp.sift_contrast, vp.feature_min_side) for i in range(len(seq))]
+    depth = [keypoint_depths(f.keypoints, seq.depth_m(i), f.image_size) for i, f in enumerate(feats)]
+    pnp_params = replace(ROTATION_POSE, min_inliers=6)  # below the verifier's 10, to show why 10
+    out = []
+    for q, m in combinations(range(len(seq)), 2):
+        truth = np.linalg.inv(seq.poses[m]) @ seq.poses[q]
+        apart = pose_error(np.eye(4), truth)[1]
+        if apart > max_angle_deg:
+            continue
+        pairs = F.match(feats[q], feats[m], vp.ratio, vp.mutual)
+        chk = acontrario.check_pair(feats[q], feats[m], seq.K, seq.K, threshold_px=vp.ransac_threshold_px,
+                                    max_threshold_px=vp.max_threshold_px, pairs=pairs)
+        if chk.pose is None or chk.significance.score < min_significance:
+            continue
+        T = np.eye(4)
+        T[:3, :3] = chk.pose.rotation
+        row = {"query": q, "match": m, "apart_deg": apart, "significance": chk.significance.score,
+               "e_inliers": chk.significance.inliers, "e_rot_err_deg": pose_error(T, truth)[1],
+               "pnp_inliers": 0, "pnp_rot_err_deg": None, "pnp_t_err_m": None}
+        pnp = pose_from_keypoint_depths(feats[m].keypoints, depth[m], seq.K, feats[q].keypoints, seq.K,
+                                        pairs, pnp_params)
+        if pnp is not None:
+            row["pnp_inliers"] = len(pnp.inliers)
+            row["pnp_t_err_m"], row["pnp_rot_err_deg"] = pose_error(pnp.matrix, truth)
+        out.append(row)
+    return out
+
+
+def print_rotation_sources(rows: list[dict]) -> None:
+    print(f"{len(rows)} TUM fr3/cabinet pairs <= 60 deg apart with -log10 NFA >= 6 (verifier defaults)")
+    print("PnP inliers  pairs  essential matrix: rot err median / > 10 deg   PnP: rot err median / max"
+          "   PnP translation err max")
+    for lo, hi in ((0, 6), (6, 10), (10, 20), (20, 10 ** 6)):
+        b = [r for r in rows if lo <= r["pnp_inliers"] < hi]
+        if not b:
+            continue
+        e = np.array([r["e_rot_err_deg"] for r in b])
+        p = np.array([r["pnp_rot_err_deg"] for r in b if r["pnp_rot_err_deg"] is not None])
+        t = np.array([r["pnp_t_err_m"] for r in b if r["pnp_t_err_m"] is not None])
+        name = "no pose" if lo == 0 else (f"{lo}-{hi - 1}" if hi < 10 ** 6 else f">= {lo}")
+        pnp = f"{np.median(p):5.1f} / {p.max():5.1f} deg" if len(p) else "      -"
+        tr = f"{t.max():.2f} m" if len(t) else "-"
+        print(f"{name:>11s}  {len(b):5d}  {np.median(e):19.1f} deg / {int((e > 10).sum()):3d}"
+              f"           {pnp:>18s}   {tr:>10s}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--features", choices=["orb", "sift", "xfeat"], default="orb")
     ap.add_argument("--json", default="")
+    ap.add_argument("--rotation", action="store_true", help="instead: where a loop's rotation should come "
+                    "from, the essential matrix or PnP, by PnP inlier count (rotation_sources)")
     a = ap.parse_args(argv)
+    if a.rotation:
+        rows = rotation_sources()
+        print_rotation_sources(rows)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     res = run(a.features)
     for p in res.pairs:
         s = ("no pose" if p.t_err_m is None else

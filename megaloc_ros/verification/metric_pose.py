@@ -43,6 +43,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from megaloc_ros.types import RelativePose
+from megaloc_ros.verification.geometry import UNKNOWN_SCALE_VARIANCE
 
 
 @dataclass
@@ -287,6 +288,18 @@ def keypoint_depths(keypoints_xy: np.ndarray, depth_m: np.ndarray, image_size: t
     z = pts[:, 2].astype(np.float32)
     z[~valid] = np.nan
     return z
+
+
+def without_scale(pose: RelativePose) -> RelativePose:
+    """``pose`` with its translation cut to a unit direction (``metric_scale`` False) and
+    ``UNKNOWN_SCALE_VARIANCE`` on the translation axes; rotation and its covariance kept."""
+    t = np.asarray(pose.translation, np.float64)
+    cov = np.array(pose.covariance, np.float64)
+    cov[:3, :] = 0.0
+    cov[:, :3] = 0.0
+    cov[:3, :3] = np.eye(3) * UNKNOWN_SCALE_VARIANCE
+    return RelativePose(rotation=pose.rotation, translation=t / max(np.linalg.norm(t), 1e-12),
+                        metric_scale=False, covariance=cov)
 
 
 def pose_from_keypoint_depths(match_keypoints_xy: np.ndarray, match_depth: np.ndarray, K_match: np.ndarray,

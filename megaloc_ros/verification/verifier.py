@@ -75,6 +75,7 @@ import json
 import threading
 import time
 import zipfile
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -103,8 +104,15 @@ def _one_blas_thread():
 
 
 # PnP of a verified loop: 15 inliers left ~10 cm errors on TUM fr3/cabinet (56 -> 1, 15/36),
-# so a metric transform needs 20; fewer keep the unit direction (the pose graph skips those).
+# so a metric transform needs 20; fewer keep a unit direction (the pose graph skips those).
 METRIC_POSE = metric_pose.MetricPoseParams(min_inliers=20)
+# ... but from 10 PnP inliers on, the loop's rotation and direction come from PnP, not from the
+# essential matrix: on the 73 TUM fr3/cabinet pairs <= 60 deg apart with -log10 NFA >= 6, the
+# 5-point essential matrix's rotation was > 10 deg off the motion capture on 9 (a small object
+# filling little of a narrow view), PnP's on the same matches within 5.3 deg at 10-19 inliers,
+# where its translation could still be 0.4 m off; under 10, PnP went 16 deg off once
+# (`python -m megaloc_ros.bench.metric_pose --rotation`; TUM is the only set with motion capture).
+ROTATION_POSE = dataclasses.replace(METRIC_POSE, min_inliers=10)
 
 FORMAT = "megaloc_ros.verifier"  # the files' identifier (the module's old name): never change it
 VERSION = 1
@@ -609,14 +617,20 @@ class Verifier:
                                      p.min_inliers)
         pose = chk.pose
         if ok and m.keypoint_depth is not None and g.K_query is not None and g.K_match is not None:
-            metric = metric_pose.pose_from_keypoint_depths(g.match_keypoints, m.keypoint_depth, g.K_match,
-                                                           g.query_keypoints, g.K_query, g.pairs, METRIC_POSE)
-            if metric is not None:
-                pose = metric.pose
-                reason += (f"; metric transform: PnP {len(metric.inliers)}/{metric.points_with_depth} "
-                           f"matches with depth, {metric.rms_px:.2f} px rms")
+            pnp = metric_pose.pose_from_keypoint_depths(g.match_keypoints, m.keypoint_depth, g.K_match,
+                                                        g.query_keypoints, g.K_query, g.pairs, ROTATION_POSE)
+            fit = (f"PnP {len(pnp.inliers)}/{pnp.points_with_depth} matches with depth, "
+                   f"{pnp.rms_px:.2f} px rms") if pnp is not None else ""
+            if pnp is not None and len(pnp.inliers) >= METRIC_POSE.min_inliers:
+                pose = pnp.pose
+                reason += f"; metric transform: {fit}"
+            elif pnp is not None:
+                pose = metric_pose.without_scale(pnp.pose)
+                reason += (f"; rotation and unit direction: {fit} (< {METRIC_POSE.min_inliers} inliers "
+                           "for a metric translation)")
             else:
-                reason += "; metric transform: PnP failed (too few matches with depth), unit direction"
+                reason += (f"; unit direction from the essential matrix: PnP failed (< "
+                           f"{ROTATION_POSE.min_inliers} inliers among the matches with depth)")
         if ok and pose is None:
             reason += "; no transform (no intrinsics)"
         return VerifiedLoop(cand, ok, sv, chk.inliers, pose, reason=reason), ev
