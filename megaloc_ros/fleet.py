@@ -134,12 +134,12 @@ def export_entry(verifier, kid: int) -> bytes:
     bytes: what its verification needs, nothing else (no image). KeyError when not stored."""
     with verifier._lock:
         e = verifier._entries[int(kid)]
-        K, dist = verifier.camera_of(e)
+        cam = verifier.camera_of(e)
         meta = {"image_size": list(e.image_size), "local_features": verifier.params.local_features,
                 "vocabulary_source": verifier.vocabulary_source,
                 # the camera that took it: the robots of a fleet need not share one
-                "camera_matrix": None if K is None else np.asarray(K, np.float64).ravel().tolist(),
-                "distortion": None if dist is None else dist.saved()}
+                "camera_matrix": None if cam is None else cam.intrinsics(e.image_size).ravel().tolist(),
+                "distortion": None if cam is None or cam.distortion is None else cam.distortion.saved()}
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
                   "keypoints": np.asarray(e.local.keypoints), "descriptors": np.asarray(e.local.descriptors)}
         for name in ("supersegments", "pending_patches", "pending_weights", "keypoint_depth"):
@@ -167,8 +167,7 @@ def import_entry(verifier, kid: int, data: bytes) -> str:
     e = _Entry(size, geometry.LocalFeatures(d["keypoints"], d["descriptors"], size))
     e.keypoint_depth = d.get("keypoint_depth")
     if meta.get("camera_matrix") is not None:  # entries from before cameras travelled have none
-        e.camera = (np.array(meta["camera_matrix"], np.float64).reshape(3, 3),
-                    geometry.Distortion.from_saved(meta.get("distortion")))
+        e.camera = geometry.Camera(meta["camera_matrix"], size, geometry.Distortion.from_saved(meta.get("distortion")))
     note = "local features"
     with verifier._lock:
         same_vocab = meta["vocabulary_source"] == verifier.vocabulary_source

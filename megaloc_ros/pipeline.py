@@ -181,27 +181,24 @@ def build_mapping(settings: PipelineSettings, model_name: str, dim: int, map_pat
     return Mapping(pm, settings.detector)
 
 
-def build_verification(params: VerifierParams, camera_matrix=None, camera_size=None,
-                       state_path: str = "", map_path: str = "", backbone: Optional[str] = None,
-                       distortion=None) -> Verification:
-    """A new verifier, or the state at ``state_path`` when that file exists; ``distortion``
-    (``geometry.Distortion``) goes with ``camera_matrix``. A loaded state keeps
+def build_verification(params: VerifierParams, camera=None, state_path: str = "", map_path: str = "",
+                       backbone: Optional[str] = None) -> Verification:
+    """A new verifier, or the state at ``state_path`` when that file exists; ``camera``
+    (``geometry.Camera``), when given, replaces a loaded state's. A loaded state keeps
     the settings that shaped its stored keyframes and takes the decision settings of ``params``.
     With ``map_path`` (an existing place-map file) the state must belong to that map (same map
     id; a state from before map ids is bound to it): MapFileError otherwise."""
     if state_path and Path(state_path).exists():
-        v = Verifier.load(state_path, camera_matrix=camera_matrix, distortion=distortion)
+        v = Verifier.load(state_path, camera)
         if map_path and Path(map_path).exists():
             mid = map_id_of(map_path)
             if v.map_id and v.map_id != mid:
                 raise MapFileError(f"{state_path} belongs to map {v.map_id}, but {map_path} is map {mid}: "
                                    "they were not saved together; load a matching pair or start a new map")
             v.map_id = mid
-        if camera_size is not None:
-            v.camera_size = camera_size
         v.params = live_verifier_params(v.params, params)
     else:
-        v = Verifier(params, camera_matrix, camera_size, backbone, distortion)  # backbone: its shipped vocabulary
+        v = Verifier(params, camera, backbone)  # backbone: its shipped vocabulary
     return Verification(v)
 
 
@@ -260,16 +257,13 @@ class LoopClosurePipeline:
         return FrameResult(features, det, loops, timings)
 
 
-def build(settings: Optional[PipelineSettings] = None, encoder=None, camera_matrix=None,
-          camera_size=None, distortion=None) -> LoopClosurePipeline:
+def build(settings: Optional[PipelineSettings] = None, encoder=None, camera=None) -> LoopClosurePipeline:
     """All three stages from ``settings`` (no verification when ``settings.verifier`` is None);
-    ``camera_matrix`` (3x3, for images of ``camera_size`` (w, h)): loops get transforms;
-    ``distortion``: its lens model (``geometry.Distortion``), undone before geometry."""
+    with a ``camera`` (``geometry.Camera``) verified loops get transforms."""
     settings = settings or PipelineSettings()
     encoding = build_encoding(settings.encoder, encoder)
     enc = encoding.encoder
     mapping = build_mapping(settings, enc.model_name, enc.descriptor_dim)
-    verification = (build_verification(settings.verifier, camera_matrix, camera_size, backbone=enc.model_name,
-                                       distortion=distortion)
+    verification = (build_verification(settings.verifier, camera, backbone=enc.model_name)
                     if settings.verifier is not None else None)
     return LoopClosurePipeline(encoding, mapping, verification)

@@ -16,6 +16,7 @@ from megaloc_ros import pipeline as PL
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.types import Candidate, Keyframe
 from megaloc_ros.verification import explain as X
+from megaloc_ros.verification.geometry import Camera
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_details_agree_with_the_verdicts_with_intrinsics(real_encoder, rtabmap_s
     K = np.array([[900.0, 0, 512], [0, 900.0, 384], [0, 0, 1]])  # calibrated at 1024x768
     pipe = PL.LoopClosurePipeline(PL.build_encoding(settings.encoder, real_encoder),
                                   PL.build_mapping(settings, real_encoder.model_name, real_encoder.descriptor_dim),
-                                  PL.build_verification(settings.verifier, K, (1024, 768)))
+                                  PL.build_verification(settings.verifier, Camera(K, (1024, 768))))
     loops = []
     for i in range(0, len(rtabmap_features), 2):
         loops += pipe.process(rtabmap_seq.load_rgb(i), int(rtabmap_seq.stamps_ns[i]),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from megaloc_ros import fleet
+from megaloc_ros.verification.geometry import Camera
 
 
 # ----------------------------------------------------------------------------- no ROS
@@ -91,23 +92,22 @@ def test_a_peer_keyframe_keeps_its_own_camera(tmp_path):
                                       lf.descriptors, lf.image_size)
 
     q, m, R, _ = two_view_scene()
-    robot_a = Verifier(VerifierParams(), K_a, (640, 480), distortion=lens_a)
-    robot_b = Verifier(VerifierParams(), K, (640, 480))
+    robot_a = Verifier(VerifierParams(), Camera(K_a, (640, 480), lens_a))
+    robot_b = Verifier(VerifierParams(), Camera(K, (640, 480)))
     robot_a._entries[7] = _Entry((640, 480), _distort(through(m, K_a), lens_a, K_a))
     robot_b._entries[1] = _Entry((640, 480), q)
     fleet.import_entry(robot_b, 1007, fleet.export_entry(robot_a, 7))
     peer = robot_b._entries[1007]
-    assert np.allclose(peer.camera[0], K_a) and peer.camera[1] == lens_a
+    assert peer.camera == Camera(K_a, (640, 480), lens_a)
     chk = robot_b.check_geometry(robot_b._entries[1], peer).check
     assert chk.inliers >= 130 and angle_deg(chk.pose.rotation, R) < 0.5     # measured 144, 0.08 deg
     peer.camera = None  # read with B's camera
     wrong = robot_b.check_geometry(robot_b._entries[1], peer).check
     assert wrong.pose is None or angle_deg(wrong.pose.rotation, R) > 3.0   # measured 123, 20.0 deg
-    peer.camera = (K_a, lens_a)
+    peer.camera = Camera(K_a, (640, 480), lens_a)
     robot_b.save(tmp_path / "b.verifier")
     back = Verifier.load(tmp_path / "b.verifier")
-    assert back._entries[1].camera is None and back._entries[1007].camera[1] == lens_a
-    assert np.allclose(back._entries[1007].camera[0], K_a)
+    assert back._entries[1].camera is None and back._entries[1007].camera == Camera(K_a, (640, 480), lens_a)
 
 
 # ----------------------------------------------------------------------------- the fleet over DDS

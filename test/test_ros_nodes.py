@@ -445,12 +445,12 @@ def test_camera_info_gives_loop_transforms(encoder, frames, rtabmap_seq):
         # a lens model the verifier cannot undo: refused, counted, the intrinsics not taken
         info_pub.publish(CameraInfo(width=w, height=hgt, k=k, distortion_model="kannala_brandt", d=[0.1]))
         _wait(lambda: ns.verifier.stats.count("camera_info_errors") > 0, 10, "the refusal")
-        assert ns.verifier.verifier.camera_matrix is None
+        assert ns.verifier.verifier.camera is None
         # a slight barrel distortion, as CameraInfo gives it (tiny: these frames are undistorted)
         info_pub.publish(CameraInfo(width=w, height=hgt, k=k, distortion_model="plumb_bob",
                                     d=[-0.001, 0.0, 0.0, 0.0, 0.0]))
-        _wait(lambda: ns.verifier.verifier.camera_matrix is not None, 10, "intrinsics at the verifier")
-        assert ns.verifier.verifier.distortion.model == "plumb_bob"
+        _wait(lambda: ns.verifier.verifier.camera is not None, 10, "intrinsics at the verifier")
+        assert ns.verifier.verifier.camera.distortion.model == "plumb_bob"
         rec = Recorder(ns)
         replay(ns, frames, [0, 1, 2, 3, 40, 41, 42, 43])  # 40-43 revisit 0-3
     pairs = check_loops(rec, rtabmap_seq.gt, min_loops=1)

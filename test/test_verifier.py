@@ -7,6 +7,7 @@ import pytest
 from megaloc_ros.errors import MapFileError
 from megaloc_ros.types import Candidate, Keyframe
 from megaloc_ros.verification.verifier import Verifier, VerifierParams
+from megaloc_ros.verification.geometry import Camera
 
 N_MAP = 40  # frames 0..39 are the first traversal; 40.. revisit them
 
@@ -118,7 +119,7 @@ def test_a_withheld_loop_is_confirmed_when_its_predecessor_comes_late(rtabmap_se
 
 def test_pose_with_intrinsics(rtabmap_seq, feats):
     K = np.array([[450.0, 0, 256], [0, 450.0, 192], [0, 0, 1]])  # 512x384 images
-    v = Verifier(VerifierParams(vocab_keyframes=1000, vocabulary="map", consistency_window=0), camera_matrix=K)
+    v = Verifier(VerifierParams(vocab_keyframes=1000, vocabulary="map", consistency_window=0), Camera(K))
     for i in (20, 60):
         v.add_keyframe(kf(i), rtabmap_seq.load_rgb(i), feats[i])
     (r,) = v.verify(cands(60, [20], feats))
@@ -262,12 +263,12 @@ def test_a_wide_angle_lens_needs_its_distortion_undone(tmp_path):
     eq, em = _Entry((640, 480), _distort(q, d)), _Entry((640, 480), _distort(m, d))
     errors = {}
     for name, dist in (("given", d), ("ignored", None)):
-        chk = Verifier(VerifierParams(), K, (640, 480), distortion=dist).check_geometry(eq, em).check
+        chk = Verifier(VerifierParams(), Camera(K, (640, 480), dist)).check_geometry(eq, em).check
         assert chk.inliers >= 130
         errors[name] = angle_deg(chk.pose.rotation, R)
     assert errors["given"] < 0.5 and errors["ignored"] > 5.0, errors   # measured 0.08 and 11.3
-    v = Verifier(VerifierParams(), K, (640, 480), distortion=d)
+    v = Verifier(VerifierParams(), Camera(K, (640, 480), d))
     v.save(tmp_path / "s.verifier")
-    assert Verifier.load(tmp_path / "s.verifier").distortion == d
-    # intrinsics given at load time replace the saved camera, distortion included
-    assert Verifier.load(tmp_path / "s.verifier", camera_matrix=K).distortion is None
+    assert Verifier.load(tmp_path / "s.verifier").camera == Camera(K, (640, 480), d)
+    # a camera given at load time replaces the saved one, distortion included
+    assert Verifier.load(tmp_path / "s.verifier", Camera(K)).camera.distortion is None

@@ -9,6 +9,7 @@ from megaloc_ros.io import tum
 from megaloc_ros.types import Candidate, ImageFeatures, Keyframe
 from megaloc_ros.verification.metric_pose import pose_error
 from megaloc_ros.verification.verifier import Verifier, VerifierParams
+from megaloc_ros.verification.geometry import Camera
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ DENSE = VerifierParams(max_keypoints=2000, consistency_window=0)  # pairs, each 
 
 
 def test_neighbouring_keyframes_get_a_metric_transform_within_5cm_2deg(seq, tmp_path):
-    v = Verifier(DENSE, seq.K, seq.image_size)
+    v = Verifier(DENSE, Camera(seq.K, seq.image_size))
     errors = []
     for q, m in ((13, 12), (16, 15), (22, 21), (49, 48)):
         loop = _verify_pair(v, seq, q, m, with_depth=True)
@@ -49,7 +50,7 @@ def test_neighbouring_keyframes_get_a_metric_transform_within_5cm_2deg(seq, tmp_
 
 
 def test_without_depth_the_translation_stays_a_direction(seq):
-    v = Verifier(DENSE, seq.K, seq.image_size)
+    v = Verifier(DENSE, Camera(seq.K, seq.image_size))
     loop = _verify_pair(v, seq, 13, 12, with_depth=False)
     assert loop.accepted and loop.transform is not None and not loop.transform.metric_scale
     assert np.linalg.norm(loop.transform.translation) == pytest.approx(1.0, abs=1e-6)
@@ -64,7 +65,7 @@ def test_few_pnp_inliers_still_give_the_loop_its_rotation(seq, q, m):
     truth = np.linalg.inv(seq.poses[m]) @ seq.poses[q]
     errs = {}
     for with_depth in (True, False):
-        v = Verifier(VerifierParams(consistency_window=0), seq.K, seq.image_size)
+        v = Verifier(VerifierParams(consistency_window=0), Camera(seq.K, seq.image_size))
         loop = _verify_pair(v, seq, q, m, with_depth)
         assert loop.accepted and loop.transform is not None and not loop.transform.metric_scale, loop.reason
         assert np.linalg.norm(loop.transform.translation) == pytest.approx(1.0, abs=1e-6)

@@ -80,15 +80,16 @@ def roc_auc(labels, scores) -> Optional[float]:
 
 
 def _sequence(name: str):
-    """(ImageSequence, camera matrix or None, camera size or None, camera-to-world poses or None,
+    """(ImageSequence, geometry.Camera or None, camera-to-world poses or None,
     depth in metres of frame i or None: an RGB-D set gives the verifier its depth, as an RGB-D
     robot would, so loop transforms come from PnP)."""
     from megaloc_ros.evaluation.covisibility import as_image_sequence
     from megaloc_ros.io import datasets, tum
+    from megaloc_ros.verification.geometry import Camera
     if name == "tum_fr3_cabinet":
         t = tum.tum_fr3_cabinet()
-        return as_image_sequence(t), t.K, t.image_size, t.poses, t.depth_m
-    return datasets.SEQUENCES[name](), None, None, None, lambda i: None
+        return as_image_sequence(t), Camera(t.K, t.image_size), t.poses, t.depth_m
+    return datasets.SEQUENCES[name](), None, None, lambda i: None
 
 
 ANGLE_BANDS = (0.0, 30.0, 60.0, 90.0)  # deg: recall is shown for [0, 30), [30, 60), [60, 90), >= 90
@@ -148,13 +149,13 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
     from megaloc_ros.evaluation import metrics
     from megaloc_ros.mapping.detector import DetectorParams
     from megaloc_ros.verification.verifier import VerifierParams
-    seq, K, size, poses, depth = _sequence(name)
+    seq, camera, poses, depth = _sequence(name)
     feats = features if features is not None else _features(encoder, seq.image_paths)
     dp = DetectorParams()
     vp = verifier_params or VerifierParams()
     settings = PL.PipelineSettings(detector=dp, verifier=vp)
     pipe = PL.LoopClosurePipeline(None, PL.build_mapping(settings, "bench", feats[0].descriptor.shape[0]),
-                                  PL.build_verification(vp, K, size))
+                                  PL.build_verification(vp, camera))
     verifier = pipe.verifier
     valid = metrics.valid_pairs(seq.gt, seq.stamps_ns, dp.exclude_recent_s)
     frame_of: dict[int, int] = {}
@@ -210,6 +211,7 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
     from megaloc_ros.evaluation import viewpoint_pairs as VP
     from megaloc_ros.io import datasets, tum
     from megaloc_ros.types import Candidate, Keyframe
+    from megaloc_ros.verification.geometry import Camera
     from megaloc_ros.verification.verifier import Verifier, VerifierParams
     t = tum.tum_fr3_cabinet()
     other = datasets.rtabmap()
@@ -220,7 +222,7 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
     # isolated pairs have no sequence: the pair decision alone (consistency_window would only
     # pick up chance neighbours among the pairs' ids)
     vp = dataclasses.replace(verifier_params or VerifierParams(), consistency_window=0)
-    v = Verifier(vp, t.K, t.image_size)
+    v = Verifier(vp, Camera(t.K, t.image_size))
     # the map: the other scene first (ids 0..), then the TUM frames (ids 1000 + i)
     base = {"rtabmap": 0, "tum": 1000}
     kfs = {}

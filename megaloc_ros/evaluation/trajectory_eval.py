@@ -34,6 +34,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from megaloc_ros.io import tum
+from megaloc_ros.verification.geometry import Camera
 from megaloc_ros.io.tum import TumSequence
 
 
@@ -167,7 +168,7 @@ def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print,
     from megaloc_ros import pipeline as P
     from megaloc_ros.verification.metric_pose import pose_error
     first = seq.load_rgb(0)
-    pipe = P.build(settings, encoder=encoder, camera_matrix=seq.K, camera_size=(first.shape[1], first.shape[0]))
+    pipe = P.build(settings, encoder=encoder, camera=Camera(seq.K, (first.shape[1], first.shape[0])))
     index = {int(s): i for i, s in enumerate(seq.stamps_ns)}
     loops: list[Loop] = []
     counts = {"frames": len(seq), "accepted": 0, "metric_from_verifier": 0, "metric_pose": 0, "no_metric_pose": 0}

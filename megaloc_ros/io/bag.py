@@ -100,8 +100,8 @@ def write_bag(output: str | Path, image_paths: Sequence[str | Path], stamps_ns, 
 
     Compressed bags carry the image files' bytes unchanged (no re-encoding); raw bags carry rgb8.
     ``trajectory`` (io.trajectory.Trajectory) is written as PoseStamped on
-    ``pose_topic`` at its own stamps. ``camera`` (K 3x3, (width, height), geometry.Distortion or
-    None): a CameraInfo per image on ``<image namespace>/camera_info``. Returns the bag directory.
+    ``pose_topic`` at its own stamps. ``camera`` (``geometry.Camera`` with its size): a CameraInfo
+    per image on ``<image namespace>/camera_info``. Returns the bag directory.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
 
@@ -186,9 +186,8 @@ def camera_info_beside(image_topic: str) -> str:
 
 
 def _camera_info_msg(ts, camera, frame_id: str):
-    """A sensor_msgs/CameraInfo for (K, (width, height), Distortion or None)."""
-    K, (width, height), dist = camera
-    K = np.asarray(K, np.float64).reshape(3, 3)
+    """A sensor_msgs/CameraInfo for a ``geometry.Camera`` (with its size)."""
+    K, (width, height), dist = camera.K, camera.size, camera.distortion
     P = np.zeros((3, 4))
     P[:, :3] = K
     return ts.types[CAMERA_INFO_TYPE](
@@ -409,8 +408,7 @@ class BagReader:
         return infos[0] if len(infos) == 1 else None
 
     def camera_info(self, topic: str):
-        """(K 3x3, (width, height), geometry.Distortion or None) of the first CameraInfo on
-        ``topic`` with intrinsics. BagError when it has none, or a distortion model the verifier
+        """The ``geometry.Camera`` of the first CameraInfo on ``topic`` with intrinsics. BagError when it has none, or a distortion model the verifier
         cannot undo."""
         from megaloc_ros.verification.geometry import camera_from_info
         conns = self._connections(topic, (CAMERA_INFO_TYPE,), "CameraInfo")

@@ -165,8 +165,8 @@ class VerifierNodeSettings(CommonNodeSettings):
 
 
 def camera_from_params(camera_matrix, distortion_model: str = "", distortion=(0.0,)):
-    """(K 3x3, (width, height), geometry.Distortion or None) from verifier_node's camera_matrix
-    [fx, fy, cx, cy, width, height], camera_distortion_model and camera_distortion; None when
+    """The ``geometry.Camera`` of verifier_node's camera_matrix [fx, fy, cx, cy, width, height],
+    camera_distortion_model and camera_distortion; None when
     camera_matrix is unset ([0.0]). ValueError on a malformed one."""
     from megaloc_ros.verification.geometry import camera_from_info
     c = [float(v) for v in camera_matrix]

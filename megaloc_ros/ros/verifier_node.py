@@ -112,18 +112,16 @@ class VerifierNode(ManagedNode):
         return self.verification.verifier if self.verification is not None else None
 
     def _camera(self):
-        """(K, (w, h), Distortion or None) from the camera_* parameters; (None, None, None): unset."""
+        """The ``geometry.Camera`` of the camera_* parameters; None: unset."""
         try:
-            cam = P.camera_from_params(self._param("camera_matrix"), self._param("camera_distortion_model"),
-                                       self._param("camera_distortion"))
+            return P.camera_from_params(self._param("camera_matrix"), self._param("camera_distortion_model"),
+                                        self._param("camera_distortion"))
         except ValueError as exc:
             raise MegalocError(str(exc)) from None
-        return cam if cam is not None else (None, None, None)
 
     def _build_verification(self, map_path: str):
-        k, size, dist = self._camera()
         state = verifier_state_path(map_path) if map_path else ""
-        v = build_verification(self._build_params(), k, size, state, map_path, distortion=dist)
+        v = build_verification(self._build_params(), self._camera(), state, map_path)
         if state and Path(state).exists():
             self.get_logger().info(f"loaded verifier state {state}: {len(v.verifier)} keyframes")
         return v
@@ -153,7 +151,7 @@ class VerifierNode(ManagedNode):
             timer = self.create_timer(0.05, self._fleet_tick, callback_group=MutuallyExclusiveCallbackGroup())
             timer._megaloc_fleet = True  # requests for peer keyframes: sent, timed out
             self._own_timers.append(timer)
-        if self._param("camera_info_topic") and self._camera()[0] is None and self.verifier.camera_matrix is None:
+        if self._param("camera_info_topic") and self._camera() is None and self.verifier.camera is None:
             self._own_subs.append(self.create_subscription(
                 CameraInfo, self._param("camera_info_topic"), self._on_camera_info, qos_profile_sensor_data,
                 callback_group=group))
@@ -196,7 +194,7 @@ class VerifierNode(ManagedNode):
                               f"map {v.map_id} (load the matching state: loop_closure_node/load_map loads both)")
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
-        if self.verifier.camera_matrix is not None:
+        if self.verifier.camera is not None:
             return
         try:
             cam = geometry.camera_from_info(msg.k, msg.width, msg.height, msg.distortion_model, msg.d)
@@ -209,13 +207,9 @@ class VerifierNode(ManagedNode):
             self.get_logger().warning(f"ignoring CameraInfo without intrinsics on {self._param('camera_info_topic')}",
                                       throttle_duration_sec=10.0)
             return
-        k, _, dist = cam
         with self._lock:
-            self.verifier.camera_matrix, self.verifier.camera_size = k, (int(msg.width), int(msg.height))
-            self.verifier.distortion = dist
-        self.get_logger().info(f"camera intrinsics from CameraInfo: fx={k[0, 0]:.1f} fy={k[1, 1]:.1f} "
-                               f"for {msg.width}x{msg.height} images, distortion "
-                               f"{'none' if dist is None else dist.model}")
+            self.verifier.camera = cam
+        self.get_logger().info(f"camera from CameraInfo: {cam}")
 
     def _on_candidates(self, msg: LoopClosureArray) -> None:
         self.stats.inc("candidate_arrays_received")

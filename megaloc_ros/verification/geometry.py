@@ -129,14 +129,43 @@ class Distortion:
 _UNDISTORT_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-9)
 
 
-def camera_from_info(k, width: int, height: int, distortion_model: str = "", d=()):
-    """(K 3x3, (width, height), Distortion or None) from sensor_msgs/CameraInfo's fields; None
-    when the message carries no intrinsics (K or size zero); ValueError for a distortion model
-    this package cannot undo."""
+@dataclass(frozen=True, eq=False)
+class Camera:
+    """One camera as sensor_msgs/CameraInfo describes it: intrinsics ``K`` (3x3) calibrated for
+    images of ``size`` (w, h; None: valid for the images as they are given) and its lens
+    ``distortion`` (None: an ideal pinhole)."""
+    K: np.ndarray
+    size: Optional[tuple[int, int]] = None
+    distortion: Optional[Distortion] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "K", np.asarray(self.K, np.float64).reshape(3, 3).copy())
+        if self.size is not None:
+            object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+
+    def intrinsics(self, size: tuple[int, int]) -> np.ndarray:
+        """``K`` for an image of (w, h) ``size`` (the same camera, resized)."""
+        if self.size is None or tuple(size) == self.size:
+            return self.K
+        return scale_intrinsics(self.K, self.size, size)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Camera) and np.array_equal(self.K, other.K) and self.size == other.size
+                and self.distortion == other.distortion)
+
+    def __str__(self) -> str:
+        size = "" if self.size is None else f" for {self.size[0]}x{self.size[1]} images"
+        return (f"fx {self.K[0, 0]:.1f} fy {self.K[1, 1]:.1f}{size}, distortion "
+                f"{'none' if self.distortion is None else self.distortion.model}")
+
+
+def camera_from_info(k, width: int, height: int, distortion_model: str = "", d=()) -> Optional[Camera]:
+    """The ``Camera`` of sensor_msgs/CameraInfo's fields; None when the message carries no
+    intrinsics (K or size zero); ValueError for a distortion model this package cannot undo."""
     K = np.asarray(k, np.float64).reshape(3, 3)
     if K[0, 0] <= 0 or K[1, 1] <= 0 or not width or not height:
         return None
-    return K, (int(width), int(height)), Distortion.from_camera_info(distortion_model, d)
+    return Camera(K, (int(width), int(height)), Distortion.from_camera_info(distortion_model, d))
 
 
 def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:

@@ -60,7 +60,7 @@ matches (``matcher``): nearest neighbours with the ratio test and the mutual che
 LighterGlue for XFeat features (``megaloc_ros/verification/lighterglue.py``, ONNX Runtime):
 far more matches across wide viewpoint changes, at ~100-250 ms per candidate on 2 CPU cores.
 
-Cameras: the geometry works on keypoints with the lens distortion undone (``distortion``:
+Cameras: the geometry works on keypoints with the lens distortion undone (``camera.distortion``:
 CameraInfo's model and coefficients, ``geometry.Distortion``); keypoints are stored as detected.
 A peer robot's keyframe keeps the camera that took it (``camera_of``).
 
@@ -229,7 +229,7 @@ class PairGeometry:
     check: acontrario.PairCheck
     query_keypoints: np.ndarray       # as the check used them: lens distortion undone
     match_keypoints: np.ndarray
-    K_query: Optional[np.ndarray]     # intrinsics of each keyframe's camera (None: unknown)
+    K_query: Optional[np.ndarray]     # intrinsics of each keyframe's camera for its image (None: unknown)
     K_match: Optional[np.ndarray]
 
 
@@ -242,8 +242,7 @@ class _Entry:
     pending_patches: Optional[np.ndarray] = None  # fp16 [P, C] until the vocabulary exists
     pending_weights: Optional[np.ndarray] = None  # fp16 [S, P] SuperSegment -> patch weights
     keypoint_depth: Optional[np.ndarray] = None   # float32 [N] metres per keypoint, NaN: none
-    # (intrinsics for image_size, distortion) of a peer robot's camera; None: the verifier's own
-    camera: Optional[tuple] = None
+    camera: Optional[geometry.Camera] = None  # a peer robot's camera; None: the verifier's own
 
     @property
     def nbytes(self) -> int:
@@ -256,27 +255,21 @@ class _Entry:
 class Verifier:
     """Checks the candidates of one query keyframe against the stored keyframes.
 
-    ``camera_matrix``: 3x3 intrinsics (e.g. from ``CameraInfo.k``) valid for images of
-    ``camera_size`` (w, h); None = images as given to ``add_keyframe``. Without intrinsics the
-    check uses a fundamental matrix and gives no transform.
+    ``camera`` (``geometry.Camera``: intrinsics, e.g. from CameraInfo, and lens distortion, undone
+    on the keypoints before geometry; keypoints are stored as detected). Without one the check
+    uses a fundamental matrix and gives no transform.
     """
 
-    def __init__(self, params: VerifierParams = VerifierParams(),
-                 camera_matrix: Optional[np.ndarray] = None,
-                 camera_size: Optional[tuple[int, int]] = None, backbone: Optional[str] = None,
-                 distortion: Optional[geometry.Distortion] = None):
+    def __init__(self, params: VerifierParams = VerifierParams(), camera: Optional[geometry.Camera] = None,
+                 backbone: Optional[str] = None):
         """``backbone``: the model name of the patch features, to pick its shipped vocabulary
-        (unknown: the only shipped vocabulary of their width, if any). ``distortion``: the lens
-        model of ``camera_matrix`` (CameraInfo's distortion_model and d), undone on the keypoints
-        before geometry; keypoints are stored as detected."""
+        (unknown: the only shipped vocabulary of their width, if any)."""
         self.params = params
         self.backbone = backbone
         self.vocabulary_source = ""    # which vocabulary SegVLAD uses, once it has one
         self.last_evidence: list = []  # decision.Evidence per candidate of the last verify()
         self.map_id = ""  # the place map this state belongs to ("" until it is bound to one)
-        self.camera_matrix = None if camera_matrix is None else np.asarray(camera_matrix, np.float64).reshape(3, 3)
-        self.camera_size = None if camera_size is None else (int(camera_size[0]), int(camera_size[1]))
-        self.distortion = distortion
+        self.camera = camera
         self.centroids: Optional[np.ndarray] = None  # [K, C]
         self.pca: Optional[segvlad.Pca] = None
         self._entries: dict[KeyframeId, _Entry] = {}
@@ -422,19 +415,15 @@ class Verifier:
             e.pending_patches = e.pending_weights = None
 
     # ------------------------------------------------------------------ verification
-    def _intrinsics(self, size: tuple[int, int]) -> Optional[np.ndarray]:
-        if self.camera_matrix is None:
-            return None
-        if self.camera_size is None or self.camera_size == size:
-            return self.camera_matrix
-        return geometry.scale_intrinsics(self.camera_matrix, self.camera_size, size)
+    def camera_of(self, e: _Entry) -> Optional[geometry.Camera]:
+        """The camera that took keyframe ``e`` (None: unknown): its own (a peer robot's,
+        ``_Entry.camera``), else this verifier's."""
+        return e.camera if e.camera is not None else self.camera
 
-    def camera_of(self, e: _Entry) -> tuple[Optional[np.ndarray], Optional[geometry.Distortion]]:
-        """(intrinsics for ``e``'s image size or None, lens distortion or None) of the camera that
-        took keyframe ``e``: its own (a peer robot's, ``_Entry.camera``), else this verifier's."""
-        if e.camera is not None:
-            return e.camera
-        return self._intrinsics(e.image_size), self.distortion
+    def _intrinsics(self, e: _Entry) -> Optional[np.ndarray]:
+        """``e``'s camera's intrinsics for its image; None when unknown."""
+        cam = self.camera_of(e)
+        return None if cam is None else cam.intrinsics(e.image_size)
 
     def verify(self, candidates: list[Candidate]) -> list[VerifiedLoop]:
         """Decide on each candidate of one query keyframe (added before); same order as given,
@@ -567,16 +556,16 @@ class Verifier:
     def _pinhole(self, e: _Entry) -> np.ndarray:
         """``e``'s keypoints where an ideal pinhole camera with its intrinsics would see them: its
         camera's lens distortion undone (as stored without one, or without intrinsics)."""
-        K, dist = self.camera_of(e)
-        if dist is None or K is None:
+        cam = self.camera_of(e)
+        if cam is None or cam.distortion is None:
             return e.local.keypoints
-        return dist.undistort(e.local.keypoints, K).astype(np.float32)
+        return cam.distortion.undistort(e.local.keypoints, cam.intrinsics(e.image_size)).astype(np.float32)
 
     def check_geometry(self, q: _Entry, m: _Entry) -> "PairGeometry":
         """The geometric half of a decision, also what an explanation draws. Matches whose
         keypoint the distortion model cannot undo (beyond a fisheye's 90 deg) are left out."""
         p = self.params
-        Kq, Km = self.camera_of(q)[0], self.camera_of(m)[0]
+        Kq, Km = self._intrinsics(q), self._intrinsics(m)
         pairs = self.tentative_matches(q.local, m.local)
         qk, mk = self._pinhole(q), self._pinhole(m)
         if len(pairs):
@@ -642,11 +631,13 @@ class Verifier:
         with self._lock:
             ids = sorted(self._entries)
             es = [self._entries[i] for i in ids]
-            peer_cams = [(i, e.camera) for i, e in zip(ids, es) if e.camera is not None]
+            peer_cams = [(i, e.camera.intrinsics(e.image_size), e.camera.distortion)
+                         for i, e in zip(ids, es) if e.camera is not None]
+            cam = self.camera
             meta = {"format": FORMAT, "version": VERSION, "params": asdict(self.params),
-                    "camera_size": self.camera_size, "map_id": self.map_id,
-                    "distortion": None if self.distortion is None else self.distortion.saved(),
-                    "entry_distortion": [None if c[1] is None else c[1].saved() for _, c in peer_cams],
+                    "camera_size": None if cam is None else cam.size, "map_id": self.map_id,
+                    "distortion": None if cam is None or cam.distortion is None else cam.distortion.saved(),
+                    "entry_distortion": [None if dist is None else dist.saved() for _, _, dist in peer_cams],
                     "vocabulary_source": self.vocabulary_source, "backbone": self.backbone}
             arrays = {
                 "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
@@ -669,11 +660,11 @@ class Verifier:
             for i, e in pend:
                 arrays[f"pending_patches_{i}"] = e.pending_patches
                 arrays[f"pending_weights_{i}"] = e.pending_weights
-            if self.camera_matrix is not None:
-                arrays["camera_matrix"] = self.camera_matrix
-            if peer_cams:  # keyframes of peer robots' cameras
-                arrays["entry_camera_ids"] = np.array([i for i, _ in peer_cams], np.int64)
-                arrays["entry_camera_matrix"] = np.stack([c[0] for _, c in peer_cams]).astype(np.float64)
+            if cam is not None:
+                arrays["camera_matrix"] = cam.K
+            if peer_cams:  # keyframes of peer robots' cameras: K for each keyframe's image
+                arrays["entry_camera_ids"] = np.array([i for i, _, _ in peer_cams], np.int64)
+                arrays["entry_camera_matrix"] = np.stack([K for _, K, _ in peer_cams]).astype(np.float64)
             if self.has_vocabulary:
                 arrays.update(centroids=self.centroids, pca_mean=self.pca.mean,
                               pca_components=self.pca.components, pca_scale=self.pca.scale)
@@ -681,11 +672,9 @@ class Verifier:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path, camera_matrix: Optional[np.ndarray] = None,
-             distortion: Optional[geometry.Distortion] = None) -> "Verifier":
+    def load(cls, path, camera: Optional[geometry.Camera] = None) -> "Verifier":
         """Read a state written by ``save``; MapFileError if it is not one, or is damaged.
-        ``camera_matrix`` overrides the saved intrinsics (and ``distortion`` with it: given
-        intrinsics without a distortion mean none)."""
+        ``camera`` replaces the saved camera (intrinsics and distortion)."""
         path = Path(path)
         try:
             with open(path, "rb") as f:  # npz is a zip: anything else is not a state (say so plainly)
@@ -710,10 +699,10 @@ class Verifier:
             raise MapFileError(f"{path} is truncated or not a verifier state ({exc})") from None
         try:
             params = VerifierParams.from_dict(meta["params"])
-            K = camera_matrix if camera_matrix is not None else d.get("camera_matrix")
-            if camera_matrix is None:
-                distortion = geometry.Distortion.from_saved(meta.get("distortion"))
-            v = cls(params, K, meta.get("camera_size"), meta.get("backbone"), distortion)
+            if camera is None and "camera_matrix" in d:
+                camera = geometry.Camera(d["camera_matrix"], meta.get("camera_size"),
+                                         geometry.Distortion.from_saved(meta.get("distortion")))
+            v = cls(params, camera, meta.get("backbone"))
             v.vocabulary_source = meta.get("vocabulary_source", "")
             v.map_id = str(meta.get("map_id", ""))
             if "centroids" in d:
@@ -741,8 +730,9 @@ class Verifier:
                     e.pending_weights = d[f"pending_weights_{kid}"]
                 v._entries[kid] = e
             for n, kid in enumerate(d.get("entry_camera_ids", np.zeros(0, np.int64)).tolist()):
-                v._entries[kid].camera = (d["entry_camera_matrix"][n],
-                                          geometry.Distortion.from_saved(meta["entry_distortion"][n]))
+                e = v._entries[kid]
+                e.camera = geometry.Camera(d["entry_camera_matrix"][n], e.image_size,
+                                           geometry.Distortion.from_saved(meta["entry_distortion"][n]))
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise MapFileError(f"{path} is inconsistent or truncated ({exc})") from None
         return v
