@@ -138,6 +138,7 @@ def ground_truth_source(args, n_frames: int, reader):
     resolve(stamps_ns, exclude_s) -> (gt [N, N] or None, positions [N, 3] or None,
     positions valid [N] or None, description))."""
     from megaloc_ros.evaluation import ground_truth as G
+    from megaloc_ros.io.trajectory import read_trajectory
     if args.gt_matrix:
         gt = G.read_gt_matrix(args.gt_matrix, n_frames)
         return None, lambda stamps, ex: (gt, None, None, f"loop matrix {args.gt_matrix}")
@@ -145,13 +146,13 @@ def ground_truth_source(args, n_frames: int, reader):
         traj = reader.trajectory(args.pose_topic)
         src = f"pose topic {args.pose_topic}"
     elif args.gt_poses:
-        traj = G.read_trajectory(args.gt_poses, np.zeros(n_frames, np.int64))  # check it now
+        traj = read_trajectory(args.gt_poses, np.zeros(n_frames, np.int64))  # check it now
         src = f"trajectory {args.gt_poses}"
     else:
         return None, lambda stamps, ex: (None, None, None, "none")
 
     def resolve(stamps_ns, exclude_s):
-        tr = G.read_trajectory(args.gt_poses, stamps_ns) if args.gt_poses else traj
+        tr = read_trajectory(args.gt_poses, stamps_ns) if args.gt_poses else traj
         poses, valid = tr.at(stamps_ns, args.pose_max_gap)
         if not valid.any():
             raise MegalocError(f"no image stamp is within {args.pose_max_gap} s of a pose from {src}; "
@@ -165,7 +166,7 @@ def ground_truth_source(args, n_frames: int, reader):
 
 
 def camera_source(args, reader):
-    """(camera (K, (w, h), Distortion or None) or None, description) for the verifier, as the
+    """(``geometry.Camera`` or None, description) for the verifier, as the
     nodes would have it: verifier_node's camera_matrix in ``--params`` when set (it wins over
     CameraInfo there too), else the bag's CameraInfo (``--camera-info-topic``)."""
     if args.params:
@@ -187,11 +188,10 @@ def camera_source(args, reader):
         return None, "no CameraInfo in the bag: loops without transforms"
     from megaloc_ros.io.bag import BagError
     try:
-        K, size, dist = reader.camera_info(topic)
+        cam = reader.camera_info(topic)
     except BagError as exc:
         raise MegalocError(f"{exc} (--camera-info-topic none: evaluate without it)") from None
-    return (K, size, dist), (f"{topic}: fx {K[0, 0]:.1f} fy {K[1, 1]:.1f} for {size[0]}x{size[1]} images, "
-                             f"distortion {'none' if dist is None else dist.model}")
+    return cam, f"{topic}: {cam}"
 
 
 def _check_decodable(reader, topic: str, n: int, tries: int = 10) -> None:
@@ -249,7 +249,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
         if odometry is not None:
             node_params.setdefault("odom_max_dt", min(args.pose_max_gap, 10.0))
         if camera is not None and "camera_matrix" not in node_params:  # as verifier_node's parameters
-            K, (w, h), dist = camera
+            K, (w, h), dist = camera.K, camera.size, camera.distortion
             node_params["camera_matrix"] = [K[0, 0], K[1, 1], K[0, 2], K[1, 2], float(w), float(h)]
             if dist is not None:
                 node_params.update(camera_distortion_model=dist.model, camera_distortion=list(dist.d))
@@ -259,8 +259,7 @@ def run(args, encoder=None) -> tuple[dict, Path]:
                              rate=args.rate, quiet=args.quiet, trajectory=odometry, encoder=enc,
                              node_params=node_params)
     else:
-        K, size, dist = camera if camera is not None else (None, None, None)
-        pipe = PL.build(settings, encoder, camera_matrix=K, camera_size=size, distortion=dist)
+        pipe = PL.build(settings, encoder, camera)
         replay = replay_offline(args.bag, args.image_topic, pipe, trajectory=odometry,
                                 pose_max_gap_s=args.pose_max_gap, quiet=args.quiet)
     gt, pos, valid, gt_desc = resolve_gt(replay.stamps_ns, exclude_s)

@@ -20,8 +20,10 @@ import pytest
 from megaloc_ros.io import bag as B
 from megaloc_ros import cli
 from megaloc_ros import eval_cli
+from megaloc_ros.verification.geometry import Camera
 from megaloc_ros.errors import MegalocError
-from megaloc_ros.evaluation.ground_truth import Trajectory, gt_from_positions, write_trajectory_tum
+from megaloc_ros.evaluation.ground_truth import gt_from_positions
+from megaloc_ros.io.trajectory import Trajectory, write_trajectory_tum
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 1_000_000_000
@@ -239,8 +241,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, rtabmap_seq):
     # a CameraInfo with a lens model the verifier cannot undo (written as a recorder would)
     from types import SimpleNamespace
     odd_lens = B.write_bag(tmp_path / "odd_lens", rtabmap_seq.image_paths[:3], rtabmap_seq.stamps_ns[:3],
-                           camera=(np.diag([400.0, 400.0, 1.0]), (512, 384),
-                                   SimpleNamespace(model="kannala_brandt", d=(0.1, 0.0, 0.0, 0.0))))
+                           camera=Camera(np.diag([400.0, 400.0, 1.0]), (512, 384),
+                                         SimpleNamespace(model="kannala_brandt", d=(0.1, 0.0, 0.0, 0.0))))
     cases = [(argv + ["--no-verify"], msg) for argv, msg in cases]
     cases.append(([str(odd_lens), "--gt-distance", "1"], "'kannala_brandt' is not supported"))
     for argv, msg in cases:
@@ -414,7 +416,7 @@ def test_eval_gives_the_verifier_the_bags_camera_info(tmp_path, real_encoder, ca
     t = tum.tum_fr3_cabinet()
     idx = list(range(0, 8)) + list(range(48, 58))
     bag = B.write_bag(tmp_path / "tum", [t.rgb_paths[i] for i in idx], t.stamps_ns[idx], compressed=True,
-                      trajectory=Traj(t.stamps_ns[idx], t.poses[idx]), camera=(t.K, t.image_size, None))
+                      trajectory=Traj(t.stamps_ns[idx], t.poses[idx]), camera=Camera(t.K, t.image_size))
     # every frame a keyframe (the poses would thin them by travel), as `bench verify --sets` has
     # them; the end may query the start: more than exclude_recent_s apart, not 20 keyframes
     base = [str(bag), "--image-topic", "/camera/image_raw/compressed", "--pose-topic", "/pose",

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from megaloc_ros.errors import WeightsError
-from megaloc_ros.evaluation import viewpoint_pairs as VP
 from megaloc_ros.io import tum
 from megaloc_ros.verification import features as F
 from megaloc_ros.verification import lighterglue as LG

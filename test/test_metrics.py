@@ -6,6 +6,8 @@ import pytest
 
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.evaluation import ground_truth as G
+from megaloc_ros.io.trajectory import Trajectory, read_trajectory, write_trajectory_tum
+from megaloc_ros.transforms import matrix_to_quaternion, quaternion_to_matrix
 from megaloc_ros.evaluation import metrics as M
 
 S = 1_000_000_000
@@ -124,7 +126,7 @@ def test_gt_from_positions_by_hand():
 def test_trajectory_interpolation_and_gaps():
     poses = np.tile(np.eye(4), (3, 1, 1))
     poses[:, 0, 3] = [0.0, 1.0, 10.0]
-    tr = G.Trajectory(np.array([0, 1, 5]) * S, poses)
+    tr = Trajectory(np.array([0, 1, 5]) * S, poses)
     at, ok = tr.at(np.array([0.25 * S, 1 * S, 3 * S, 5.2 * S, 9 * S]).astype(np.int64), max_gap_s=0.5)
     assert ok.tolist() == [True, True, False, True, False]
     assert at[0, 0, 3] == pytest.approx(0.25) and at[1, 0, 3] == pytest.approx(1.0)
@@ -137,34 +139,34 @@ def test_quaternions_round_trip():
         q = rng.normal(size=4)
         q /= np.linalg.norm(q)
         q = -q if q[3] < 0 else q
-        r = G.quaternion_to_matrix(*q)
+        r = quaternion_to_matrix(*q)
         assert np.allclose(r @ r.T, np.eye(3)) and np.linalg.det(r) == pytest.approx(1.0)
-        assert np.allclose(G.matrix_to_quaternion(r), q)
+        assert np.allclose(matrix_to_quaternion(r), q)
     # 90 degrees about z maps x to y
-    r = G.quaternion_to_matrix(0, 0, np.sqrt(0.5), np.sqrt(0.5))
+    r = quaternion_to_matrix(0, 0, np.sqrt(0.5), np.sqrt(0.5))
     assert np.allclose(r @ [1, 0, 0], [0, 1, 0])
 
 
 def test_trajectory_files(tmp_path):
     tum = tmp_path / "t.txt"
     tum.write_text("# t x y z qx qy qz qw\n2.0 1 2 3 0 0 0 1\n1.0 0 0 0 0 0 0.7071068 0.7071068\n")
-    tr = G.read_trajectory(tum)
+    tr = read_trajectory(tum)
     assert tr.stamps_ns.tolist() == [1 * S, 2 * S]  # sorted
     assert np.allclose(tr.positions[1], [1, 2, 3])
     out = tmp_path / "o.txt"
-    G.write_trajectory_tum(out, tr)
-    tr2 = G.read_trajectory(out)
+    write_trajectory_tum(out, tr)
+    tr2 = read_trajectory(out)
     assert np.allclose(tr2.poses, tr.poses, atol=1e-6) and (tr2.stamps_ns == tr.stamps_ns).all()
     kitti = tmp_path / "k.txt"
     kitti.write_text("1 0 0 5 0 1 0 6 0 0 1 7\n1 0 0 8 0 1 0 9 0 0 1 10\n")
-    tr = G.read_trajectory(kitti, frame_stamps_ns=[0, S])
+    tr = read_trajectory(kitti, frame_stamps_ns=[0, S])
     assert np.allclose(tr.positions, [[5, 6, 7], [8, 9, 10]])
     with pytest.raises(MegalocError, match="KITTI trajectory .* 2 poses"):
-        G.read_trajectory(kitti, frame_stamps_ns=[0])
+        read_trajectory(kitti, frame_stamps_ns=[0])
     bad = tmp_path / "b.txt"
     bad.write_text("1 2 3\n")
     with pytest.raises(MegalocError, match="TUM"):
-        G.read_trajectory(bad)
+        read_trajectory(bad)
 
 
 def test_gt_matrix_files(tmp_path, rtabmap_seq, corridor_seq):

@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
-
-from megaloc_ros.types import SECOND_NS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,9 +21,6 @@ from typing import Optional
 import numpy as np
 
 from megaloc_ros.errors import MegalocError
-# Trajectories and rotations live in the core (io reads them from bags); kept importable here.
-from megaloc_ros.io.trajectory import Trajectory, read_trajectory, write_trajectory_tum  # noqa: F401
-from megaloc_ros.transforms import matrix_to_quaternion, pose_matrix, quaternion_to_matrix  # noqa: F401
 from megaloc_ros.types import SECOND_NS
 
 

@@ -136,7 +136,7 @@ def replay_offline(bag_path: str | Path, topic: str, pipeline, trajectory=None,
                    pose_max_gap_s: float = 0.5, quiet: bool = False) -> Replay:
     """Run every image on ``topic`` through ``pipeline`` (``megaloc_ros.pipeline.build``), in bag order.
 
-    ``trajectory`` (ground_truth.Trajectory), when given, supplies the pose of each frame
+    ``trajectory`` (io.trajectory.Trajectory), when given, supplies the pose of each frame
     (as odometry would to the node), which keyframe selection uses. A frame that cannot be
     decoded is skipped and counted, as loop_closure_node drops it (``Replay.skipped``, and a
     note): it keeps its place in the frame list, with no keyframe.

@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 SECOND_NS = 1_000_000_000
 ROBOTS = ("robot_a", "robot_b")

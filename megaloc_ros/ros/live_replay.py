@@ -75,7 +75,7 @@ def replay_live(bag_path: str | Path, topic: str, settings=None, *,
     ``settings`` (``pipeline.PipelineSettings``; its ``verifier`` None runs no verifier node)
     overrides ``params_file``; ``node_params`` overrides node parameters such as
     ``image_qos`` or ``queue_size``. ``rate`` scales the bag's timing (2.0 = twice as fast).
-    ``trajectory`` (evaluation.ground_truth.Trajectory) is played as nav_msgs/Odometry on
+    ``trajectory`` (io.trajectory.Trajectory) is played as nav_msgs/Odometry on
     ``<ns>/odom``, interleaved with the images by stamp, and the node is told to use it.
     """
     try:
@@ -90,7 +90,6 @@ def replay_live(bag_path: str | Path, topic: str, settings=None, *,
 
     from megaloc_ros.io.bag import COMPRESSED_TYPE, BagReader
     from megaloc_ros.ros import conversions as conv
-    from megaloc_ros.ros import params as P
     from megaloc_ros.ros.runner import NodeSet, load_params
 
     if rate <= 0:

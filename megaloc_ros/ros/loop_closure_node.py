@@ -39,7 +39,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np

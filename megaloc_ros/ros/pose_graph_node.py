@@ -353,13 +353,13 @@ class PoseGraphNode(ManagedNode):
         path = _path_message(frame, stamps, poses)
         self._pub_path.publish(path)
         markers = []
-        for k, (name, (_, P)) in enumerate(sorted(trajectories.items())):
+        for k, (name, (_, robot_poses)) in enumerate(sorted(trajectories.items())):
             m = Marker(ns=name, id=0, type=Marker.LINE_STRIP, action=Marker.ADD)
             m.header = path.header
             m.scale.x = 0.02
             m.color = ColorRGBA(r=0.2 + 0.6 * (k % 2), g=0.4, b=1.0 - 0.6 * (k % 2), a=1.0)
             m.pose.orientation.w = 1.0
-            m.points = [Point(x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])) for T in P]
+            m.points = [Point(x=float(T[0, 3]), y=float(T[1, 3]), z=float(T[2, 3])) for T in robot_poses]
             markers.append(m)
         lines = Marker(ns="loops", id=0, type=Marker.LINE_LIST, action=Marker.ADD)
         lines.header = path.header

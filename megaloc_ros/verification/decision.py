@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megaloc_ros.verification import segvlad
 from megaloc_ros.verification.acontrario import Significance
 
 

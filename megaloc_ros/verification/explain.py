@@ -70,7 +70,7 @@ import numpy as np
 
 from megaloc_ros.errors import MegalocError
 from megaloc_ros.types import SECOND_NS, Candidate, VerifiedLoop
-from megaloc_ros.verification import decision, geometry, segments, segvlad
+from megaloc_ros.verification import decision, segments, segvlad
 
 TOP_K = 5                   # query SuperSegments outlined (best similarity first)
 GAP = 8                     # pixels between the two panels
