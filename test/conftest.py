@@ -13,13 +13,17 @@ from megaloc_ros.io import datasets
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``ros`` (DDS: rclpy nodes, live replays, the demo's nodes) run one after
     another on one pytest-xdist worker (`make test` runs two): their ROS domains are chosen per
-    file, not per worker, and their discovery timeouts assume they do not compete with each other."""
+    file, not per worker, and their discovery timeouts assume they do not compete with each other.
+    The tests of the installed package share one worker, so its venv is installed once."""
     for item in items:
         if item.get_closest_marker("ros"):
             item.add_marker(pytest.mark.xdist_group("dds"))
+        elif "installed_venv" in getattr(item, "fixturenames", ()):  # one worker: one install, not two
+            item.add_marker(pytest.mark.xdist_group("installed_venv"))
 
 
 def clean_env(**extra) -> dict:
@@ -49,8 +53,8 @@ def installed_venv(tmp_path_factory):
             if (ROOT / f).is_file():
                 (src / f).parent.mkdir(parents=True, exist_ok=True)
                 (src / f).write_bytes((ROOT / f).read_bytes())
-    r = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(src)], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", str(src)],
+                       env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return env_dir, env_dir / "bin" / "python", env
 
