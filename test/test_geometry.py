@@ -75,6 +75,16 @@ def test_intrinsics_scaled_to_a_downscaled_image():
     assert res.inliers >= 140 and angle_deg(res.pose.rotation, R) < 1.0
 
 
+def test_camera_from_camera_info_serves_any_image_size():
+    cam = geometry.camera_from_info(K.ravel(), 640, 480, "plumb_bob", [-0.1, 0.01, 0, 0, 0])
+    assert cam.size == (640, 480) and cam.distortion.model == "plumb_bob"
+    assert cam.intrinsics((640, 480)) is cam.K and np.allclose(cam.intrinsics((320, 240)), np.diag([0.5, 0.5, 1]) @ K)
+    assert geometry.Camera(K).intrinsics((123, 45)) is not None  # no size: valid as given
+    assert cam == geometry.Camera(K.copy(), (640, 480), geometry.Distortion("plumb_bob", (-0.1, 0.01, 0, 0, 0)))
+    assert cam != geometry.Camera(K, (640, 480)) and str(cam).startswith("fx ")
+    assert geometry.camera_from_info(np.zeros(9), 640, 480) is None  # a CameraInfo without intrinsics
+
+
 def test_unrelated_views_give_few_inliers():
     rng = np.random.default_rng(5)
     a = LocalFeatures(rng.uniform(0, 640, (300, 2)).astype(np.float32),

@@ -71,11 +71,11 @@ depth, PnP's metric pose (``metric_pose``); without intrinsics, None.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 import zipfile
-import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
