@@ -249,10 +249,8 @@ def run(args, encoder=None) -> tuple[dict, Path]:
         if odometry is not None:
             node_params.setdefault("odom_max_dt", min(args.pose_max_gap, 10.0))
         if camera is not None and "camera_matrix" not in node_params:  # as verifier_node's parameters
-            K, (w, h), dist = camera.K, camera.size, camera.distortion
-            node_params["camera_matrix"] = [K[0, 0], K[1, 1], K[0, 2], K[1, 2], float(w), float(h)]
-            if dist is not None:
-                node_params.update(camera_distortion_model=dist.model, camera_distortion=list(dist.d))
+            from megaloc_ros.ros.params import camera_to_params
+            node_params.update(camera_to_params(camera))
         es = settings.encoder
         enc = encoder or (load_encoder(es.model_path, device=es.device) if es.model_path else None)
         replay = replay_live(args.bag, args.image_topic, settings, params_file=args.params,

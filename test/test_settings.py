@@ -172,3 +172,14 @@ def test_no_setting_keeps_an_old_name():
     for flag in ("--model", "--index"):
         for path in ROOT.glob("megaloc_ros/**/*.py"):
             assert f'"{flag}"' not in path.read_text(), f"{path}: {flag} (use --model-path / --set map.index=...)"
+
+
+def test_camera_parameters_round_trip():
+    """eval --live hands a bag's camera to verifier_node as these parameters."""
+    from megaloc_ros.ros.params import camera_from_params, camera_to_params
+    from megaloc_ros.verification.geometry import Camera, Distortion
+    for cam in (Camera([[500, 0, 320], [0, 501, 240], [0, 0, 1]], (640, 480)),
+                Camera([[400, 0, 256], [0, 400, 192], [0, 0, 1]], (512, 384), Distortion("plumb_bob", (-0.2, 0.05, 0, 0, 0)))):
+        p = camera_to_params(cam)
+        assert camera_from_params(p["camera_matrix"], p.get("camera_distortion_model", ""),
+                                  p.get("camera_distortion", (0.0,))) == cam

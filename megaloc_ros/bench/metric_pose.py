@@ -113,16 +113,15 @@ def rotation_sources(max_angle_deg: float = 60.0, min_significance: float = 6.0,
     at most ``max_angle_deg`` apart whose epipolar fit reaches ``min_significance``: the rotation
     error against motion capture of the essential matrix and of PnP on the match frame's depth
     (``verifier.ROTATION_POSE``, at least 10 inliers), with PnP's inlier count and translation
-    error. What chose the verifier's ``ROTATION_POSE`` and ``METRIC_POSE`` thresholds."""
+    error. What chose the verifier's ``ROTATION_POSE`` and ``METRIC_MIN_INLIERS`` thresholds."""
     from itertools import combinations
     from megaloc_ros.io import tum
     from megaloc_ros.verification import acontrario, features as F
     from megaloc_ros.verification.metric_pose import keypoint_depths, pose_from_keypoint_depths
-    from megaloc_ros.verification.verifier import ROTATION_POSE, VerifierParams
+    from megaloc_ros.verification.verifier import ROTATION_POSE, VerifierParams, extract_local_features
     seq = seq or tum.tum_fr3_cabinet()
     vp = VerifierParams()
-    feats = [F.extract(seq.load_rgb(i), vp.local_features, vp.max_keypoints, vp.feature_max_side,
-                       vp.sift_contrast, vp.feature_min_side) for i in range(len(seq))]
+    feats = [extract_local_features(vp, seq.load_rgb(i)) for i in range(len(seq))]
     depth = [keypoint_depths(f.keypoints, seq.depth_m(i), f.image_size) for i, f in enumerate(feats)]
     pnp_params = replace(ROTATION_POSE, min_inliers=6)  # below the verifier's 10, to show why 10
     out = []

@@ -408,8 +408,8 @@ class BagReader:
         return infos[0] if len(infos) == 1 else None
 
     def camera_info(self, topic: str):
-        """The ``geometry.Camera`` of the first CameraInfo on ``topic`` with intrinsics. BagError when it has none, or a distortion model the verifier
-        cannot undo."""
+        """The ``geometry.Camera`` of the first CameraInfo on ``topic`` with intrinsics. BagError
+        when it has none, or a distortion model the verifier cannot undo."""
         from megaloc_ros.verification.geometry import camera_from_info
         conns = self._connections(topic, (CAMERA_INFO_TYPE,), "CameraInfo")
         for i, (conn, _, raw) in enumerate(self._messages(conns)):

@@ -164,6 +164,16 @@ class VerifierNodeSettings(CommonNodeSettings):
                                            "candidate is rejected and the timeout counted", range=(0.1, 600.0))
 
 
+def camera_to_params(camera) -> dict:
+    """verifier_node's camera_matrix (and camera_distortion_model / camera_distortion when it has
+    a lens model) for a ``geometry.Camera`` with its size: ``camera_from_params`` reversed."""
+    K, (w, h), dist = camera.K, camera.size, camera.distortion
+    out = {"camera_matrix": [float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]), float(w), float(h)]}
+    if dist is not None:
+        out.update(camera_distortion_model=dist.model, camera_distortion=list(dist.d))
+    return out
+
+
 def camera_from_params(camera_matrix, distortion_model: str = "", distortion=(0.0,)):
     """The ``geometry.Camera`` of verifier_node's camera_matrix [fx, fy, cx, cy, width, height],
     camera_distortion_model and camera_distortion; None when

@@ -71,7 +71,6 @@ depth, PnP's metric pose (``metric_pose``); without intrinsics, None.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -105,14 +104,20 @@ def _one_blas_thread():
 
 # PnP of a verified loop: 15 inliers left ~10 cm errors on TUM fr3/cabinet (56 -> 1, 15/36),
 # so a metric transform needs 20; fewer keep a unit direction (the pose graph skips those).
-METRIC_POSE = metric_pose.MetricPoseParams(min_inliers=20)
+METRIC_MIN_INLIERS = 20
 # ... but from 10 PnP inliers on, the loop's rotation and direction come from PnP, not from the
 # essential matrix: on the 73 TUM fr3/cabinet pairs <= 60 deg apart with -log10 NFA >= 6, the
 # 5-point essential matrix's rotation was > 10 deg off the motion capture on 9 (a small object
 # filling little of a narrow view), PnP's on the same matches within 5.3 deg at 10-19 inliers,
 # where its translation could still be 0.4 m off; under 10, PnP went 16 deg off once
 # (`python -m megaloc_ros.bench.metric_pose --rotation`; TUM is the only set with motion capture).
-ROTATION_POSE = dataclasses.replace(METRIC_POSE, min_inliers=10)
+ROTATION_POSE = metric_pose.MetricPoseParams(min_inliers=10)
+
+
+def extract_local_features(params: "VerifierParams", image_rgb: np.ndarray) -> geometry.LocalFeatures:
+    """The local features ``params`` asks for (kind, count, detection scale) of one image."""
+    return local.extract(image_rgb, params.local_features, params.max_keypoints, params.feature_max_side,
+                         params.sift_contrast, params.feature_min_side)
 
 FORMAT = "megaloc_ros.verifier"  # the files' identifier (the module's old name): never change it
 VERSION = 1
@@ -340,8 +345,7 @@ class Verifier:
     def _add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures,
                       depth_m: Optional[np.ndarray] = None) -> None:
         p = self.params
-        feats = local.extract(image_rgb, p.local_features, p.max_keypoints, p.feature_max_side,
-                              p.sift_contrast, p.feature_min_side)
+        feats = extract_local_features(p, image_rgb)
         entry = _Entry((image_rgb.shape[1], image_rgb.shape[0]), feats)
         if depth_m is not None:
             entry.keypoint_depth = metric_pose.keypoint_depths(feats.keypoints, depth_m, entry.image_size)
@@ -610,12 +614,12 @@ class Verifier:
                                                         g.query_keypoints, g.K_query, g.pairs, ROTATION_POSE)
             fit = (f"PnP {len(pnp.inliers)}/{pnp.points_with_depth} matches with depth, "
                    f"{pnp.rms_px:.2f} px rms") if pnp is not None else ""
-            if pnp is not None and len(pnp.inliers) >= METRIC_POSE.min_inliers:
+            if pnp is not None and len(pnp.inliers) >= METRIC_MIN_INLIERS:
                 pose = pnp.pose
                 reason += f"; metric transform: {fit}"
             elif pnp is not None:
                 pose = metric_pose.without_scale(pnp.pose)
-                reason += (f"; rotation and unit direction: {fit} (< {METRIC_POSE.min_inliers} inliers "
+                reason += (f"; rotation and unit direction: {fit} (< {METRIC_MIN_INLIERS} inliers "
                            "for a metric translation)")
             else:
                 reason += (f"; unit direction from the essential matrix: PnP failed (< "
