@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -125,6 +125,128 @@ class PeerTable:
         for lid, robot, map_id, rid, session, service in json.loads(np.asarray(a, np.uint8).tobytes().decode()):
             t.add(int(lid), PeerKeyframe(str(robot), str(map_id), int(rid), int(session), str(service)))
         return t
+
+
+# ----------------------------------------------------------------------------- peers' frontiers
+
+STATUS_PERIOD_S = 1.0  # every robot's FleetStatus period (must stay well under a peer timeout)
+
+
+@dataclass
+class _Peer:
+    order: list = field(default_factory=list)  # local ids of its keyframes, in arrival order
+    newest_id: int = -1                         # the highest of its own keyframe ids received
+    heard: float = -1e18                        # our clock: its last keyframe or status
+    status: Optional["PeerStatus"] = None       # its last status
+    idle_from: Optional[float] = None           # our clock: since when its statuses say it is idle
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """What a robot says of its progress (``FleetStatus``): image stamps are its own clock."""
+    frame_stamp_ns: int      # the newest image it processed
+    idle_s: float            # how long it has had no frame to process (0: one waits or is processed)
+    keyframe_id: int         # its newest shared keyframe (its own id; -1: none yet)
+    keyframe_stamp_ns: int   # and that keyframe's image stamp
+
+
+class Frontiers:
+    """Where each peer robot's map ends, and whether the peer may still be on its way there.
+
+    A keyframe that retrieves peer keyframes among that robot's newest ``2 n`` (``n`` =
+    ``settle_keyframes``) while it may still be approaching is *deferred*: verified now it
+    would accept a near miss, the best of what the peer has mapped so far. It is asked again
+    (``settled``) once the peer sent ``n`` more keyframes, or once the peer stopped moving on,
+    as far as we know: we hold every keyframe its last status counts (after a stall they come
+    in a burst, its status can come first), and
+
+    * idle: its statuses said it had no frame to process for ``settle_s`` (camera off, bag
+      over), timed on our clock: a peer frozen for a while says on waking that it was idle long;
+    * staying: it processed frames ``settle_s`` past its newest keyframe (its own image stamps);
+    * or silent: nothing heard of it (status or keyframe) for ``peer_timeout_s`` (gone).
+
+    A peer that is only slow (frames waiting, a loaded machine) is still moving on: time since
+    its last keyframe alone would take it for stopped, and let near misses through. Times are
+    the caller's monotonic clock (``now``). No ROS."""
+
+    def __init__(self, settle_keyframes: int, settle_s: float, peer_timeout_s: float):
+        self.settle_keyframes, self.settle_s, self.peer_timeout_s = settle_keyframes, settle_s, peer_timeout_s
+        self._peers: dict[int, _Peer] = {}
+        self._deferred: list[tuple[int, int, object]] = []  # (session, its count then, payload)
+
+    def reset(self, keyframes=()) -> None:
+        """Forget everything; ``keyframes``: (session, local id) of a loaded map's peer keyframes."""
+        self._peers, self._deferred = {}, []
+        for session, lid in keyframes:
+            self._peer(session).order.append(int(lid))
+
+    def _peer(self, session: int) -> _Peer:
+        return self._peers.setdefault(int(session), _Peer())
+
+    def on_keyframe(self, session: int, local_id: int, remote_id: int, now: float) -> None:
+        """A keyframe of the peer arrived (``remote_id``: its id in the peer's map)."""
+        p = self._peer(session)
+        p.order.append(int(local_id))
+        p.newest_id = max(p.newest_id, int(remote_id))
+        p.heard, p.idle_from = now, None  # it processed a frame not long ago
+
+    def on_status(self, session: int, status: PeerStatus, now: float) -> None:
+        p = self._peer(session)
+        p.heard, p.status = now, status
+        if status.idle_s <= 0:
+            p.idle_from = None
+        elif p.idle_from is None:
+            p.idle_from = now
+
+    def moving(self, session: int, now: float) -> bool:
+        """The peer may still be on its way (see the class)."""
+        return self.stopped(session, now) is None
+
+    def stopped(self, session: int, now: float) -> Optional[str]:
+        """Why the peer is taken as stopped ("idle", "staying", "silent"); None while it moves on."""
+        p = self._peers.get(int(session))
+        if p is None or now - p.heard > self.peer_timeout_s:
+            return "silent"
+        st = p.status
+        if st is None or p.newest_id < st.keyframe_id:
+            return None  # no status yet, or keyframes it counts still in flight
+        if p.idle_from is not None and now - p.idle_from >= self.settle_s:
+            return "idle"
+        if st.keyframe_id >= 0 and st.frame_stamp_ns - st.keyframe_stamp_ns >= self.settle_s * 1e9:
+            return "staying"
+        return None
+
+    def at_frontier(self, session: int, local_id: int, now: float) -> bool:
+        """``local_id`` is among the peer's newest ``2 n`` keyframes while it is moving."""
+        p = self._peers.get(int(session))
+        n = self.settle_keyframes
+        return (n > 0 and p is not None and int(local_id) in p.order[-2 * n:]
+                and self.moving(session, now))
+
+    def defer(self, session: int, payload) -> None:
+        """Hold ``payload`` (a query) until ``session``'s map settles (``settled``)."""
+        self._deferred.append((int(session), len(self._peer(session).order), payload))
+
+    def settled(self, now: float) -> list[tuple[int, object, str]]:
+        """Remove and return ``(session, payload, why)`` of the deferred queries whose peer sent
+        ``n`` keyframes more since (why: "keyframes"), or stopped moving on (``stopped``). The
+        caller asks them again, and defers again any whose best places are still at the frontier."""
+        ready, keep = [], []
+        for s, count, payload in self._deferred:
+            why = "keyframes" if len(self._peer(s).order) >= count + self.settle_keyframes else self.stopped(s, now)
+            if why:
+                ready.append((s, payload, why))
+            else:
+                keep.append((s, count, payload))
+        self._deferred = keep
+        return ready
+
+    def pending(self) -> int:
+        return len(self._deferred)
+
+    def keyframe_count(self, session: int) -> int:
+        p = self._peers.get(int(session))
+        return len(p.order) if p else 0
 
 
 # ----------------------------------------------------------------------------- verifier entries

@@ -52,6 +52,72 @@ def test_peer_table_round_trip():
     assert back.peer(7).remote_id == 3 and back.robots() == {11: "robot_b"}
 
 
+def test_a_query_waits_while_the_peer_is_on_its_way_and_not_when_it_stopped():
+    """fleet.Frontiers: robot B (session 2) maps keyframes 0..9 (local ids 100..109, stamps 1 s
+    apart). A query that retrieves one of B's newest 2n waits while B is moving on, however
+    slowly; it is asked again after n more keyframes, or once B stopped: idle for settle_s by
+    our clock, staying settle_s of its camera time past its newest keyframe, or silent for the
+    peer timeout; idle or staying only once we hold every keyframe its status counts."""
+    S = 10**9
+    st = fleet.PeerStatus
+
+    def mapped(n=10):
+        f = fleet.Frontiers(settle_keyframes=3, settle_s=5.0, peer_timeout_s=30.0)
+        for k in range(n):
+            f.on_keyframe(2, 100 + k, k, 0.0)
+        return f
+
+    f = mapped()
+    assert f.at_frontier(2, 109, 0.0) and f.at_frontier(2, 104, 0.0)   # the newest 2n = 6: 104..109
+    assert not f.at_frontier(2, 103, 0.0) and not f.at_frontier(7, 109, 0.0)
+    f.defer(2, "q35")
+    # slow: a frame waits for 20 s (its statuses say busy), no keyframe: still waiting
+    for t in range(1, 21):
+        f.on_status(2, st(10 * S, 0.0, 9, 9 * S), float(t))
+        assert f.settled(float(t)) == []
+    for k in range(3):                               # n = 3 more keyframes: asked again
+        assert f.settled(21.0 + k) == []
+        f.on_keyframe(2, 110 + k, 10 + k, 21.0 + k)
+    assert f.settled(23.0) == [(2, "q35", "keyframes")] and f.pending() == 0
+
+    f = mapped()
+    f.defer(2, "q")
+    f.on_status(2, st(9 * S, 12.5, 9, 9 * S), 1.0)   # frozen, then says "idle 12.5 s" on waking:
+    assert f.settled(5.9) == []                      # idle counts from when we heard it
+    f.on_status(2, st(9 * S, 17.5, 9, 9 * S), 6.0)
+    assert f.settled(6.0) == [(2, "q", "idle")]
+    f.defer(2, "q")
+    f.on_keyframe(2, 110, 10, 7.0)                   # moving again
+    assert f.at_frontier(2, 110, 7.0) and f.settled(7.0) == []
+
+    f = mapped()
+    f.defer(2, "q")
+    f.on_status(2, st(13 * S, 0.0, 9, 9 * S), 1.0)   # processing frames, 4 s past its keyframe 9
+    assert f.settled(1.0) == []
+    f.on_status(2, st(14 * S, 0.0, 9, 9 * S), 2.0)   # 5 s: it stays where it is
+    assert f.settled(2.0) == [(2, "q", "staying")] and not f.at_frontier(2, 109, 2.0)
+
+    f = mapped()                                      # its status comes before its last keyframes:
+    f.defer(2, "q")
+    f.on_status(2, st(20 * S, 0.0, 12, 12 * S), 1.0)  # it says 12 and 8 s past; we hold up to 9
+    f.on_status(2, st(20 * S, 30.0, 12, 12 * S), 1.0)
+    assert f.settled(10.0) == []                     # neither staying nor idle: 10-12 in flight
+    f.on_keyframe(2, 110, 10, 10.0)
+    f.on_keyframe(2, 111, 12, 10.0)                  # (11 was no keyframe of its; ids are its own)
+    f.on_status(2, st(20 * S, 30.0, 12, 12 * S), 10.0)
+    assert f.settled(10.0) == [(2, "q", "staying")]
+
+    f = mapped()
+    f.defer(2, "q")
+    assert f.settled(29.9) == [] and f.settled(30.1) == [(2, "q", "silent")]   # gone
+    f.reset([(2, 5), (2, 6)])
+    assert f.keyframe_count(2) == 2 and f.pending() == 0
+    assert not f.at_frontier(2, 6, 0.0)              # a loaded map's peer, not heard: not moving
+    off = fleet.Frontiers(0, 5.0, 30.0)
+    off.on_keyframe(2, 1, 0, 0.0)
+    assert not off.at_frontier(2, 1, 0.0)
+
+
 def test_verifier_entry_export_import(rtabmap_seq):
     """A keyframe's verification data moved to another verifier verifies the same loop."""
     from megaloc_ros.encoding.loader import load_encoder
@@ -118,10 +184,10 @@ def baseline():
     return baseline_loops(40)
 
 
-def _run(mode, tmp_path, baseline):
+def _run(mode, tmp_path, baseline, stall=0.0):
     pytest.importorskip("rclpy")
     from megaloc_ros.ros.fleet_replay import run_fleet, score, summary
-    out = run_fleet(mode, 40, str(tmp_path / mode), baseline=False, quiet=True)
+    out = run_fleet(mode, 40, str(tmp_path / mode), baseline=False, quiet=True, stall=stall)
     out["baseline"] = baseline
     out["score"] = score(out["robots"], baseline, 40)
     print(summary(out))
@@ -131,13 +197,17 @@ def _run(mode, tmp_path, baseline):
 @pytest.mark.slow
 @pytest.mark.ros
 def test_two_robots_find_the_inter_robot_loops_one_robot_finds(tmp_path, baseline):
-    out = _run("concurrent", tmp_path, baseline)
+    """Both robots at once, robot_b frozen for 7 s on its way (SIGSTOP, as a loaded machine can
+    stall a process): robot_a must not take it for stopped and accept near misses at the end of
+    its map (5 false loops with the rule this replaced, "no keyframe for 5 s")."""
+    out = _run("concurrent", tmp_path, baseline, stall=7.0)
     s = out["score"]
     assert s["baseline_false"] == 0 and len(s["baseline_frames"]) >= 30
     assert s["false"] == 0, s["false_loops"]
-    # measured 0.917-1.0 (33-36 of 36 frames) on an idle machine, 0.889 under a test suite's load:
-    # a frame taken at the same moment as the peer's at that place can miss its loop (README)
+    # measured 0.944-0.972 (34-35 of 36 frames) with the stall: a frame taken at the same moment
+    # as the peer's at that place can miss its loop (README)
     assert s["ratio"] >= 0.85, s
+    assert sum(r["loop_closure_stats"].get("fleet_settled_keyframes", 0) for r in out["robots"]) > 0
     # compact: 384-D offline descriptor in 384 B (int8) + metadata, vs 1536 B raw float32
     assert s["descriptor_bytes"] == 384 and s["bytes_per_shared_keyframe"] < 4 * 384
     assert s["requests_timed_out"] == 0 and s["keyframes_fetched"] > 0

@@ -12,6 +12,10 @@ shared topic. Modes:
 ``owner-gone``  as ``late``, but A's process is killed before B plays: B's requests for A's
                 keyframe data time out (counted) and B still finishes.
 
+``--stall S`` (concurrent): B's process is frozen (SIGSTOP) for S seconds once it has played
+``stall_at`` frames, while A goes on: a peer that is slow for a while, as on a loaded machine.
+A must not take B for stopped and verify its queries against the end of B's map (near misses).
+
 The inter-robot loops both robots publish are scored against the sequence's ground truth
 (pairs closer than the evaluation's exclusion window, 20 s, are not in the ground truth: they are
 listed apart, not scored), and compared with the loops one robot verifies on the whole sequence
@@ -53,7 +57,7 @@ def _robot_main(a) -> int:
     lo, hi = (int(v) for v in a.frames.split(":"))
     params = {"image_topic": "image_raw", "image_qos": "reliable", "image_qos_depth": 1000, "queue_size": 1000,
               "map_path": a.map_path, "fleet_topic": a.fleet_topic, "fleet_robot": a.robot,
-              "fleet_request_timeout": a.request_timeout,
+              "fleet_request_timeout": a.request_timeout, "fleet_peer_timeout": a.request_timeout,
               "candidate_wait": 60.0}  # a replay loses nothing to a busy machine (2 shared cores)
     reliable = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
     loops: list = []
@@ -80,6 +84,7 @@ def _robot_main(a) -> int:
             deadline = time.monotonic() + 120
             while lc.stats.count("frames_processed") < k + 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            (out / f"{a.robot}.played").write_text(str(k + 1))  # for the parent's --stall
         deadline = time.monotonic() + 120
         while lc.fleet_pending() and time.monotonic() < deadline:  # queries waiting for the peer's map
             time.sleep(0.1)
@@ -128,6 +133,23 @@ def _wait_file(path: Path, procs, timeout: float) -> dict:
             raise TimeoutError(f"{path.name} not written within {timeout:g} s")
         time.sleep(0.1)
     return json.loads(path.read_text())
+
+
+def _stall(proc, played: Path, at: int, seconds: float, procs, timeout: float) -> None:
+    """Freeze ``proc``'s process group for ``seconds`` once it has played ``at`` frames."""
+    deadline = time.monotonic() + timeout
+    while not (played.exists() and played.read_text().strip() and int(played.read_text()) >= at):
+        for p in procs:
+            if p.poll() is not None and p.returncode != 0:
+                raise RuntimeError(f"{p.args[-1]} exited with {p.returncode} before frame {at}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{played.name} did not reach {at} within {timeout:g} s")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
 
 
 def baseline_loops(split: int) -> dict:
@@ -188,10 +210,14 @@ def score(results: list[dict], baseline: dict, split: int, exclude_s: float = 20
 
 
 def run_fleet(mode: str = "concurrent", split: int = 40, work_dir: str = "", baseline: bool = True,
-              timeout: float = 900.0, request_timeout: float = 0.0, quiet: bool = False) -> dict:
+              timeout: float = 900.0, request_timeout: float = 0.0, quiet: bool = False,
+              stall: float = 0.0, stall_at: int = 28) -> dict:
     """Run the two robots as two processes; returns the per-robot results and the scores.
-    ``request_timeout`` 0: 30 s (an owner alive but slow on a busy machine still answers), 3 s
-    in ``owner-gone`` mode."""
+    ``request_timeout`` (both robots' ``fleet_request_timeout`` and ``fleet_peer_timeout``) 0:
+    30 s (an owner alive but slow on a busy machine still answers), 3 s in ``owner-gone`` mode.
+    ``stall`` > 0 (concurrent): freeze robot_b for that many seconds after it played ``stall_at``
+    frames (by default frame 67: robot_a is then at about its frame 28, and its next frames revisit
+    the places robot_b is about to map)."""
     request_timeout = request_timeout or (3.0 if mode == "owner-gone" else 30.0)
     d = Path(work_dir or tempfile.mkdtemp(prefix="megaloc_fleet_"))
     d.mkdir(parents=True, exist_ok=True)
@@ -229,6 +255,8 @@ def run_fleet(mode: str = "concurrent", split: int = 40, work_dir: str = "", bas
                 (d / "owner_gone").write_text("")
         else:
             procs.append(start(ROBOTS[1], f"{split}:84"))
+            if stall > 0:
+                _stall(procs[1], d / f"{ROBOTS[1]}.played", stall_at, stall, procs, timeout)
         live = procs[1:] if mode == "owner-gone" else procs
         for r in ROBOTS[1:] if mode == "owner-gone" else ROBOTS:
             _wait_file(d / f"{r}.done", live, timeout)
@@ -249,7 +277,8 @@ def run_fleet(mode: str = "concurrent", split: int = 40, work_dir: str = "", bas
         raise
     fleet_s = time.monotonic() - t_start
     backlog = d / f"{ROBOTS[1]}.backlog"
-    out = {"mode": mode, "split": split, "work_dir": str(d), "fleet_seconds": fleet_s, "robots": results,
+    out = {"mode": mode, "split": split, "stall": stall, "work_dir": str(d), "fleet_seconds": fleet_s,
+           "robots": results,
            "backlog": json.loads(backlog.read_text()) if backlog.exists() else None}
     base = baseline_loops(split) if baseline else {"loops": []}
     out["baseline"] = base
@@ -262,7 +291,8 @@ def run_fleet(mode: str = "concurrent", split: int = 40, work_dir: str = "", bas
 def summary(out: dict) -> str:
     s = out["score"]
     lines = [f"fleet replay ({out['mode']}): rtabmap frames 1-{out['split']} robot_a, "
-             f"{out['split'] + 1}-84 robot_b, two processes over DDS, {out['fleet_seconds']:.0f} s"]
+             f"{out['split'] + 1}-84 robot_b, two processes over DDS, {out['fleet_seconds']:.0f} s"
+             + (f", robot_b frozen {out['stall']:g} s on the way" if out.get("stall") else "")]
     for r in out["robots"]:
         ls, vs = r["loop_closure_stats"], r["verifier_stats"]
         inter = sum(1 for lp in r["loops"] if lp["query_session"] != lp["match_session"])
@@ -299,7 +329,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-robot run on the whole sequence")
     p.add_argument("--request-timeout", type=float, default=0.0,
-                   help="fleet_request_timeout of both robots (default 30 s; owner-gone 3 s)")
+                   help="fleet_request_timeout and fleet_peer_timeout of both robots (default 30 s; owner-gone 3 s)")
+    p.add_argument("--stall", type=float, default=0.0,
+                   help="concurrent: freeze robot_b for this many seconds after --stall-at frames (SIGSTOP)")
+    p.add_argument("--stall-at", type=int, default=28)
     # one robot (the child processes)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--robot", default="")
@@ -311,7 +344,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.child:
         return _robot_main(a)
-    out = run_fleet(a.mode, a.split, a.dir, baseline=not a.no_baseline, request_timeout=a.request_timeout)
+    out = run_fleet(a.mode, a.split, a.dir, baseline=not a.no_baseline, request_timeout=a.request_timeout,
+                    stall=a.stall, stall_at=a.stall_at)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -17,12 +17,15 @@ Publishes    ~/candidates  megaloc_ros/LoopClosureArray, the detector's decision
              <fleet_topic> megaloc_ros/FleetKeyframe (with fleet_topic set): every accepted keyframe's
                            compact descriptor for the other robots (reliable, transient-local,
                            fleet_backlog deep: a robot that starts late gets the backlog)
+             <fleet_topic>/status megaloc_ros/FleetStatus, every second: this robot's progress, so
+                           the others can tell it slow from stopped (megaloc_ros/fleet.py Frontiers)
              ~/peer_keyframes megaloc_ros/FleetKeyframe: each peer keyframe put in this map, with the
                            local id it got, for verifier_node (reliable, transient-local; all of
                            a loaded map's peers again at activation and after load_map)
              /diagnostics  frames, keyframes, map size, queue, drops, errors, latencies
 Subscribes   <fleet_topic> (with fleet_topic set): the other robots' keyframes, inserted into this
-             map as their robot's session (megaloc_ros/fleet.py: ids, sessions, bytes)
+             map as their robot's session (megaloc_ros/fleet.py: ids, sessions, bytes), and
+             <fleet_topic>/status: their progress
 Services     ~/save_map, ~/load_map (megaloc_ros/SaveMap, LoadMap; empty path: map_path)
              ~/query_image (megaloc_ros/QueryImage): retrieval without inserting; the results'
              query_id is 2^64-1 (not a keyframe)
@@ -49,7 +52,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image
 from visualization_msgs.msg import Marker, MarkerArray
 
-from megaloc_ros.msg import FleetKeyframe
+from megaloc_ros.msg import FleetKeyframe, FleetStatus
 from megaloc_ros.msg import Keyframe as KeyframeMsg
 from megaloc_ros.msg import LoopClosureArray
 from megaloc_ros.srv import LoadMap, QueryImage, SaveMap
@@ -96,6 +99,7 @@ class LoopClosureNode(ManagedNode):
         self._cv = threading.Condition()
         self._queue: deque[_Frame] = deque()
         self._busy = False
+        self._idle_since = time.monotonic()  # no frame waiting or being processed since (fleet status)
         self._stop = False
         self._worker: Optional[threading.Thread] = None
         self._odom: deque = deque(maxlen=2000)  # (stamp_ns, 4x4 pose), in arrival order
@@ -106,11 +110,11 @@ class LoopClosureNode(ManagedNode):
         self._markers_dirty = False
         self.robot = ""                     # fleet name, with fleet_topic set
         self.peers = fleet.PeerTable()      # the peers' keyframes in this map
-        self._pub_fleet = self._pub_peers = None
+        self._pub_fleet = self._pub_peers = self._pub_status = None
         self._fleet_lock = threading.Lock()
-        self._peer_order: dict[int, list[int]] = {}   # session -> local ids in arrival order
-        self._peer_last: dict[int, float] = {}        # session -> time.monotonic() of its last keyframe
-        self._deferred: list[dict] = []               # queries waiting for a peer's map to settle
+        self._frontiers = fleet.Frontiers(0, 0.0, 0.0)  # peers' map ends; queries waiting for them
+        self._last_frame_stamp = 0
+        self._last_shared = (-1, 0)  # (id, stamp_ns) of the newest keyframe shared with the fleet
         self._autostart()
 
     # ----------------------------------------------------------------- lifecycle
@@ -143,7 +147,10 @@ class LoopClosureNode(ManagedNode):
             # transient-local: a verifier that starts (or restarts) later still learns every peer
             # (a plain publisher: it announces a loaded map's peers while activating)
             self._pub_peers = self.create_publisher(FleetKeyframe, "~/peer_keyframes", self._fleet_qos())
-            self._own_pubs += [self._pub_fleet, self._pub_peers]
+            self._pub_status = self.create_publisher(FleetStatus, self._status_topic(), RELIABLE)
+            self._own_pubs += [self._pub_fleet, self._pub_peers, self._pub_status]
+            self._own_timers.append(self.create_timer(fleet.STATUS_PERIOD_S, self._publish_status,
+                                                      callback_group=MutuallyExclusiveCallbackGroup()))
             name = self._param("verifier_node") or "verifier_node"
             ns = self.get_namespace().rstrip("/")
             self._data_service = name if name.startswith("/") else f"{ns}/{name}/keyframe_data"
@@ -165,9 +172,7 @@ class LoopClosureNode(ManagedNode):
         self.session = s
         self.peers = fleet.PeerTable.from_extra(self.mapping.place_map.extras.get(fleet.PeerTable.EXTRA))
         with self._fleet_lock:
-            self._peer_order, self._peer_last, self._deferred = {}, {}, []
-            for lid, p in self.peers.items():
-                self._peer_order.setdefault(p.session, []).append(lid)
+            self._frontiers.reset((p.session, lid) for lid, p in self.peers.items())
         self._positions = {kf.id: kf.pose[:3, 3].copy() for kf in keyframes if kf.pose is not None}
         self._edges = []
         self._markers_dirty = True
@@ -193,6 +198,9 @@ class LoopClosureNode(ManagedNode):
         if self.robot:
             self._own_subs.append(self.create_subscription(
                 FleetKeyframe, self._param("fleet_topic"), self._on_fleet_keyframe, self._fleet_qos(),
+                callback_group=MutuallyExclusiveCallbackGroup()))
+            self._own_subs.append(self.create_subscription(
+                FleetStatus, self._status_topic(), self._on_fleet_status, RELIABLE,
                 callback_group=MutuallyExclusiveCallbackGroup()))
         if self._param("odom_topic"):
             self._own_subs.append(self.create_subscription(Odometry, self._param("odom_topic"), self._on_odom, 100,
@@ -291,6 +299,7 @@ class LoopClosureNode(ManagedNode):
                           encoding=self._param("fleet_descriptor"), scale=float(scale), dim=len(descriptor))
         m.data = array.array("B", data)
         self._pub_fleet.publish(m)
+        self._last_shared = (int(kf.id), int(kf.stamp_ns))
         self.stats.inc("fleet_keyframes_sent")
         self.stats.set("fleet_descriptor_bytes", len(data))
         self.stats.inc("fleet_bytes_sent", len(serialize_message(m)))
@@ -326,33 +335,54 @@ class LoopClosureNode(ManagedNode):
             return
         self.stats.inc("fleet_keyframes_inserted")
         with self._fleet_lock:
-            self._peer_order.setdefault(int(msg.session), []).append(int(local))
-            self._peer_last[int(msg.session)] = time.monotonic()
+            self._frontier_params().on_keyframe(int(msg.session), int(local), int(msg.id), time.monotonic())
         self._requery_settled()
         out = FleetKeyframe(header=msg.header, robot=msg.robot, session=msg.session, id=msg.id, map_id=msg.map_id,
                             data_service=msg.data_service, local_id=int(local), encoding=msg.encoding,
                             scale=msg.scale, dim=msg.dim)
         self._pub_peers.publish(out)
 
-    def _at_frontier(self, c: Candidate, now: float) -> bool:
-        """Under ``_fleet_lock``: ``c`` matches a peer keyframe among that robot's newest
-        2 * ``fleet_settle_keyframes`` while the robot still sends (it may be on its way there)."""
-        s, n = c.match.session, self._param("fleet_settle_keyframes")
-        order = self._peer_order.get(s)
-        active = now - self._peer_last.get(s, -1e9) <= self._param("fleet_settle_s")
-        return s != self.session and bool(order) and active and c.match.id in order[-2 * n:]
+    def _status_topic(self) -> str:
+        return self._param("fleet_topic").rstrip("/") + "/status"
 
-    def _defer(self, kf: Keyframe, descriptor, session: int, map_id: str) -> None:
-        self._deferred.append({"kf": kf, "d": np.asarray(descriptor, np.float32).copy(), "session": session,
-                               "count": len(self._peer_order[session]), "map_id": map_id})
+    def _frontier_params(self) -> fleet.Frontiers:
+        """Under ``_fleet_lock``: the frontiers, with the current parameters."""
+        f = self._frontiers
+        f.settle_keyframes, f.settle_s = self._param("fleet_settle_keyframes"), self._param("fleet_settle_s")
+        f.peer_timeout_s = self._param("fleet_peer_timeout")
+        return f
+
+    def _publish_status(self) -> None:
+        """This robot's progress on ``<fleet_topic>/status`` (timer, ``fleet.STATUS_PERIOD_S``)."""
+        with self._cv:
+            idle = 0.0 if (self._queue or self._busy) else time.monotonic() - self._idle_since
+        kid, kstamp = self._last_shared
+        self._pub_status.publish(FleetStatus(
+            header=conv.make_header(self._last_frame_stamp, ""), robot=self.robot, session=self.session,
+            frames_processed=int(self.stats.count("frames_processed")),
+            keyframes=int(self.stats.count("fleet_keyframes_sent")), keyframe_id=kid,
+            keyframe_stamp=conv.ns_to_stamp(kstamp), idle_s=float(idle)))
+
+    def _on_fleet_status(self, msg: FleetStatus) -> None:
+        if msg.robot == self.robot:
+            return
+        with self._fleet_lock:
+            self._frontier_params().on_status(int(msg.session), fleet.PeerStatus(
+                conv.stamp_to_ns(msg.header.stamp), float(msg.idle_s), int(msg.keyframe_id),
+                conv.stamp_to_ns(msg.keyframe_stamp)), time.monotonic())
+        self._requery_settled()
+
+    def _at_frontier(self, c: Candidate, now: float) -> bool:
+        """Under ``_fleet_lock``: ``c`` matches a peer keyframe at that robot's frontier while it
+        may still be on its way there (``fleet.Frontiers``)."""
+        s = c.match.session
+        return s != self.session and self._frontier_params().at_frontier(s, c.match.id, now)
 
     def _defer_frontier(self, kf: Keyframe, descriptor, retrieved: list, map_id: str) -> list:
         """Leave out the candidates of a peer robot when some are at its frontier
         (``_at_frontier``): the peer may be on its way to this place, and verifying now accepts a
         near miss (the best of what it mapped so far). The query is asked again of that robot's
-        keyframes once it sent ``fleet_settle_keyframes`` more, and waits again while its best
-        places are still at the frontier, or once it sent nothing for ``fleet_settle_s``
-        (``_requery_settled``)."""
+        keyframes when its map settled (``fleet.Frontiers.settled``, ``_requery_settled``)."""
         if self._param("fleet_settle_keyframes") <= 0:
             return retrieved
         now = time.monotonic()
@@ -361,36 +391,38 @@ class LoopClosureNode(ManagedNode):
             # all of that robot's candidates wait: verified together later, the best one wins
             keep = [c for c in retrieved if c.match.session not in defer]
             for s in defer:
-                self._defer(kf, descriptor, s, map_id)
+                self._frontiers.defer(s, self._query(kf, descriptor, map_id))
         if defer:
             self.stats.inc("fleet_deferred_queries", len(defer))
             keep = [type(c)(c.query, c.match, c.score, r) for r, c in enumerate(keep)]
         return keep
 
+    @staticmethod
+    def _query(kf: Keyframe, descriptor, map_id: str) -> dict:
+        return {"kf": kf, "d": np.asarray(descriptor, np.float32).copy(), "map_id": map_id}
+
     def _requery_settled(self) -> None:
         """Ask the deferred queries again of their peer's keyframes where its map settled."""
-        n, now, ready = self._param("fleet_settle_keyframes"), time.monotonic(), []
         with self._fleet_lock:
-            keep = []
-            for q in self._deferred:
-                s = q["session"]
-                quiet = now - self._peer_last.get(s, -1e9) > self._param("fleet_settle_s")
-                if quiet or len(self._peer_order.get(s, ())) >= q["count"] + n:
-                    ready.append(q)
-                else:
-                    keep.append(q)
-            self._deferred = keep
-        for q in ready:
+            ready = self._frontier_params().settled(time.monotonic())
+        stopped: dict[tuple[int, str], list[int]] = {}
+        for s, q, why in ready:
+            self.stats.inc(f"fleet_settled_{why}")
+            if why != "keyframes":
+                stopped.setdefault((s, why), []).append(q["kf"].id)
+        for (s, why), ids in stopped.items():
+            robot = self.peers.robots().get(s, f"session {s}")
+            self.get_logger().info(f"{robot} is {why}: keyframes {ids} are asked again of its map as it is")
+        for s, q, why in ready:
             try:
                 with self.mapping.lock:
                     if self.mapping.place_map.map_id != q["map_id"]:
                         continue  # another map was loaded meanwhile
-                    hits = self.mapping.place_map.search(q["d"], self.mapping.params.top_k,
-                                                         only_sessions=[q["session"]])
+                    hits = self.mapping.place_map.search(q["d"], self.mapping.params.top_k, only_sessions=[s])
                 cands = [Candidate(q["kf"], m, sc, r) for r, (m, sc) in enumerate(hits)]
                 with self._fleet_lock:
                     if any(self._at_frontier(c, time.monotonic()) for c in cands):
-                        self._defer(q["kf"], q["d"], q["session"], q["map_id"])  # still on its way: wait more
+                        self._frontiers.defer(s, q)  # still on its way: wait more
                         self.stats.inc("fleet_deferred_again")
                         continue
                 self.stats.inc("fleet_requeries")
@@ -416,7 +448,7 @@ class LoopClosureNode(ManagedNode):
     def fleet_pending(self) -> int:
         """Queries still waiting for a peer's map to settle."""
         with self._fleet_lock:
-            return len(self._deferred)
+            return self._frontiers.pending()
 
     # ----------------------------------------------------------------- worker
     def wait_idle(self, timeout: float = 60.0) -> bool:
@@ -449,10 +481,12 @@ class LoopClosureNode(ManagedNode):
             finally:
                 with self._cv:
                     self._busy = False
+                    self._idle_since = time.monotonic()
                     self._cv.notify_all()
 
     def _process(self, f: _Frame) -> None:
         pose = self._pose_at(f.stamp_ns) if self._param("odom_topic") else None
+        self._last_frame_stamp = f.stamp_ns
         feats, encode_ms = self.encoding.encode(f.rgb)
         det, search_ms = self.mapping.detect(feats.descriptor, f.stamp_ns, self.session, f.frame_id, pose)
         map_id = self.mapping.place_map.map_id  # the map whose ids det names (a load waits for us)
@@ -488,9 +522,9 @@ class LoopClosureNode(ManagedNode):
 
     # ----------------------------------------------------------------- output
     def _tick(self) -> None:
-        if self._deferred:
+        if self.fleet_pending():
             self._requery_settled()
-        self.stats.set("fleet_deferred", len(self._deferred))
+        self.stats.set("fleet_deferred", self.fleet_pending())
         with self._cv:
             qlen = len(self._queue)
         self.stats.set("queue_length", qlen)

@@ -152,8 +152,8 @@ class ManagedNode(LifecycleNode):
             services = [(SaveMap, "~/save_map", self._srv_save_map), (LoadMap, "~/load_map", self._srv_load_map)]
             self._own_services = [self.create_service(t, name, cb, callback_group=group)
                                   for t, name, cb in services + self._extra_services()]
-            self._own_timers = [self.create_timer(self._param("diagnostics_period"), self._tick,
-                                                  callback_group=MutuallyExclusiveCallbackGroup())]
+            self._own_timers.append(self.create_timer(self._param("diagnostics_period"), self._tick,
+                                                      callback_group=MutuallyExclusiveCallbackGroup()))
             if self._param("autosave_period") > 0 and self._param("map_path"):
                 self._own_timers.append(self.create_timer(self._param("autosave_period"), self._autosave,
                                                           callback_group=MutuallyExclusiveCallbackGroup()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from megaloc_ros import fleet
 from megaloc_ros import settings as S
 from megaloc_ros.settings import setting, validate
 
@@ -127,11 +128,16 @@ class LoopClosureNodeSettings(CommonNodeSettings):
     fleet_backlog: int = setting(10000, "keyframes the fleet topic keeps for robots that start late "
                                  "(transient-local history depth)", range=(1, 1000000), read_only=True)
     fleet_settle_keyframes: int = setting(5, "n: when a keyframe retrieves peer keyframes among that robot's "
-                                          "newest 2n (while it still sends), they are not verified at once: the "
-                                          "query is asked again of that robot's keyframes once it sent n more, "
-                                          "until its places are behind its frontier (not a near miss on its way "
-                                          "there); 0: off", range=(0, 1000))
-    fleet_settle_s: float = setting(5.0, "... or once it sent nothing for this long (s)", range=(0.0, 3600.0))
+                                          "newest 2n (while it may still be on its way), they are not verified at "
+                                          "once: the query is asked again of that robot's keyframes once it sent n "
+                                          "more, until its places are behind its frontier (not a near miss on its "
+                                          "way there); 0: off", range=(0, 1000))
+    fleet_settle_s: float = setting(5.0, "... or once its status says it had no frame to process for this long, "
+                                    "or it processed this much of its camera's time past its newest keyframe "
+                                    "(it stays there) (s)", range=(0.0, 3600.0))
+    fleet_peer_timeout: float = setting(10.0, "... or once nothing (status or keyframe) came from it for this "
+                                        "long: it is taken as gone (s; a robot that is only slow still sends "
+                                        f"its status every {fleet.STATUS_PERIOD_S:g} s)", range=(0.0, 3600.0))
 
 
 @dataclass
