@@ -7,7 +7,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 log = logging.getLogger("megaloc_ros.encoding.cache")
 
@@ -35,14 +35,25 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def exported_model(name: str, weights: Path, version: int, export: Callable[[Path, Path], Path]) -> Path:
+def exported_model(name: str, weights: Optional[Path], version: int, export: Callable[[Path, Path], object],
+                   missing: str = "") -> Path:
     """``<cache>/models/<name>-<sha256 of weights, 16 hex>-v<version>.onnx``, made by
-    ``export(weights, out)`` the first time (under a lock: one process exports, the others wait)."""
+    ``export(weights, tmp)`` the first time (under a lock: one process exports, the others wait;
+    written to a temporary file, then renamed: a killed export leaves no half model).
+    ``weights`` None: WeightsError with ``missing`` (where to get them)."""
+    if weights is None:
+        from megaloc_ros.errors import WeightsError
+        raise WeightsError(missing or f"no weights for {name}")
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
     out = cache_root() / "models" / f"{name}-{digest}-v{version}.onnx"
     if not out.is_file():
         with file_lock(out.with_suffix(".lock")):
             if not out.is_file():
                 log.info("exporting %s %s -> %s", name, weights, out)
-                export(Path(weights), out)
+                tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+                try:
+                    export(Path(weights), tmp)
+                    os.replace(tmp, out)
+                finally:
+                    tmp.unlink(missing_ok=True)
     return out

@@ -123,28 +123,31 @@ def _write(path: Path, obj) -> None:
 
 # ----------------------------------------------------------------------------- the fleet (parent)
 
-def _wait_file(path: Path, procs, timeout: float) -> dict:
+def _wait(done, what: str, procs, timeout: float, period: float = 0.1) -> None:
+    """Until ``done()``; an error when a robot process failed first or after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not done():
         for p in procs:
             if p.poll() is not None and p.returncode != 0:
-                raise RuntimeError(f"{p.args[-1]} exited with {p.returncode} before writing {path.name}")
+                raise RuntimeError(f"{p.args[-1]} exited with {p.returncode} before {what}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path.name} not written within {timeout:g} s")
-        time.sleep(0.1)
+            raise TimeoutError(f"not {what} within {timeout:g} s")
+        time.sleep(period)
+
+
+def _wait_file(path: Path, procs, timeout: float) -> dict:
+    _wait(path.exists, f"{path.name} was written", procs, timeout)
     return json.loads(path.read_text())
+
+
+def _played(path: Path) -> int:
+    text = path.read_text().strip() if path.exists() else ""
+    return int(text) if text.isdigit() else 0
 
 
 def _stall(proc, played: Path, at: int, seconds: float, procs, timeout: float) -> None:
     """Freeze ``proc``'s process group for ``seconds`` once it has played ``at`` frames."""
-    deadline = time.monotonic() + timeout
-    while not (played.exists() and played.read_text().strip() and int(played.read_text()) >= at):
-        for p in procs:
-            if p.poll() is not None and p.returncode != 0:
-                raise RuntimeError(f"{p.args[-1]} exited with {p.returncode} before frame {at}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{played.name} did not reach {at} within {timeout:g} s")
-        time.sleep(0.02)
+    _wait(lambda: _played(played) >= at, f"{played.stem} played {at} frames", procs, timeout, 0.02)
     os.killpg(proc.pid, signal.SIGSTOP)
     try:
         time.sleep(seconds)

