@@ -185,7 +185,17 @@ def pose_covariance(inliers: int, focal_px: float, pixel_sigma: float = 1.0) -> 
     angular std ~ pixel_sigma / focal / sqrt(inliers) on each rotation axis, and
     ``UNKNOWN_SCALE_VARIANCE`` on each translation axis (a unit direction has no scale)."""
     var = (pixel_sigma / max(focal_px, 1e-6)) ** 2 / max(inliers, 1)
-    return np.diag([UNKNOWN_SCALE_VARIANCE] * 3 + [var] * 3)
+    return scale_unknown(np.diag([0.0] * 3 + [var] * 3))
+
+
+def scale_unknown(covariance: np.ndarray) -> np.ndarray:
+    """A 6x6 pose covariance (x y z rx ry rz) for a translation that is only a direction: the
+    rotation block kept, ``UNKNOWN_SCALE_VARIANCE`` on each translation axis, no cross terms."""
+    cov = np.array(covariance, np.float64)
+    cov[:3, :] = 0.0
+    cov[:, :3] = 0.0
+    cov[:3, :3] = np.eye(3) * UNKNOWN_SCALE_VARIANCE
+    return cov
 
 
 def _robust(fit, a, b, threshold, confidence, max_iters, fallback, ransac_first=False):

@@ -43,7 +43,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from megaloc_ros.types import RelativePose
-from megaloc_ros.verification.geometry import UNKNOWN_SCALE_VARIANCE
+from megaloc_ros.verification.geometry import scale_unknown
 
 
 @dataclass
@@ -292,14 +292,11 @@ def keypoint_depths(keypoints_xy: np.ndarray, depth_m: np.ndarray, image_size: t
 
 def without_scale(pose: RelativePose) -> RelativePose:
     """``pose`` with its translation cut to a unit direction (``metric_scale`` False) and
-    ``UNKNOWN_SCALE_VARIANCE`` on the translation axes; rotation and its covariance kept."""
+    the translation covariance of an unknown scale (``geometry.scale_unknown``); rotation and
+    its covariance kept."""
     t = np.asarray(pose.translation, np.float64)
-    cov = np.array(pose.covariance, np.float64)
-    cov[:3, :] = 0.0
-    cov[:, :3] = 0.0
-    cov[:3, :3] = np.eye(3) * UNKNOWN_SCALE_VARIANCE
     return RelativePose(rotation=pose.rotation, translation=t / max(np.linalg.norm(t), 1e-12),
-                        metric_scale=False, covariance=cov)
+                        metric_scale=False, covariance=scale_unknown(pose.covariance))
 
 
 def pose_from_keypoint_depths(match_keypoints_xy: np.ndarray, match_depth: np.ndarray, K_match: np.ndarray,
