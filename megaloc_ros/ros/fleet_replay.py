@@ -61,11 +61,14 @@ def _robot_main(a) -> int:
               "candidate_wait": 60.0}  # a replay loses nothing to a busy machine (2 shared cores)
     reliable = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
     loops: list = []
+    rejected: list = []  # the verdicts of loops not published, with their reasons (why a frame was missed)
     with NodeSet(params, namespace="/" + a.robot) as nodes:
         lc, vn, h = nodes.loop_closure, nodes.verifier, nodes.helper_node
         pub = h.create_publisher(Image, nodes.image_topic, reliable)
         sub = h.create_subscription(LoopClosureArray, "verifier_node/loop_closures",
                                     lambda m: loops.extend(m.loops), reliable)
+        sub_rejected = h.create_subscription(LoopClosureArray, "verifier_node/rejected",
+                                             lambda m: rejected.extend(m.loops), reliable)
         deadline = time.monotonic() + 30
         while pub.get_subscription_count() < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -104,15 +107,22 @@ def _robot_main(a) -> int:
             "robot": a.robot, "session": lc.session, "frames": [lo, hi], "played_s": played_s,
             "map_size": len(lc.mapping), "peer_keyframes": len(lc.peers),
             "verifier_keyframes": len(vn.verifier),
-            "loops": [{"query_id": int(m.query_id), "match_id": int(m.match_id),
-                       "query_stamp": conv.stamp_to_ns(m.query_stamp), "match_stamp": conv.stamp_to_ns(m.match_stamp),
-                       "query_session": int(m.query_session), "match_session": int(m.match_session),
-                       "inliers": int(m.inliers)} for m in loops],
+            "loops": [_loop(m) for m in loops],
+            "rejected": [dict(_loop(m), reason=m.reason) for m in rejected],
             "loop_closure_stats": lc.stats.snapshot(), "verifier_stats": vn.stats.snapshot(),
         }
         h.destroy_subscription(sub)
+        h.destroy_subscription(sub_rejected)
     _write(out / f"{a.robot}.json", result)
     return 0
+
+
+def _loop(m) -> dict:
+    from megaloc_ros.ros import conversions as conv
+    return {"query_id": int(m.query_id), "match_id": int(m.match_id),
+            "query_stamp": conv.stamp_to_ns(m.query_stamp), "match_stamp": conv.stamp_to_ns(m.match_stamp),
+            "query_session": int(m.query_session), "match_session": int(m.match_session),
+            "inliers": int(m.inliers)}
 
 
 def _write(path: Path, obj) -> None:

@@ -168,7 +168,6 @@ def check_pair(query, match_, K_query=None, K_match=None, ratio: float = 0.8, mu
     distances are for ~640 px images and shrink in proportion for smaller ones (down to 1/4).
     ``pairs``: tentative matches already found (index pairs), e.g. by a learned matcher."""
     import cv2
-    from megaloc_ros.types import RelativePose
     from megaloc_ros.verification import geometry
     if pairs is None:
         pairs = geometry.match(query, match_, ratio, mutual)
@@ -205,10 +204,5 @@ def check_pair(query, match_, K_query=None, K_match=None, ratio: float = 0.8, mu
     res = epipolar_distances(F, pq, pm)
     pose = None
     if essential and sig.inliers > s:
-        inl = (res <= sig.threshold_px).astype(np.uint8).reshape(-1, 1)
-        _, R, t, _ = cv2.recoverPose(E, nq, nm, np.eye(3), mask=inl.copy())
-        t = t.reshape(3)
-        t = t / max(np.linalg.norm(t), 1e-12)
-        pose = RelativePose(rotation=R, translation=t, metric_scale=False,
-                            covariance=geometry.pose_covariance(sig.inliers, f, max(sig.threshold_px, 0.5)))
+        pose = geometry.essential_pose(E, nq, nm, res <= sig.threshold_px, f)
     return PairCheck(sig, pose, int(mask.sum()), res <= sig.threshold_px)

@@ -65,8 +65,9 @@ CameraInfo's model and coefficients, ``geometry.Distortion``); keypoints are sto
 A peer robot's keyframe keeps the camera that took it (``camera_of``).
 
 Transform: with intrinsics, ``RelativePose`` (rotation, unit translation direction,
-``metric_scale`` False) with the rough covariance of ``geometry.pose_covariance`` (angular
-variance (1 px / f)^2 / inliers on each rotation axis, no weight on the translation); with
+``metric_scale`` False) with ``geometry.essential_pose``'s covariance (the fit's first-order
+rotation variance, at least a measured floor of 2 deg std per axis; no weight on the
+translation); with
 depth, PnP's metric pose (``metric_pose``); without intrinsics, None.
 """
 from __future__ import annotations
