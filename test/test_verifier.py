@@ -117,6 +117,33 @@ def test_a_withheld_loop_is_confirmed_when_its_predecessor_comes_late(rtabmap_se
     assert late[1] is held and held.accepted and "(verified after it)" in held.reason, held.reason
 
 
+def test_consistency_counts_along_each_session_in_interleaved_ids(rtabmap_seq, feats, tmp_path):
+    """In a fleet's map a robot's own keyframes and its peer's take turns in the ids. Here the
+    peer's (session 2: frames 0..N_MAP-1) have every third id and the robot's own queries
+    (session 1: frames 56, 58, 60) ids 5 apart: counted in ids, 58 would have no verified
+    neighbour and be accepted on its own, and 60's match (frame 20) would be 9 ids from 58's
+    (frame 17). Counted along their sessions, 56 is 58's neighbour and 20 is 3 from 17."""
+    v = Verifier(VerifierParams())
+    peer = {i: Keyframe(3 * i, i * 10**9, 2) for i in range(N_MAP)}
+    own = {q: Keyframe(3 * N_MAP + 1 + 5 * k, q * 10**9, 1) for k, q in enumerate((56, 58, 60))}
+    for i, k in list(peer.items()) + list(own.items()):
+        v.add_keyframe(k, rtabmap_seq.load_rgb(i), feats[i])
+
+    def ask(q, m):
+        return v.verify([Candidate(own[q], peer[m], float(feats[q].descriptor @ feats[m].descriptor), 0)])[0]
+    assert not ask(56, 0).accepted
+    first = ask(58, 17)
+    assert not first.accepted and "but not yet consistent" in first.reason, first.reason
+    ok = ask(60, 20)
+    assert ok.accepted and f"consistent: keyframe {own[58].id} passed to {peer[17].id}" in ok.reason, ok.reason
+    assert v._around(own[58].id, 1) == [own[56].id, own[60].id]
+    v.note_keyframe(3 * N_MAP + 2, 2)          # a peer keyframe arrives between 56 and 58: not theirs
+    assert v._around(own[58].id, 1) == [own[56].id, own[60].id]
+    v.save(tmp_path / "v.verifier")            # the sessions are saved with the state
+    back = Verifier.load(tmp_path / "v.verifier")
+    assert back._around(own[58].id, 1) == [own[56].id, own[60].id] and back._apart(peer[17].id, peer[20].id) == 3
+
+
 def test_pose_with_intrinsics(rtabmap_seq, feats):
     K = np.array([[450.0, 0, 256], [0, 450.0, 192], [0, 0, 1]])  # 512x384 images
     v = Verifier(VerifierParams(vocab_keyframes=1000, vocabulary="map", consistency_window=0), Camera(K))

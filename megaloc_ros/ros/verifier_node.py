@@ -316,6 +316,8 @@ class VerifierNode(ManagedNode):
             self._peers[int(msg.local_id)] = msg
             self._keyframes.setdefault(int(msg.local_id), Keyframe(
                 int(msg.local_id), conv.stamp_to_ns(msg.header.stamp), int(msg.session), msg.header.frame_id))
+        if self.verifier is not None:
+            self.verifier.note_keyframe(int(msg.local_id), int(msg.session))  # consistency counts along sessions
         self.stats.inc("fleet_peer_keyframes")
         self._flush_pending()
 

@@ -72,6 +72,7 @@ depth, PnP's metric pose (``metric_pose``); without intrinsics, None.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import threading
 import time
@@ -194,12 +195,12 @@ class VerifierParams:
     min_inliers: int = setting(0, "inlier floor on top of the a-contrario test (0: none)", range=(0, None))
     max_accepted_per_query: int = setting(1, "keep the N accepted candidates with the most evidence (-log10 NFA "
                                           "+ segvlad z) (0 = all)", range=(0, None))
-    consistency_window: int = setting(2, "a loop is accepted only when a query keyframe at most N ids away (in a "
-                                      "sequence: one of the N before) also passed to the same place (0: each "
-                                      "keyframe on its own); on verified evidence, unlike the detector's "
-                                      "consistency_k on global scores", range=(0, None))
-    consistency_radius: int = setting(3, "keyframe ids a consistent loop's match may lie from the earlier one's "
-                                      "(revisits go at another speed)", range=(0, None))
+    consistency_window: int = setting(2, "a loop is accepted only when a query keyframe at most N keyframes "
+                                      "away in its session (in a sequence: one of the N before) also passed to "
+                                      "the same place (0: each keyframe on its own); on verified evidence, "
+                                      "unlike the detector's consistency_k on global scores", range=(0, None))
+    consistency_radius: int = setting(3, "keyframes (along the match's session) a consistent loop's match may lie "
+                                      "from the earlier one's (revisits go at another speed)", range=(0, None))
 
     def __post_init__(self) -> None:
         validate(self, "verifier")
@@ -285,6 +286,11 @@ class Verifier:
         self._passed: dict[KeyframeId, list[KeyframeId]] = {}
         # query keyframe id -> (loop, pass reason, evidence rank) withheld for want of consistency
         self._withheld: dict[KeyframeId, list] = {}
+        # the order of each session's keyframes, for consistency: in a fleet's map a robot's and
+        # its peers' keyframes take turns in the ids, so "within 3 keyframes" counts along the
+        # session (a keyframe of unknown session counts in ids, as before sessions were known)
+        self._session_of: dict[KeyframeId, int] = {}
+        self._session_ids: dict[int, list[KeyframeId]] = {}
         self._lock = threading.Lock()
         self._patch_encoder = None
         if params.segvlad_model:
@@ -342,6 +348,40 @@ class Verifier:
                               "(a keyframe of another map or session with a colliding id?)")
         with _one_blas_thread():
             self._add_keyframe(keyframe, image_rgb, features, depth_m)
+        self.note_keyframe(keyframe.id, keyframe.session)
+
+    def note_keyframe(self, kf_id: KeyframeId, session: int) -> None:
+        """``kf_id`` is a keyframe of ``session`` in the map (e.g. a peer's, whose data has not
+        been fetched): consistency counts keyframes along each session."""
+        kf_id, session = int(kf_id), int(session)
+        with self._lock:
+            if self._session_of.get(kf_id) == session:
+                return
+            old = self._session_of.get(kf_id)
+            if old is not None:
+                self._session_ids[old].remove(kf_id)
+            self._session_of[kf_id] = session
+            bisect.insort(self._session_ids.setdefault(session, []), kf_id)
+
+    def _rank(self, kf_id: KeyframeId) -> tuple:
+        """Under ``_lock``: (session, position among its keyframes); (None, id) when unknown."""
+        s = self._session_of.get(kf_id)
+        if s is None:
+            return None, kf_id
+        return s, bisect.bisect_left(self._session_ids[s], kf_id)
+
+    def _apart(self, a: KeyframeId, b: KeyframeId) -> float:
+        """Under ``_lock``: keyframes between ``a`` and ``b`` along their session (inf: other sessions)."""
+        (sa, ra), (sb, rb) = self._rank(a), self._rank(b)
+        return abs(ra - rb) if sa == sb else float("inf")
+
+    def _around(self, kf_id: KeyframeId, w: int) -> list[KeyframeId]:
+        """Under ``_lock``: the keyframes at most ``w`` before or after ``kf_id`` in its session."""
+        s, r = self._rank(kf_id)
+        if s is None:
+            return [q for q in range(kf_id - w, kf_id + w + 1) if q != kf_id]
+        ids = self._session_ids[s]
+        return [q for q in ids[max(r - w, 0):r + w + 1] if q != kf_id]
 
     def _add_keyframe(self, keyframe: Keyframe, image_rgb: np.ndarray, features: ImageFeatures,
                       depth_m: Optional[np.ndarray] = None) -> None:
@@ -498,9 +538,9 @@ class Verifier:
             elif withheld:
                 self._withheld.setdefault(qid, []).extend(
                     (out[k], why, evs[k].rank) for k, why in withheld.items())
-            for q in [q for q in range(qid + 1, qid + p.consistency_window + 1) if q in self._withheld]:
+            for q in [q for q in self._around(qid, p.consistency_window) if q > qid and q in self._withheld]:
                 ok = [(rank, loop, why, m) for loop, why, rank in self._withheld[q] for m in passed
-                      if abs(loop.candidate.match.id - m) <= p.consistency_radius]
+                      if self._apart(loop.candidate.match.id, m) <= p.consistency_radius]
                 if ok:
                     _, loop, why, m = max(ok, key=lambda t: t[0])
                     loop.accepted = True
@@ -512,8 +552,9 @@ class Verifier:
 
     def _check_consistency(self, qid: KeyframeId, out: list[VerifiedLoop]) -> dict[int, str]:
         """Withhold the loops of ``qid`` that passed the pair decision but have no support: no
-        query within ``consistency_window`` keyframe ids of it (in a sequence: the ones before it)
-        passed to a match within ``consistency_radius`` ids. One frame matching a look-alike place
+        query within ``consistency_window`` keyframes of it (in a sequence: the ones before it)
+        passed to a match within ``consistency_radius`` keyframes; both counted along their
+        session (``note_keyframe``), as a fleet's robots take turns in the ids. One frame matching a look-alike place
         (a repeated door, a corridor section 50 m on) is the usual false loop; a true revisit
         keeps matching the same stretch of the map from one keyframe to the next (the temporal
         consistency of DBoW2 and RTAB-Map, here on verified evidence). Costs the first keyframe
@@ -529,8 +570,7 @@ class Verifier:
                 return {}
             # either side: a fleet query can be asked again after its successors (peer data
             # fetched late); in a single sequence only the keyframes before have been verified
-            w = p.consistency_window
-            verified = [q for q in range(qid - w, qid + w + 1) if q != qid and q in self._passed]
+            verified = [q for q in self._around(qid, p.consistency_window) if q in self._passed]
             near = [(q, m) for q in verified for m in self._passed[q]]
         if not verified:  # the start of a map, or (fleet) its neighbours still wait for peer data
             for r in out:
@@ -542,9 +582,11 @@ class Verifier:
             if not r.accepted:
                 continue
             mid = r.candidate.match.id
-            support = [(q, m) for q, m in near if abs(m - mid) <= p.consistency_radius]
+            with self._lock:
+                support = [(self._apart(m, mid), -q, q, m) for q, m in near]
+            support = [t for t in support if t[0] <= p.consistency_radius]
             if support:
-                q, m = min(support, key=lambda s: (abs(s[1] - mid), -s[0]))
+                _, _, q, m = min(support)
                 r.reason += f"; consistent: keyframe {q} passed to {m}"
             else:
                 withheld[k] = _demote(r, f"not yet consistent: no keyframe within {p.consistency_window} "
@@ -647,6 +689,9 @@ class Verifier:
             arrays = {
                 "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
                 "ids": np.array(ids, np.int64),
+                # every keyframe's session the verifier heard of, for consistency (fetched or not)
+                "session_ids": np.array(sorted(self._session_of), np.int64),
+                "sessions": np.array([self._session_of[i] for i in sorted(self._session_of)], np.int64),
                 "image_size": np.array([e.image_size for e in es], np.int64).reshape(-1, 2),
                 "kp_count": np.array([len(e.local.keypoints) for e in es], np.int64),
                 "keypoints": _cat([e.local.keypoints for e in es], (0, 2), np.float32),
@@ -718,6 +763,9 @@ class Verifier:
             ss_off = np.concatenate([[0], np.cumsum(np.maximum(ss_count, 0))])
             if kp_off[-1] != len(d["keypoints"]) or ss_off[-1] != len(d["supersegments"]):
                 raise ValueError("array lengths disagree")
+            for kid, session in zip(d.get("session_ids", np.zeros(0, np.int64)).tolist(),
+                                    d.get("sessions", np.zeros(0, np.int64)).tolist()):
+                v.note_keyframe(kid, session)
             pending = set(d["pending_ids"].tolist())
             for n, kid in enumerate(d["ids"].tolist()):
                 size = tuple(int(x) for x in d["image_size"][n])
