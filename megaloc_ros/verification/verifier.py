@@ -554,8 +554,9 @@ class Verifier:
         """Withhold the loops of ``qid`` that passed the pair decision but have no support: no
         query within ``consistency_window`` keyframes of it (in a sequence: the ones before it)
         passed to a match within ``consistency_radius`` keyframes; both counted along their
-        session (``note_keyframe``), as a fleet's robots take turns in the ids. One frame matching a look-alike place
-        (a repeated door, a corridor section 50 m on) is the usual false loop; a true revisit
+        session (``note_keyframe``), as a fleet's robots take turns in the ids. One frame
+        matching a look-alike place (a repeated door, a corridor section 50 m on) is the usual
+        false loop; a true revisit
         keeps matching the same stretch of the map from one keyframe to the next (the temporal
         consistency of DBoW2 and RTAB-Map, here on verified evidence). Costs the first keyframe
         of a revisit. A keyframe none of whose neighbours has been verified yet (the start of a
