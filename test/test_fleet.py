@@ -199,7 +199,7 @@ def _run(mode, tmp_path, baseline, stall=0.0):
 def test_two_robots_find_the_inter_robot_loops_one_robot_finds(tmp_path, baseline):
     """Both robots at once, robot_b frozen for 7 s on its way (SIGSTOP, as a loaded machine can
     stall a process): robot_a must not take it for stopped and accept near misses at the end of
-    its map (5 false loops with the rule this replaced, "no keyframe for 5 s")."""
+    its map (with the rule this replaced, "no keyframe for 5 s", such freezes gave 5 false loops)."""
     out = _run("concurrent", tmp_path, baseline, stall=7.0)
     s = out["score"]
     assert s["baseline_false"] == 0 and len(s["baseline_frames"]) >= 30
