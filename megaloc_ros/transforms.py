@@ -8,6 +8,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def skew(v) -> np.ndarray:
+    """[v]x: skew(a) @ b == cross(a, b)."""
+    x, y, z = (float(a) for a in v)
+    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+
+
 def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
     """Quaternion (x, y, z, w) -> 3x3 rotation; normalised first. A zero or non-finite
     quaternion is a ValueError (it names no rotation)."""

@@ -15,6 +15,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from megaloc_ros.transforms import skew
 from megaloc_ros.types import RelativePose
 
 
@@ -195,10 +196,23 @@ def pose_covariance(rotation_variance: float) -> np.ndarray:
     return scale_unknown(np.diag([0.0] * 3 + [float(rotation_variance)] * 3))
 
 
+def residual_covariance(residuals, n: int, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """(n x n first-order covariance of the parameters, residuals) at a least-squares solution:
+    ``residuals(delta)`` [M] at a perturbation ``delta`` [n] of it (0: the solution); central
+    differences for the Jacobian, scaled by the residual variance sum(r^2) / (M - n)."""
+    r0 = residuals(np.zeros(n))
+    J = np.empty((r0.size, n))
+    for k in range(n):
+        d = np.zeros(n)
+        d[k] = eps
+        J[:, k] = (residuals(d) - residuals(-d)) / (2 * eps)
+    cov = float(r0 @ r0) / max(r0.size - n, 1) * np.linalg.pinv(J.T @ J)
+    return 0.5 * (cov + cov.T), r0
+
+
 def _sampson(R: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Sampson distances of normalised points ``b`` (match) ~ ``a`` (query) to E = [t]x R."""
-    tx = np.array([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]])
-    E = tx @ R
+    E = skew(t) @ R
     A, B = np.c_[a, np.ones(len(a))], np.c_[b, np.ones(len(b))]
     Ea, Etb = A @ E.T, B @ E
     den = np.sqrt(Ea[:, 0] ** 2 + Ea[:, 1] ** 2 + Etb[:, 0] ** 2 + Etb[:, 1] ** 2)
@@ -206,7 +220,7 @@ def _sampson(R: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.n
 
 
 def essential_rotation_variance(R: np.ndarray, t: np.ndarray, a: np.ndarray, b: np.ndarray,
-                                focal_px: float, eps: float = 1e-6) -> float:
+                                focal_px: float) -> float:
     """Variance (rad^2, each axis) of the rotation of an essential-matrix fit on its inliers
     (normalised query points ``a``, match points ``b``): the largest eigenvalue of the
     first-order covariance (Jacobian of the Sampson distances in pixels, in rotation R * Exp(dr)
@@ -223,15 +237,8 @@ def essential_rotation_variance(R: np.ndarray, t: np.ndarray, a: np.ndarray, b: 
         tp = t + ortho.T @ d[3:]
         return focal_px * _sampson(R @ Rotation.from_rotvec(d[:3]).as_matrix(), tp / np.linalg.norm(tp), a, b)
 
-    r0 = residuals(np.zeros(5))
-    J = np.empty((len(r0), 5))
-    for k in range(5):
-        d = np.zeros(5)
-        d[k] = eps
-        J[:, k] = (residuals(d) - residuals(-d)) / (2 * eps)
-    sigma2 = float(r0 @ r0) / (len(r0) - 5)
-    cov = sigma2 * np.linalg.pinv(J.T @ J)
-    return float(max(np.linalg.eigvalsh(0.5 * (cov[:3, :3] + cov[:3, :3].T))[-1], floor))
+    cov, _ = residual_covariance(residuals, 5)
+    return float(max(np.linalg.eigvalsh(cov[:3, :3])[-1], floor))
 
 
 def essential_pose(E: np.ndarray, a: np.ndarray, b: np.ndarray, inliers: np.ndarray, focal_px: float) -> RelativePose:

@@ -43,7 +43,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from megaloc_ros.types import RelativePose
-from megaloc_ros.verification.geometry import scale_unknown
+from megaloc_ros.verification.geometry import residual_covariance, scale_unknown
 
 
 @dataclass
@@ -159,20 +159,9 @@ def _residuals(T_mq: np.ndarray, X_m: np.ndarray, xy_q: np.ndarray, K_q: np.ndar
 def pose_covariance_from_fit(T_mq: np.ndarray, X_m: np.ndarray, xy_q: np.ndarray, K_q: np.ndarray,
                              eps: float = 1e-6) -> tuple[np.ndarray, float]:
     """(6x6 covariance (x y z rx ry rz) of T_match_query, reprojection RMS in pixels) from the
-    Jacobian of the inliers' reprojection residuals (central differences) at the solution."""
-    r0 = _residuals(T_mq, X_m, xy_q, K_q)
-    J = np.empty((r0.size, 6))
-    for k in range(6):
-        d = np.zeros(6)
-        d[k] = eps
-        J[:, k] = (_residuals(_perturbed(T_mq, d), X_m, xy_q, K_q)
-                   - _residuals(_perturbed(T_mq, -d), X_m, xy_q, K_q)) / (2 * eps)
-    dof = max(r0.size - 6, 1)
-    sigma2 = float(r0 @ r0) / dof
+    Jacobian of the inliers' reprojection residuals at the solution (``geometry.residual_covariance``)."""
+    cov, r0 = residual_covariance(lambda d: _residuals(_perturbed(T_mq, d), X_m, xy_q, K_q), 6, eps)
     rms = float(np.sqrt(np.mean(r0 ** 2))) if r0.size else float("nan")
-    info = J.T @ J
-    cov = sigma2 * np.linalg.pinv(info)
-    cov = 0.5 * (cov + cov.T)
     return cov, rms
 
 

@@ -12,10 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-
-def skew(v) -> np.ndarray:
-    x, y, z = (float(a) for a in v)
-    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+from megaloc_ros.transforms import skew
 
 
 def adjoint(T: np.ndarray) -> np.ndarray:
