@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead of --sequence: the verifier on several real sets with one table "
                         "(accepted true/false, verification recall, ROC AUC per signal, latency; "
                         "megaloc_ros/bench/verify_sets.py); 'all' = rtabmap corridor tum_fr3_cabinet tum_pairs")
+    p.add_argument("--camera", default=None, metavar="SPEC",
+                   help="with --sets: the images as another camera would take them: gray, scale=S, jpeg=Q "
+                        "or blur=K (K px motion blur); labels and settings unchanged")
 
 
 def parse_overrides(items: list[str]):
@@ -220,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
         if args.model_path:
             from megaloc_ros.encoding.loader import load_encoder
             encoder = load_encoder(args.model_path)
-        res = verify_sets.run(sets, encoder, vp)
+        res = verify_sets.run(sets, encoder, vp, camera=args.camera)
         verify_sets.print_sets(res, vp)
         if args.json:
             with open(args.json, "w") as f:

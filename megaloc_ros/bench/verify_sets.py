@@ -42,6 +42,12 @@ Per set:
                          is more than 10 deg off the motion capture's: a covisible pair matched on
                          the wrong structure (the cabinet's sides look alike) gives a back end a
                          wrong edge, so these count against the goal like false accepts.
+
+``camera`` (``--camera``) replays the sets as another camera would have taken them, encoder and
+verifier alike: ``gray`` (a mono camera), ``scale=S`` (another resolution; intrinsics follow),
+``jpeg=Q`` (stronger compression), ``blur=K`` (K px horizontal motion blur). Ground truth and
+every setting stay as they are: a check that decisions transfer across cameras, on scenes whose
+labels are known.
 """
 from __future__ import annotations
 
@@ -79,17 +85,71 @@ def roc_auc(labels, scores) -> Optional[float]:
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
-def _sequence(name: str):
+CAMERAS = ("gray", "scale=S", "jpeg=Q", "blur=K")
+
+
+def _camera_op(camera: str):
+    """(function BGR image -> BGR image, JPEG quality) of a ``--camera`` spec."""
+    import cv2
+    from megaloc_ros.errors import MegalocError
+    kind, _, val = camera.partition("=")
+    try:
+        x = float(val) if val else None
+    except ValueError:
+        x = None
+    if kind == "gray" and not val:
+        return lambda im: cv2.cvtColor(cv2.cvtColor(im, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR), 95
+    if kind == "scale" and x is not None and 0.1 <= x <= 4:
+        return lambda im: cv2.resize(im, None, fx=x, fy=x,
+                                     interpolation=cv2.INTER_AREA if x < 1 else cv2.INTER_CUBIC), 95
+    if kind == "jpeg" and x is not None and 1 <= x <= 100:
+        return lambda im: im, int(x)
+    if kind == "blur" and x is not None and 2 <= x <= 64:
+        k = int(x)
+        kernel = np.zeros((k, k), np.float32)
+        kernel[k // 2, :] = 1.0 / k
+        return lambda im: cv2.filter2D(im, -1, kernel), 95
+    raise MegalocError(f"--camera {camera!r}: expected one of {', '.join(CAMERAS)} "
+                       "(S in 0.1-4, Q in 1-100, K in 2-64)")
+
+
+def as_camera(paths, camera: Optional[str]) -> list:
+    """``paths``, or (``camera`` given) copies of the images as that camera would have taken
+    them, written once under the cache (``cache_root()/camera/<spec>``)."""
+    import hashlib
+
+    import cv2
+    from pathlib import Path
+    from megaloc_ros.encoding.cache import cache_root
+    if not camera:
+        return list(paths)
+    op, quality = _camera_op(camera)
+    d = cache_root() / "camera" / camera.replace("=", "-")
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths:
+        o = d / (hashlib.sha256(Path(p).read_bytes()).hexdigest()[:20] + ".jpg")
+        if not o.is_file():
+            tmp = o.with_suffix(".tmp.jpg")
+            cv2.imwrite(str(tmp), op(cv2.imread(str(p), cv2.IMREAD_COLOR)), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            tmp.replace(o)
+        out.append(o)
+    return out
+
+
+def _sequence(name: str, camera: Optional[str] = None):
     """(ImageSequence, geometry.Camera or None, camera-to-world poses or None,
     depth in metres of frame i or None: an RGB-D set gives the verifier its depth, as an RGB-D
-    robot would, so loop transforms come from PnP)."""
+    robot would, so loop transforms come from PnP); images as ``camera`` took them."""
     from megaloc_ros.evaluation.covisibility import as_image_sequence
     from megaloc_ros.io import datasets, tum
     from megaloc_ros.verification.geometry import Camera
     if name == "tum_fr3_cabinet":
         t = tum.tum_fr3_cabinet()
-        return as_image_sequence(t), Camera(t.K, t.image_size), t.poses, t.depth_m
-    return datasets.SEQUENCES[name](), None, None, lambda i: None
+        seq, cam, poses, depth = as_image_sequence(t), Camera(t.K, t.image_size), t.poses, t.depth_m
+    else:
+        seq, cam, poses, depth = datasets.SEQUENCES[name](), None, None, lambda i: None
+    return dataclasses.replace(seq, image_paths=as_camera(seq.image_paths, camera)), cam, poses, depth
 
 
 ANGLE_BANDS = (0.0, 30.0, 60.0, 90.0)  # deg: recall is shown for [0, 30), [30, 60), [60, 90), >= 90
@@ -144,18 +204,18 @@ def _signals(ev, cand) -> tuple[float, float, float, float]:
     return float(cand.score), float(z), float(g), float(sv)
 
 
-def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -> dict:
+def run_sequence(name: str, encoder=None, verifier_params=None, features=None, camera=None) -> dict:
     from megaloc_ros import pipeline as PL
     from megaloc_ros.evaluation import metrics
     from megaloc_ros.mapping.detector import DetectorParams
     from megaloc_ros.verification.verifier import VerifierParams
-    seq, camera, poses, depth = _sequence(name)
+    seq, intrinsics, poses, depth = _sequence(name, camera)
     feats = features if features is not None else _features(encoder, seq.image_paths)
     dp = DetectorParams()
     vp = verifier_params or VerifierParams()
     settings = PL.PipelineSettings(detector=dp, verifier=vp)
     pipe = PL.LoopClosurePipeline(None, PL.build_mapping(settings, "bench", feats[0].descriptor.shape[0]),
-                                  PL.build_verification(vp, camera))
+                                  PL.build_verification(vp, intrinsics))
     verifier = pipe.verifier
     valid = metrics.valid_pairs(seq.gt, seq.stamps_ns, dp.exclude_recent_s)
     frame_of: dict[int, int] = {}
@@ -204,17 +264,21 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None) -
                  f"counted), {unlabeled[1]} of them accepted")
     out = _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what, rot_errors)
     out["unlabeled"] = {"candidates": unlabeled[0], "accepted": unlabeled[1]}
+    out["camera"] = camera or "as recorded"
     return out
 
 
-def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = None, n: int = 60) -> dict:
+def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = None, n: int = 60,
+              camera: Optional[str] = None) -> dict:
     from megaloc_ros.evaluation import viewpoint_pairs as VP
     from megaloc_ros.io import datasets, tum
     from megaloc_ros.types import Candidate, Keyframe
     from megaloc_ros.verification.geometry import Camera
     from megaloc_ros.verification.verifier import Verifier, VerifierParams
     t = tum.tum_fr3_cabinet()
+    t = dataclasses.replace(t, rgb_paths=as_camera(t.rgb_paths, camera))
     other = datasets.rtabmap()
+    other = dataclasses.replace(other, image_paths=as_camera(other.image_paths, camera))
     features = features or {}
     f_t = features.get("tum_fr3_cabinet") or _features(encoder, t.rgb_paths)
     f_o = features.get("rtabmap") or _features(encoder, other.image_paths)
@@ -257,10 +321,12 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
                 rot_errors.append(rotation_error_deg(r, t.poses, p.query[1], p.match[1]))
     n_pos = sum(p.positive for p in pairs)
     angles = [p.angle_deg for p in pairs if p.positive]
-    return _summary("tum_pairs", rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, v,
-                    f"{n_pos} positive pairs ({min(angles):.0f}-{max(angles):.0f} deg), "
-                    f"{len(pairs) - n_pos} zero-covisibility pairs, each decided on its own "
-                    "(consistency_window 0)", rot_errors)
+    out = _summary("tum_pairs", rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, v,
+                   f"{n_pos} positive pairs ({min(angles):.0f}-{max(angles):.0f} deg), "
+                   f"{len(pairs) - n_pos} zero-covisibility pairs, each decided on its own "
+                   "(consistency_window 0)", rot_errors)
+    out["camera"] = camera or "as recorded"
+    return out
 
 
 def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what,
@@ -289,8 +355,10 @@ def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand,
     }
 
 
-def run(sets=SETS, encoder=None, verifier_params=None, features: Optional[dict] = None) -> list[dict]:
-    """Each named set in turn; ``features``: {set name: list of ImageFeatures} to skip encoding."""
+def run(sets=SETS, encoder=None, verifier_params=None, features: Optional[dict] = None,
+        camera: Optional[str] = None) -> list[dict]:
+    """Each named set in turn; ``features``: {set name: list of ImageFeatures} to skip encoding
+    (of the images as ``camera`` took them)."""
     if encoder is None and not features:
         from megaloc_ros.encoding.loader import load_encoder
         encoder = load_encoder(device="cpu")
@@ -298,9 +366,9 @@ def run(sets=SETS, encoder=None, verifier_params=None, features: Optional[dict] 
     out = []
     for s in sets:
         if s == "tum_pairs":
-            out.append(run_pairs(encoder, verifier_params, features))
+            out.append(run_pairs(encoder, verifier_params, features, camera=camera))
         else:
-            out.append(run_sequence(s, encoder, verifier_params, features.get(s)))
+            out.append(run_sequence(s, encoder, verifier_params, features.get(s), camera))
     return out
 
 
@@ -314,6 +382,9 @@ def print_sets(results: list[dict], verifier_params=None) -> None:
     print(f"verifier: local_features {vp.local_features}; decisions: -log10 NFA >= {vp.min_significance:g}, "
           f"or >= {vp.min_significance_segvlad:g} with segvlad z >= {vp.min_segvlad_z:g} "
           f"(chosen on rtabmap)")
+    cams = sorted({r.get("camera", "as recorded") for r in results})
+    if cams != ["as recorded"]:
+        print(f"images: as another camera would take them ({', '.join(cams)}); labels and settings unchanged")
     hdr = (f"{'set':16s} {'acc true/false':>14s} {'recall':>15s} {'goal':>5s} "
            f"{'AUC global/segvlad/z/geometry':>30s} {'add ms med/p90':>15s} {'ms/cand':>8s}")
     print(hdr)
