@@ -249,6 +249,69 @@ class Frontiers:
         return len(p.order) if p else 0
 
 
+@dataclass
+class Query:
+    """One of this robot's keyframes as it was asked of the map: what asking it again needs."""
+    kf: object                   # the Keyframe
+    descriptor: np.ndarray       # float32, L2-normalised
+    map_id: str
+    kth_score: float             # the lowest score that made its top-k then (if it was not full:
+                                 # the detector's similarity_threshold)
+    asked: dict = field(default_factory=dict)   # peer session -> local ids it was verified against
+    waiting: set = field(default_factory=set)   # peer sessions it is deferred for (``Frontiers``)
+    made: float = 0.0            # our clock: when it was first asked
+
+    def not_asked(self, session: int, hits: list) -> list:
+        """``hits`` ((keyframe, score), best first) without the keyframes of ``session`` it was
+        already verified against: a query asked again gets only what is new to it."""
+        done = self.asked.get(int(session), set())
+        return [(m, sc) for m, sc in hits if m.id not in done]
+
+    def note_asked(self, session: int, ids) -> None:
+        self.asked.setdefault(int(session), set()).update(int(i) for i in ids)
+
+
+class RecentQueries:
+    """This robot's queries of the last ``window_s`` seconds, for the robots-crossing race.
+
+    Two robots that reach one place at the same moment each ask the map before the other's
+    keyframe of it has arrived, so neither finds the loop; ``Frontiers`` does not help when
+    neither query retrieved the other robot's newest keyframes. So when a peer keyframe arrives,
+    ``crossed`` returns the recent queries it would have been a candidate of had it been there
+    (its score beats the query's ``kth_score``): the caller defers them for that peer
+    (``Frontiers.defer``), and they are asked again of the peer keyframes new to them once the
+    peer's map settled, the best of its keyframes there rather than the first. No ROS."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._queries: list[Query] = []
+
+    def reset(self) -> None:
+        self._queries = []
+
+    def add(self, q: Query, now: float) -> None:
+        q.made = now
+        self._queries.append(q)
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        self._queries = [q for q in self._queries if now - q.made <= self.window_s]
+
+    def crossed(self, session: int, local_id: int, descriptor: np.ndarray, now: float) -> list[Query]:
+        """The recent queries that the peer keyframe (``session``, ``local_id``: arrived now)
+        would have been a candidate of, not already waiting for that peer; marked waiting."""
+        self._forget(now)
+        d = np.asarray(descriptor, np.float32)
+        out = []
+        for q in self._queries:
+            if int(session) in q.waiting or int(local_id) <= q.kf.id or q.kf.session == int(session):
+                continue
+            if float(q.descriptor @ d) >= q.kth_score:
+                q.waiting.add(int(session))
+                out.append(q)
+        return out
+
+
 # ----------------------------------------------------------------------------- verifier entries
 
 def export_entry(verifier, kid: int) -> bytes:

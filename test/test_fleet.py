@@ -118,6 +118,33 @@ def test_a_query_waits_while_the_peer_is_on_its_way_and_not_when_it_stopped():
     assert not off.at_frontier(2, 1, 0.0)
 
 
+def test_robots_crossing_at_one_place_get_asked_again():
+    """fleet.RecentQueries: robot A asked keyframe 7 (top-5 lowest score 0.6) before robot B's
+    keyframe of the same place arrived (local id 9). B's keyframe, if like 7, defers 7 for B
+    once; after the window, or for a keyframe that is not like it, nothing."""
+    from megaloc_ros.types import Keyframe
+    rng = np.random.default_rng(3)
+
+    def unit(v):
+        return (v / np.linalg.norm(v)).astype(np.float32)
+    place, elsewhere = unit(rng.normal(size=64)), unit(rng.normal(size=64))
+    near = unit(place + 0.2 * unit(rng.normal(size=64)))
+    r = fleet.RecentQueries(window_s=5.0)
+    q = fleet.Query(Keyframe(7, 0, 1), place, "m", kth_score=0.6)
+    r.add(q, now=100.0)
+    assert r.crossed(2, 8, elsewhere, 101.0) == []            # not a candidate it would have had
+    assert r.crossed(2, 9, near, 101.0) == [q] and q.waiting == {2}
+    assert r.crossed(2, 10, near, 101.5) == []                 # already waiting for B
+    assert r.crossed(1, 11, near, 101.5) == []                 # its own robot: not a peer
+    assert r.crossed(3, 6, near, 101.5) == []                  # arrived before 7 was asked
+    assert r.crossed(3, 12, near, 106.0) == []                 # 6 s later: out of the window
+    # asked again, it gets only the keyframes of B it was not verified against
+    q.note_asked(2, [4, 5])
+    hits = [(Keyframe(i, 0, 2), 0.9 - 0.01 * i) for i in (4, 9, 5, 10)]
+    assert [m.id for m, _ in q.not_asked(2, hits)] == [9, 10]
+    assert q.not_asked(3, hits) == hits
+
+
 def test_verifier_entry_export_import(rtabmap_seq):
     """A keyframe's verification data moved to another verifier verifies the same loop."""
     from megaloc_ros.encoding.loader import load_encoder

@@ -113,6 +113,7 @@ class LoopClosureNode(ManagedNode):
         self._pub_fleet = self._pub_peers = self._pub_status = None
         self._fleet_lock = threading.Lock()
         self._frontiers = fleet.Frontiers(0, 0.0, 0.0)  # peers' map ends; queries waiting for them
+        self._recent = fleet.RecentQueries(0.0)          # own queries a crossing peer may have missed
         self._last_frame_stamp = 0
         self._last_shared = (-1, 0)  # (id, stamp_ns) of the newest keyframe shared with the fleet
         self._autostart()
@@ -173,6 +174,7 @@ class LoopClosureNode(ManagedNode):
         self.peers = fleet.PeerTable.from_extra(self.mapping.place_map.extras.get(fleet.PeerTable.EXTRA))
         with self._fleet_lock:
             self._frontiers.reset((p.session, lid) for lid, p in self.peers.items())
+            self._recent.reset()
         self._positions = {kf.id: kf.pose[:3, 3].copy() for kf in keyframes if kf.pose is not None}
         self._edges = []
         self._markers_dirty = True
@@ -335,7 +337,15 @@ class LoopClosureNode(ManagedNode):
             return
         self.stats.inc("fleet_keyframes_inserted")
         with self._fleet_lock:
-            self._frontier_params().on_keyframe(int(msg.session), int(local), int(msg.id), time.monotonic())
+            now = time.monotonic()
+            frontiers = self._frontier_params()
+            frontiers.on_keyframe(int(msg.session), int(local), int(msg.id), now)
+            self._recent.window_s = frontiers.settle_s
+            crossed = self._recent.crossed(int(msg.session), int(local), d, now)
+            for q in crossed:  # asked before this keyframe came: ask again once that map settled
+                frontiers.defer(int(msg.session), q)
+        if crossed:
+            self.stats.inc("fleet_deferred_crossed", len(crossed))
         self._requery_settled()
         out = FleetKeyframe(header=msg.header, robot=msg.robot, session=msg.session, id=msg.id, map_id=msg.map_id,
                             data_service=msg.data_service, local_id=int(local), encoding=msg.encoding,
@@ -378,28 +388,32 @@ class LoopClosureNode(ManagedNode):
         s = c.match.session
         return s != self.session and self._frontier_params().at_frontier(s, c.match.id, now)
 
-    def _defer_frontier(self, kf: Keyframe, descriptor, retrieved: list, map_id: str) -> list:
+    def _defer_frontier(self, q: fleet.Query, retrieved: list) -> list:
         """Leave out the candidates of a peer robot when some are at its frontier
         (``_at_frontier``): the peer may be on its way to this place, and verifying now accepts a
         near miss (the best of what it mapped so far). The query is asked again of that robot's
-        keyframes when its map settled (``fleet.Frontiers.settled``, ``_requery_settled``)."""
-        if self._param("fleet_settle_keyframes") <= 0:
-            return retrieved
+        keyframes when its map settled (``fleet.Frontiers.settled``, ``_requery_settled``).
+        ``q`` is kept a while (``fleet.RecentQueries``): a peer arriving at its place just after
+        it was asked gets it deferred too."""
         now = time.monotonic()
         with self._fleet_lock:
-            defer = {c.match.session for c in retrieved if self._at_frontier(c, now)}
+            defer = set()
+            if self._param("fleet_settle_keyframes") > 0:
+                defer = {c.match.session for c in retrieved if self._at_frontier(c, now)}
             # all of that robot's candidates wait: verified together later, the best one wins
             keep = [c for c in retrieved if c.match.session not in defer]
             for s in defer:
-                self._frontiers.defer(s, self._query(kf, descriptor, map_id))
+                q.waiting.add(s)
+                self._frontiers.defer(s, q)
+            for c in keep:
+                if c.match.session != self.session:
+                    q.note_asked(c.match.session, [c.match.id])
+            self._recent.window_s = self._param("fleet_settle_s")
+            self._recent.add(q, now)
         if defer:
             self.stats.inc("fleet_deferred_queries", len(defer))
             keep = [type(c)(c.query, c.match, c.score, r) for r, c in enumerate(keep)]
         return keep
-
-    @staticmethod
-    def _query(kf: Keyframe, descriptor, map_id: str) -> dict:
-        return {"kf": kf, "d": np.asarray(descriptor, np.float32).copy(), "map_id": map_id}
 
     def _requery_settled(self) -> None:
         """Ask the deferred queries again of their peer's keyframes where its map settled."""
@@ -409,30 +423,34 @@ class LoopClosureNode(ManagedNode):
         for s, q, why in ready:
             self.stats.inc(f"fleet_settled_{why}")
             if why != "keyframes":
-                stopped.setdefault((s, why), []).append(q["kf"].id)
+                stopped.setdefault((s, why), []).append(q.kf.id)
         for (s, why), ids in stopped.items():
             robot = self.peers.robots().get(s, f"session {s}")
             self.get_logger().info(f"{robot} is {why}: keyframes {ids} are asked again of its map as it is")
         for s, q, why in ready:
             try:
+                k = self.mapping.params.top_k
                 with self.mapping.lock:
-                    if self.mapping.place_map.map_id != q["map_id"]:
+                    if self.mapping.place_map.map_id != q.map_id:
                         continue  # another map was loaded meanwhile
-                    hits = self.mapping.place_map.search(q["d"], self.mapping.params.top_k, only_sessions=[s])
-                cands = [Candidate(q["kf"], m, sc, r) for r, (m, sc) in enumerate(hits)]
+                    hits = self.mapping.place_map.search(q.descriptor, k + len(q.asked.get(s, ())),
+                                                         only_sessions=[s])
                 with self._fleet_lock:
+                    hits = q.not_asked(s, hits)[:k]   # not the keyframes it was verified against
+                    cands = [Candidate(q.kf, m, sc, r) for r, (m, sc) in enumerate(hits)]
                     if any(self._at_frontier(c, time.monotonic()) for c in cands):
                         self._frontiers.defer(s, q)  # still on its way: wait more
                         self.stats.inc("fleet_deferred_again")
                         continue
+                    q.waiting.discard(s)
+                    q.note_asked(s, [c.match.id for c in cands])
                 self.stats.inc("fleet_requeries")
                 if cands:
-                    self._pub_retrieved.publish(conv.loops_to_array(cands, q["kf"].stamp_ns, q["kf"].frame_id,
-                                                                    q["map_id"]))
+                    self._pub_retrieved.publish(conv.loops_to_array(cands, q.kf.stamp_ns, q.kf.frame_id, q.map_id))
                     self.stats.inc("retrieved", len(cands))
             except Exception as exc:
                 self.stats.error("fleet_errors", str(exc))
-                self._log_error(f"asking keyframe {q['kf'].id} again failed: {exc}")
+                self._log_error(f"asking keyframe {q.kf.id} again failed: {exc}")
 
     def _announce_peers(self) -> None:
         """Every peer keyframe of the map on ~/peer_keyframes (a loaded map's peers)."""
@@ -507,7 +525,10 @@ class LoopClosureNode(ManagedNode):
                                                          map_id, depth))
         if self._pub_fleet is not None:
             self._share(kf, feats.descriptor, map_id)
-            det.retrieved = self._defer_frontier(kf, feats.descriptor, det.retrieved, map_id)
+            p = self.mapping.params
+            kth = det.retrieved[-1].score if len(det.retrieved) >= p.top_k else p.similarity_threshold
+            q = fleet.Query(kf, np.asarray(feats.descriptor, np.float32).copy(), map_id, float(kth))
+            det.retrieved = self._defer_frontier(q, det.retrieved)
         if det.retrieved:
             self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id, map_id))
             self.stats.inc("retrieved", len(det.retrieved))

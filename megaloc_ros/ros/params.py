@@ -134,7 +134,9 @@ class LoopClosureNodeSettings(CommonNodeSettings):
                                           "way there); 0: off", range=(0, 1000))
     fleet_settle_s: float = setting(5.0, "... or once its status says it had no frame to process for this long, "
                                     "or it processed this much of its camera's time past its newest keyframe "
-                                    "(it stays there) (s)", range=(0.0, 3600.0))
+                                    "(it stays there) (s); also how long this robot's own queries are kept, to "
+                                    "be asked again of a peer keyframe of their place that arrives just after "
+                                    "(robots crossing)", range=(0.0, 3600.0))
     fleet_peer_timeout: float = setting(10.0, "... or once nothing (status or keyframe) came from it for this "
                                         "long: it is taken as gone (s; a robot that is only slow still sends "
                                         f"its status every {fleet.STATUS_PERIOD_S:g} s)", range=(0.0, 3600.0))
