@@ -109,6 +109,27 @@ def _bag_with_encoding(path, encoding):
     return path
 
 
+def test_a_raw_bayer_camera_bag_reads_in_colour(tmp_path, rtabmap_seq):
+    """A bag of an industrial camera's raw Bayer images (bayer_rggb8, rows padded to 4 bytes
+    more): read back in colour, as the nodes and `eval` see it."""
+    from rosbags.rosbag2 import Writer
+    from test_images import _mosaic
+    frame = rtabmap_seq.load_rgb(3)
+    h, w = frame.shape[:2]
+    raw = np.zeros((h, w + 4), np.uint8)
+    raw[:, :w] = _mosaic(frame, "rggb")
+    ts = B._typestore()
+    with Writer(tmp_path / "bayer", version=9) as wr:
+        c = wr.add_connection("/cam/image_raw", B.IMAGE_TYPE, typestore=ts)
+        msg = ts.types[B.IMAGE_TYPE](header=B._header(ts, 7 * S, "cam"), height=h, width=w,
+                                     encoding="bayer_rggb8", is_bigendian=0, step=w + 4, data=raw.ravel())
+        wr.write(c, 7 * S, ts.serialize_cdr(msg, B.IMAGE_TYPE))
+    with B.BagReader(tmp_path / "bayer") as r:
+        (img,) = list(r.images("/cam/image_raw"))
+    assert img.rgb.shape == frame.shape and img.stamp_ns == 7 * S
+    assert np.abs(img.rgb[4:-4, 4:-4].astype(int) - frame[4:-4, 4:-4]).mean() < 2.0
+
+
 def test_bad_bags_raise_one_clear_error(tmp_path, rtabmap_seq):
     good = B.write_bag(tmp_path / "good", rtabmap_seq.image_paths[:3], [0, S, 2 * S], storage="mcap",
                        compressed=True)
@@ -135,9 +156,9 @@ def test_bad_bags_raise_one_clear_error(tmp_path, rtabmap_seq):
     with pytest.raises(BagError, match="not found"):
         B.BagReader(tmp_path / "missing").open()
     # an encoding the decoder does not know
-    bad = _bag_with_encoding(tmp_path / "yuv", "yuv422")
+    bad = _bag_with_encoding(tmp_path / "nv21", "nv21")
     with B.BagReader(bad) as r:
-        with pytest.raises(ImageDecodeError, match="image 0 on /cam: unsupported image encoding 'yuv422'"):
+        with pytest.raises(ImageDecodeError, match="image 0 on /cam: unsupported image encoding 'nv21'"):
             list(r.images("/cam"))
 
 

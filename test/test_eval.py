@@ -226,12 +226,12 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, rtabmap_seq):
     garbage = tmp_path / "garbage.mcap"
     garbage.write_bytes(b"\x89MCAP0\r\n" + bytes(range(256)) * 8)
     from test_bag import _bag_with_encoding
-    yuv = _bag_with_encoding(tmp_path / "yuv", "yuv422")
+    nv21 = _bag_with_encoding(tmp_path / "nv21", "nv21")
     cases = [
         ([str(trunc), "--image-topic", "/camera/image_raw"], "cannot open bag"),
         ([str(garbage), "--image-topic", "/camera/image_raw"], "cannot open bag"),
         ([str(good), "--image-topic", "/camera/missing"], "topic /camera/missing is not in bag"),
-        ([str(yuv), "--image-topic", "/cam"], "unsupported image encoding 'yuv422'"),
+        ([str(nv21), "--image-topic", "/cam"], "unsupported image encoding 'nv21'"),
         ([str(good), "--image-topic", "/camera/image_raw", "--gt-matrix", str(tmp_path / "no.bmp")],
          "ground-truth file"),
         ([str(good), "--image-topic", "/camera/image_raw", "--set", "detector.nope=1"], "unknown parameter"),

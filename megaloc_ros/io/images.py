@@ -22,6 +22,18 @@ RAW_ENCODINGS = {
     "mono16": (1, np.uint16, None),
     "16UC1": (1, np.uint16, None),
 }
+# Raw sensor layouts (many industrial and USB cameras), converted by OpenCV: a Bayer mosaic,
+# named by the colours of its first 2x2 block (OpenCV names it by the second row's, so ROS
+# rggb is OpenCV's BG), and YUV 4:2:2 (2 bytes per pixel; ROS "yuv422" is UYVY).
+_CONVERTED = {
+    "bayer_rggb8": (1, np.uint8, "COLOR_BayerBG2RGB"), "bayer_bggr8": (1, np.uint8, "COLOR_BayerRG2RGB"),
+    "bayer_gbrg8": (1, np.uint8, "COLOR_BayerGR2RGB"), "bayer_grbg8": (1, np.uint8, "COLOR_BayerGB2RGB"),
+    "bayer_rggb16": (1, np.uint16, "COLOR_BayerBG2RGB"), "bayer_bggr16": (1, np.uint16, "COLOR_BayerRG2RGB"),
+    "bayer_gbrg16": (1, np.uint16, "COLOR_BayerGR2RGB"), "bayer_grbg16": (1, np.uint16, "COLOR_BayerGB2RGB"),
+    "yuv422": (2, np.uint8, "COLOR_YUV2RGB_UYVY"), "uyvy": (2, np.uint8, "COLOR_YUV2RGB_UYVY"),
+    "yuv422_yuy2": (2, np.uint8, "COLOR_YUV2RGB_YUYV"), "yuyv": (2, np.uint8, "COLOR_YUV2RGB_YUYV"),
+}
+RAW_ENCODINGS.update(_CONVERTED)
 
 
 # Larger images are refused before decoding (about 4096x4096): a node's memory stays bounded.
@@ -32,7 +44,8 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
                max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """``sensor_msgs/Image`` fields -> RGB uint8 [H, W, 3].
 
-    16-bit mono images are scaled by their own maximum: many cameras fill only 10-12 bits.
+    16-bit mono and Bayer images are scaled by their own maximum: many cameras fill only 10-12
+    bits.
     """
     spec = RAW_ENCODINGS.get(encoding)
     if spec is None:
@@ -41,6 +54,8 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
         raise ImageDecodeError(f"image has zero size ({width}x{height})")
     check_pixels(width, height, max_pixels)
     channels, dtype, order = spec
+    if channels == 2 and width % 2:
+        raise ImageDecodeError(f"{encoding} needs an even width (2 pixels share U and V), got {width}")
     itemsize = np.dtype(dtype).itemsize
     row = width * channels * itemsize
     if step < row:
@@ -54,6 +69,9 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
     if itemsize > 1:
         peak = max(int(px.max()), 1)
         px = (px.astype(np.float32) * (255.0 / peak)).round().astype(np.uint8)
+    if encoding in _CONVERTED:
+        import cv2
+        return cv2.cvtColor(px if channels == 2 else px[:, :, 0], getattr(cv2, order))
     if channels == 1:
         return np.repeat(px, 3, axis=2)
     return np.ascontiguousarray(px[:, :, list(order)])

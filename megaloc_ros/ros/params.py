@@ -74,7 +74,9 @@ class LoopClosureNodeSettings(CommonNodeSettings):
     image_topic: str = setting("image_raw", "camera topic (relative names resolve in the node's namespace); "
                                "with image_transport compressed, <image_topic>/compressed is subscribed",
                                read_only=True)
-    image_transport: str = setting("raw", "raw: sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, mono16); "
+    image_transport: str = setting("raw", "raw: sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, mono16, "
+                                   "Bayer bayer_rggb8/bggr8/gbrg8/grbg8 and their 16-bit forms, YUV 4:2:2 "
+                                   "yuv422 (uyvy) and yuv422_yuy2 (yuyv)); "
                                    "compressed: sensor_msgs/CompressedImage (jpeg, png)",
                                    choices=("raw", "compressed"), read_only=True)
     image_qos: str = setting("reliable", "camera subscription QoS. reliable: frames from another process "
