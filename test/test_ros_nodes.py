@@ -191,7 +191,7 @@ def test_rtabmap_jpeg_compressed_images_give_true_loop_closures(encoder, frames,
 
 def _bad_images(frame):
     h, w, step, data = conv.encode_raw(frame, "rgb8")
-    unsupported = Image(height=h, width=w, encoding="yuv422", step=w * 2, data=bytes(h * w * 2))
+    unsupported = Image(height=h, width=w, encoding="nv21", step=w, data=bytes(h * w * 3 // 2))
     wrong_step = Image(height=h, width=w, encoding="rgb8", step=w * 2, data=data)
     zero = Image(height=0, width=0, encoding="rgb8", step=0, data=b"")
     jpeg = conv.encode_jpeg(frame)

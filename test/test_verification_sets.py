@@ -149,6 +149,18 @@ def test_rtabmap_as_a_mono_camera_no_false_accepts(real_encoder):
     assert r["verification_recall"] >= 0.8
 
 
+def test_false_accepts_are_listed_with_their_distance_to_the_truth(rtabmap_seq, rtabmap_features):
+    """A verifier loosened until it accepts false loops (any geometry, no consistency): each is
+    listed with how many frames it lies from the nearest match the ground truth gives."""
+    loose = VerifierParams(min_significance=0.0, min_significance_segvlad=0.0, consistency_window=0)
+    r = VS.run_sequence("rtabmap", verifier_params=loose, features=rtabmap_features)
+    assert r["accepted_false"] > 0 and len(r["false_loops"]) == r["accepted_false"]
+    for q, m, d in r["false_loops"]:
+        truth = [j for j in range(len(rtabmap_seq)) if rtabmap_seq.gt[q, j]]
+        assert d == (min(abs(j - m) for j in truth) if truth else None)
+        assert d is None or d > 0 or abs(q - m) < 20   # a labelled match only inside the exclusion window
+
+
 def test_recall_by_angle():
     assert VS.recall_by_angle({1: 10.0, 2: 45.0, 3: 100.0, 4: 29.9}, {1, 3}) == [
         ("0-30", 1, 2), ("30-60", 0, 1), ("60-90", 0, 0), (">=90", 1, 1)]

@@ -24,7 +24,9 @@ Per set:
                          megaloc_ros.evaluation.metrics; pairs: the pair's label). Corridor labels
                          query-reference pairs only: candidates within one traversal (its route
                          passes some places twice) are neither, left out of the table and counted
-                         apart ("unlabelled");
+                         apart ("unlabelled"). Each false accept is listed with its distance
+                         in frames to the nearest match the ground truth gives the query: a few
+                         is a near miss (the same stretch, just outside the labels);
   verification recall    queries with an accepted true loop / queries whose top-k holds a true
                          match (pairs: accepted positives / positives): what the verifier keeps
                          of what retrieval offered, separate from the backbone's own recall;
@@ -225,6 +227,7 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None, c
     confirmed = set()
     true_acc = false_acc = 0
     rot_errors = []
+    false_loops = []    # (query frame, match frame, frames from the nearest match the truth gives)
     unlabeled = [0, 0]  # candidates, accepted loops on pairs the set does not label
     for i in range(len(seq)):
         out = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), int(seq.sessions[i]), features=feats[i],
@@ -258,12 +261,16 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None, c
                 if y:
                     confirmed.add(q)
                     rot_errors.append(rotation_error_deg(r, poses, q, m))
+                else:
+                    truth = np.flatnonzero(seq.gt[q])
+                    false_loops.append((q, m, int(np.abs(truth - m).min()) if truth.size else None))
     what = f"{len(seq)} frames, {len(frame_of)} keyframes"
     if seq.labeled is not None:
         what += (f"; {unlabeled[0]} candidates within one traversal (not labelled by the set, not "
                  f"counted), {unlabeled[1]} of them accepted")
     out = _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what, rot_errors)
     out["unlabeled"] = {"candidates": unlabeled[0], "accepted": unlabeled[1]}
+    out["false_loops"] = false_loops
     out["camera"] = camera or "as recorded"
     return out
 
@@ -399,6 +406,9 @@ def print_sets(results: list[dict], verifier_params=None) -> None:
         if r.get("recall_by_angle"):
             print("    recall by angle to the true match: " + ", ".join(
                 f"{band} deg {c}/{n}" for band, c, n in r["recall_by_angle"]))
+        if r.get("false_loops"):
+            print("    false accepts (query frame -> match frame, frames from the nearest match the ground truth "
+                  "gives): " + ", ".join(f"{q} -> {m} ({'-' if d is None else d})" for q, m, d in r["false_loops"]))
         if r.get("poses_checked"):
             print(f"    transforms of accepted true loops against motion capture: {r['wrong_pose']} of "
                   f"{r['poses_checked']} off by more than {MAX_ROTATION_ERROR_DEG:g} deg in rotation")
