@@ -16,6 +16,10 @@ shared topic. Modes:
 ``stall_at`` frames, while A goes on: a peer that is slow for a while, as on a loaded machine.
 A must not take B for stopped and verify its queries against the end of B's map (near misses).
 
+At the end each robot settles (its queries deferred for the other asked again and verified),
+then keeps serving its keyframes' data until every robot has settled: a robot that left at once
+made the other's late requests time out (30 s each).
+
 The inter-robot loops both robots publish are scored against the sequence's ground truth
 (pairs closer than the evaluation's exclusion window, 20 s, are not in the ground truth: they are
 listed apart, not scored), and compared with the loops one robot verifies on the whole sequence
@@ -103,6 +107,10 @@ def _robot_main(a) -> int:
         deadline = time.monotonic() + 10
         while len(loops) < vn.stats.count("loops_accepted") and time.monotonic() < deadline:
             time.sleep(0.05)
+        # settled; keep serving until every robot is: a peer may still ask again of our map
+        _write(out / f"{a.robot}.settled", {})
+        while not (out / "exit").exists():
+            time.sleep(0.1)
         result = {
             "robot": a.robot, "session": lc.session, "frames": [lo, hi], "played_s": played_s,
             "map_size": len(lc.mapping), "peer_keyframes": len(lc.peers),
@@ -274,6 +282,9 @@ def run_fleet(mode: str = "concurrent", split: int = 40, work_dir: str = "", bas
         for r in ROBOTS[1:] if mode == "owner-gone" else ROBOTS:
             _wait_file(d / f"{r}.done", live, timeout)
         (d / "stop").write_text("")
+        for r in ROBOTS[1:] if mode == "owner-gone" else ROBOTS:
+            _wait_file(d / f"{r}.settled", live, timeout)
+        (d / "exit").write_text("")
         for p in live:
             p.wait(timeout=120)
             if p.returncode != 0:
