@@ -261,6 +261,15 @@ class Query:
     waiting: set = field(default_factory=set)   # peer sessions it is deferred for (``Frontiers``)
     made: float = 0.0            # our clock: when it was first asked
 
+    @classmethod
+    def from_retrieval(cls, kf, descriptor, map_id: str, retrieved: list, top_k: int,
+                       similarity_threshold: float) -> "Query":
+        """The query of keyframe ``kf`` whose raw top-k (``retrieved``, best first) was just
+        found: a keyframe arriving later would have been among them if it scores at least the
+        k-th, or ``similarity_threshold`` when fewer than ``top_k`` were found."""
+        kth = retrieved[-1].score if len(retrieved) >= top_k else similarity_threshold
+        return cls(kf, np.asarray(descriptor, np.float32).copy(), map_id, float(kth))
+
     def not_asked(self, session: int, hits: list) -> list:
         """``hits`` ((keyframe, score), best first) without the keyframes of ``session`` it was
         already verified against: a query asked again gets only what is new to it."""

@@ -122,7 +122,7 @@ def test_robots_crossing_at_one_place_get_asked_again():
     """fleet.RecentQueries: robot A asked keyframe 7 (top-5 lowest score 0.6) before robot B's
     keyframe of the same place arrived (local id 9). B's keyframe, if like 7, defers 7 for B
     once; after the window, or for a keyframe that is not like it, nothing."""
-    from megaloc_ros.types import Keyframe
+    from megaloc_ros.types import Candidate, Keyframe
     rng = np.random.default_rng(3)
 
     def unit(v):
@@ -130,7 +130,11 @@ def test_robots_crossing_at_one_place_get_asked_again():
     place, elsewhere = unit(rng.normal(size=64)), unit(rng.normal(size=64))
     near = unit(place + 0.2 * unit(rng.normal(size=64)))
     r = fleet.RecentQueries(window_s=5.0)
-    q = fleet.Query(Keyframe(7, 0, 1), place, "m", kth_score=0.6)
+    full = [Candidate(Keyframe(7, 0, 1), Keyframe(i, 0, 1), sc, i)
+            for i, sc in enumerate((0.9, 0.8, 0.7, 0.65, 0.6))]
+    q = fleet.Query.from_retrieval(Keyframe(7, 0, 1), place, "m", full, top_k=5, similarity_threshold=0.75)
+    assert q.kth_score == pytest.approx(0.6)                   # its top-5 was full: the 5th
+    assert fleet.Query.from_retrieval(Keyframe(7, 0, 1), place, "m", full[:2], 5, 0.75).kth_score == 0.75
     r.add(q, now=100.0)
     assert r.crossed(2, 8, elsewhere, 101.0) == []            # not a candidate it would have had
     assert r.crossed(2, 9, near, 101.0) == [q] and q.waiting == {2}

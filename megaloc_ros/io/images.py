@@ -11,7 +11,8 @@ import numpy as np
 
 from megaloc_ros.errors import ImageDecodeError
 
-# encoding -> (channels, dtype, channel order to reach RGB)
+# encoding -> (channels, dtype, channel order to reach RGB; for the layouts OpenCV converts,
+# ``_CONVERTED``, the name of its cv2 conversion code instead)
 RAW_ENCODINGS = {
     "rgb8": (3, np.uint8, (0, 1, 2)),
     "bgr8": (3, np.uint8, (2, 1, 0)),

@@ -278,13 +278,11 @@ def run_fleet(mode: str = "concurrent", split: int = 40, work_dir: str = "", bas
             procs.append(start(ROBOTS[1], f"{split}:84"))
             if stall > 0:
                 _stall(procs[1], d / f"{ROBOTS[1]}.played", stall_at, stall, procs, timeout)
-        live = procs[1:] if mode == "owner-gone" else procs
-        for r in ROBOTS[1:] if mode == "owner-gone" else ROBOTS:
-            _wait_file(d / f"{r}.done", live, timeout)
-        (d / "stop").write_text("")
-        for r in ROBOTS[1:] if mode == "owner-gone" else ROBOTS:
-            _wait_file(d / f"{r}.settled", live, timeout)
-        (d / "exit").write_text("")
+        live, live_robots = (procs[1:], ROBOTS[1:]) if mode == "owner-gone" else (procs, ROBOTS)
+        for step, then in (("done", "stop"), ("settled", "exit")):
+            for r in live_robots:
+                _wait_file(d / f"{r}.{step}", live, timeout)
+            (d / then).write_text("")
         for p in live:
             p.wait(timeout=120)
             if p.returncode != 0:

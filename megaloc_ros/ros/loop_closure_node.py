@@ -340,7 +340,6 @@ class LoopClosureNode(ManagedNode):
             now = time.monotonic()
             frontiers = self._frontier_params()
             frontiers.on_keyframe(int(msg.session), int(local), int(msg.id), now)
-            self._recent.window_s = frontiers.settle_s
             crossed = self._recent.crossed(int(msg.session), int(local), d, now)
             for q in crossed:  # asked before this keyframe came: ask again once that map settled
                 frontiers.defer(int(msg.session), q)
@@ -356,10 +355,12 @@ class LoopClosureNode(ManagedNode):
         return self._param("fleet_topic").rstrip("/") + "/status"
 
     def _frontier_params(self) -> fleet.Frontiers:
-        """Under ``_fleet_lock``: the frontiers, with the current parameters."""
+        """Under ``_fleet_lock``: the frontiers (and the recent queries' window), with the
+        current parameters."""
         f = self._frontiers
         f.settle_keyframes, f.settle_s = self._param("fleet_settle_keyframes"), self._param("fleet_settle_s")
         f.peer_timeout_s = self._param("fleet_peer_timeout")
+        self._recent.window_s = f.settle_s
         return f
 
     def _publish_status(self) -> None:
@@ -398,7 +399,7 @@ class LoopClosureNode(ManagedNode):
         now = time.monotonic()
         with self._fleet_lock:
             defer = set()
-            if self._param("fleet_settle_keyframes") > 0:
+            if self._frontier_params().settle_keyframes > 0:
                 defer = {c.match.session for c in retrieved if self._at_frontier(c, now)}
             # all of that robot's candidates wait: verified together later, the best one wins
             keep = [c for c in retrieved if c.match.session not in defer]
@@ -408,7 +409,6 @@ class LoopClosureNode(ManagedNode):
             for c in keep:
                 if c.match.session != self.session:
                     q.note_asked(c.match.session, [c.match.id])
-            self._recent.window_s = self._param("fleet_settle_s")
             self._recent.add(q, now)
         if defer:
             self.stats.inc("fleet_deferred_queries", len(defer))
@@ -526,8 +526,8 @@ class LoopClosureNode(ManagedNode):
         if self._pub_fleet is not None:
             self._share(kf, feats.descriptor, map_id)
             p = self.mapping.params
-            kth = det.retrieved[-1].score if len(det.retrieved) >= p.top_k else p.similarity_threshold
-            q = fleet.Query(kf, np.asarray(feats.descriptor, np.float32).copy(), map_id, float(kth))
+            q = fleet.Query.from_retrieval(kf, feats.descriptor, map_id, det.retrieved, p.top_k,
+                                           p.similarity_threshold)
             det.retrieved = self._defer_frontier(q, det.retrieved)
         if det.retrieved:
             self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id, map_id))
