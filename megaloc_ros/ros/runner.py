@@ -269,5 +269,10 @@ def main(args) -> int:
         print(f"megaloc-ros run: {names} running; Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
+        # further Ctrl-C change nothing (the handler above only sets ``stop``), and must not
+        # kill the process once Python finalises: it puts its own handlers back to the
+        # default, which dies of SIGINT, but leaves ignored signals ignored
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         print("megaloc-ros run: stopping (finishing queued frames, saving maps)", flush=True)
     return 0
