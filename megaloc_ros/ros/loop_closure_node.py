@@ -389,13 +389,14 @@ class LoopClosureNode(ManagedNode):
         s = c.match.session
         return s != self.session and self._frontier_params().at_frontier(s, c.match.id, now)
 
-    def _defer_frontier(self, q: fleet.Query, retrieved: list) -> list:
-        """Leave out the candidates of a peer robot when some are at its frontier
-        (``_at_frontier``): the peer may be on its way to this place, and verifying now accepts a
-        near miss (the best of what it mapped so far). The query is asked again of that robot's
-        keyframes when its map settled (``fleet.Frontiers.settled``, ``_requery_settled``).
-        ``q`` is kept a while (``fleet.RecentQueries``): a peer arriving at its place just after
-        it was asked gets it deferred too."""
+    def _ask_or_defer_peers(self, q: fleet.Query, retrieved: list) -> list:
+        """The candidates to verify now; records which peer keyframes ``q`` was asked of.
+        A peer robot's candidates are left out when some are at its frontier (``_at_frontier``):
+        the peer may be on its way to this place, and verifying now accepts a near miss (the best
+        of what it mapped so far). The query is asked again of that robot's keyframes when its
+        map settled (``fleet.Frontiers.settled``, ``_requery_settled``). ``q`` is kept a while
+        (``fleet.RecentQueries``): a peer arriving at its place just after it was asked gets it
+        deferred too."""
         now = time.monotonic()
         with self._fleet_lock:
             defer = set()
@@ -528,7 +529,7 @@ class LoopClosureNode(ManagedNode):
             p = self.mapping.params
             q = fleet.Query.from_retrieval(kf, feats.descriptor, map_id, det.retrieved, p.top_k,
                                            p.similarity_threshold)
-            det.retrieved = self._defer_frontier(q, det.retrieved)
+            det.retrieved = self._ask_or_defer_peers(q, det.retrieved)
         if det.retrieved:
             self._pub_retrieved.publish(conv.loops_to_array(det.retrieved, kf.stamp_ns, kf.frame_id, map_id))
             self.stats.inc("retrieved", len(det.retrieved))
