@@ -336,10 +336,13 @@ def export_entry(verifier, kid: int) -> bytes:
                 "distortion": None if cam is None or cam.distortion is None else cam.distortion.saved()}
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
                   "keypoints": np.asarray(e.local.keypoints), "descriptors": np.asarray(e.local.descriptors)}
-        for name in ("supersegments", "pending_patches", "pending_weights", "keypoint_depth"):
+        for name in ("supersegments", "pending_patches", "pending_weights", "keypoint_depth", "metric_depth"):
             a = getattr(e, name)
             if a is not None:
                 arrays[name] = np.asarray(a)
+        if e.metric is not None:
+            arrays.update(metric_keypoints=np.asarray(e.metric.keypoints),
+                          metric_descriptors=np.asarray(e.metric.descriptors))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -360,6 +363,9 @@ def import_entry(verifier, kid: int, data: bytes) -> str:
     size = tuple(int(v) for v in meta["image_size"])
     e = _Entry(size, geometry.LocalFeatures(d["keypoints"], d["descriptors"], size))
     e.keypoint_depth = d.get("keypoint_depth")
+    if "metric_keypoints" in d and "metric_depth" in d:  # RGB-D keyframes: ORB keypoints for metric PnP
+        e.metric = geometry.LocalFeatures(d["metric_keypoints"], d["metric_descriptors"], size)
+        e.metric_depth = d["metric_depth"]
     if meta.get("camera_matrix") is not None:  # entries from before cameras travelled have none
         e.camera = geometry.Camera(meta["camera_matrix"], size, geometry.Distortion.from_saved(meta.get("distortion")))
     note = "local features"

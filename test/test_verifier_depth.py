@@ -65,7 +65,8 @@ def test_few_pnp_inliers_still_give_the_loop_its_rotation(seq, q, m):
     truth = np.linalg.inv(seq.poses[m]) @ seq.poses[q]
     errs = {}
     for with_depth in (True, False):
-        v = Verifier(VerifierParams(consistency_window=0), Camera(seq.K, seq.image_size))
+        # without the denser ORB keypoints, which would give them a metric transform (next test)
+        v = Verifier(VerifierParams(consistency_window=0, metric_keypoints=0), Camera(seq.K, seq.image_size))
         loop = _verify_pair(v, seq, q, m, with_depth)
         assert loop.accepted and loop.transform is not None and not loop.transform.metric_scale, loop.reason
         assert np.linalg.norm(loop.transform.translation) == pytest.approx(1.0, abs=1e-6)
@@ -77,3 +78,35 @@ def test_few_pnp_inliers_still_give_the_loop_its_rotation(seq, q, m):
             assert "rotation and unit direction: PnP" in loop.reason, loop.reason
             assert np.all(np.diag(loop.transform.covariance)[3:] > 0)
     assert errs[True] < 5.0 and errs[False] > 10.0, errs
+
+
+def test_loops_the_verification_keypoints_cannot_measure_get_their_metric_transform_from_orb(seq, tmp_path):
+    """An RGB-D keyframe also keeps ~1000 ORB keypoints with their depth: loops whose 500 SIFT
+    keypoints give PnP too few inliers (10-16, or none for 57 -> 0) get their metric transform
+    from those, within 5 cm / 2 deg of the motion capture (measured 0.9-3.1 cm, 0.41-1.83 deg;
+    without them the translation is a direction, 61-73 cm off at unit length). They survive
+    save/load and travel to a peer robot with the keyframe."""
+    from megaloc_ros import fleet
+    cam = Camera(seq.K, seq.image_size)
+    for q, m in ((24, 26), (1, 55), (57, 0)):
+        v = Verifier(VerifierParams(consistency_window=0), cam)
+        loop = _verify_pair(v, seq, q, m, with_depth=True)
+        assert loop.accepted and loop.transform is not None and loop.transform.metric_scale, loop.reason
+        assert "ORB matches with depth" in loop.reason, loop.reason
+        T = np.eye(4)
+        T[:3, :3], T[:3, 3] = loop.transform.rotation, loop.transform.translation
+        t, r = pose_error(T, np.linalg.inv(seq.poses[m]) @ seq.poses[q])
+        assert t <= 0.05 and r <= 2.0, (q, m, t, r)
+        assert np.all(np.linalg.eigvalsh(loop.transform.covariance) > 0)
+    cand = Candidate(Keyframe(q, int(seq.stamps_ns[q])), Keyframe(m, int(seq.stamps_ns[m])), 0.9, 0)
+    v.save(tmp_path / "s.verifier")
+    w = Verifier.load(tmp_path / "s.verifier")
+    assert w._entries[m].metric is not None and len(w._entries[m].metric.keypoints) > 500
+    again = w.verify([cand])[0]
+    assert again.transform.metric_scale and np.allclose(again.transform.translation, loop.transform.translation)
+    peer = Verifier(VerifierParams(consistency_window=0), cam)  # the match keyframe is another robot's
+    peer.add_keyframe(Keyframe(q, int(seq.stamps_ns[q])), seq.load_rgb(q), ImageFeatures(np.ones(4, np.float32) / 2),
+                      seq.depth_m(q))
+    fleet.import_entry(peer, m, fleet.export_entry(v, m))
+    there = peer.verify([cand])[0]
+    assert there.transform.metric_scale and np.allclose(there.transform.translation, loop.transform.translation)

@@ -7,9 +7,9 @@
    vertical and a translation error added at every keyframe step, so heading and position
    drift as random walks.
 2. Loops = what ``megaloc_ros.pipeline`` (``build()`` + ``LoopClosurePipeline.process``, the code
-   path of the nodes) accepts on the sequence's colour frames. A loop that comes without a metric
-   transform gets one from ``megaloc_ros.verification.metric_pose`` on the match frame's depth
-   (ORB mutual matches, PnP-RANSAC, LM, fit covariance); loops it cannot measure are skipped.
+   path of the nodes) accepts on the sequence's colour and depth frames, with the metric
+   transform the verifier gave them (PnP on the keyframes' depth, ``verification.metric_pose``).
+   A loop without one (a unit direction) is skipped and counted, as the pose-graph node skips it.
 3. Pose graph (``megaloc_ros.backend.pose_graph``, GTSAM iSAM2) fed in stamp order: one node per
    frame, each loop when its query frame arrives.
 4. ATE (RMSE of positions after a rigid SE(3) Umeyama alignment, no scale) and RPE (RMSE of the
@@ -145,20 +145,9 @@ class Loop:
     match: int
     T_match_query: np.ndarray
     covariance: np.ndarray
-    source: str         # "verifier" (its metric transform) | "metric_pose" (computed here)
+    source: str         # "verifier" (its metric transform) | "wrong" (``wrong_loop``)
     t_err_m: float = float("nan")    # against the ground truth
     r_err_deg: float = float("nan")
-
-
-def metric_loop(seq: TumSequence, q: int, m: int, params=None):
-    """``metric_pose`` result for frames (q, m) from ORB mutual matches, or None."""
-    import cv2
-    from megaloc_ros.verification.metric_pose import MetricPoseParams, estimate_metric_pose, mutual_matches
-    params = params or MetricPoseParams(depth_scale=seq.depth_scale)
-    gq = cv2.cvtColor(seq.load_rgb(q), cv2.COLOR_RGB2GRAY)
-    gm = cv2.cvtColor(seq.load_rgb(m), cv2.COLOR_RGB2GRAY)
-    qxy, mxy = mutual_matches(gq, gm, "orb")
-    return estimate_metric_pose(mxy, qxy, seq.load_depth(m), seq.K, seq.K, params)
 
 
 def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print,
@@ -171,7 +160,7 @@ def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print,
     pipe = P.build(settings, encoder=encoder, camera=Camera(seq.K, (first.shape[1], first.shape[0])))
     index = {int(s): i for i, s in enumerate(seq.stamps_ns)}
     loops: list[Loop] = []
-    counts = {"frames": len(seq), "accepted": 0, "metric_from_verifier": 0, "metric_pose": 0, "no_metric_pose": 0}
+    counts = {"frames": len(seq), "accepted": 0, "metric": 0, "no_metric_transform": 0}
     for i in range(len(seq)):
         depth = seq.depth_m(i)
         res = pipe.process(seq.load_rgb(i), int(seq.stamps_ns[i]), session=sessions[i] if sessions else 0,
@@ -181,19 +170,14 @@ def pipeline_loops(seq: TumSequence, settings=None, encoder=None, log=print,
                 continue
             counts["accepted"] += 1
             q, m = index[v.candidate.query.stamp_ns], index[v.candidate.match.stamp_ns]
-            if v.transform is not None and v.transform.metric_scale:
-                T = np.eye(4)
-                T[:3, :3], T[:3, 3] = v.transform.rotation, v.transform.translation
-                loop = Loop(q, m, T, np.asarray(v.transform.covariance), "verifier")
-                counts["metric_from_verifier"] += 1
-            else:
-                r = metric_loop(seq, q, m)
-                if r is None:
-                    counts["no_metric_pose"] += 1
-                    log(f"  loop {q} -> {m}: no metric pose from depth, skipped")
-                    continue
-                loop = Loop(q, m, r.matrix, r.pose.covariance, "metric_pose")
-                counts["metric_pose"] += 1
+            if v.transform is None or not v.transform.metric_scale:
+                counts["no_metric_transform"] += 1
+                log(f"  loop {q} -> {m}: no metric transform ({v.reason}), skipped")
+                continue
+            T = np.eye(4)
+            T[:3, :3], T[:3, 3] = v.transform.rotation, v.transform.translation
+            loop = Loop(q, m, T, np.asarray(v.transform.covariance), "verifier")
+            counts["metric"] += 1
             truth = np.linalg.inv(seq.poses[m]) @ seq.poses[q]
             loop.t_err_m, loop.r_err_deg = pose_error(loop.T_match_query, truth)
             loops.append(loop)

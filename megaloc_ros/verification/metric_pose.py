@@ -232,27 +232,48 @@ def pose_from_points(match_points: np.ndarray, valid: np.ndarray, query_keypoint
                             matrix=T_mq)
 
 
+# ORB for metric transforms: FAST threshold 5 finds ~1000 corners on TUM fr3/cabinet's plain
+# cabinet where OpenCV's default 20 finds a few hundred; PnP needs the many, RANSAC drops the bad
+DENSE_ORB_FAST_THRESHOLD = 5
+
+
+def orb_features(grey: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xy float32 [N, 2], descriptors uint8 [N, 32]): at most ``n`` ORB keypoints of a grey image
+    at its own resolution (the depth image's), FAST threshold ``DENSE_ORB_FAST_THRESHOLD``."""
+    kps, desc = cv2.ORB_create(int(n), fastThreshold=DENSE_ORB_FAST_THRESHOLD).detectAndCompute(grey, None)
+    if desc is None or not kps:
+        return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+    return np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc
+
+
+def mutual_pairs(desc_q: np.ndarray, desc_m: np.ndarray) -> np.ndarray:
+    """int64 [M, 2] (query index, match index): mutual nearest neighbours of binary descriptors
+    (Hamming, cross-check, no ratio test: PnP-RANSAC sorts out the wrong ones)."""
+    if len(desc_q) == 0 or len(desc_m) == 0:
+        return np.zeros((0, 2), np.int64)
+    ms = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True).match(desc_q, desc_m)
+    return np.array([(x.queryIdx, x.trainIdx) for x in ms], np.int64).reshape(-1, 2)
+
+
 def mutual_matches(grey_q: np.ndarray, grey_m: np.ndarray, features: str = "orb") -> tuple[np.ndarray, np.ndarray]:
     """(query xy [M, 2], match xy [M, 2]): mutual nearest neighbours (cross-check, no ratio test)
-    of OpenCV ORB (5000, FAST threshold 5) or SIFT (all keypoints, contrast threshold 0.004) on
-    two grey images. What the benchmark and the trajectory evaluation feed ``estimate_metric_pose``
-    until the verifier hands over its own correspondences; PnP-RANSAC sorts out the wrong ones."""
-    import cv2
+    of ORB (``orb_features``, 5000) or SIFT (all keypoints, contrast threshold 0.004) on two
+    grey images: what ``bench.metric_pose`` compares the verifier's own correspondences with."""
     if features == "orb":
-        det, norm = cv2.ORB_create(5000, fastThreshold=5), cv2.NORM_HAMMING
-    elif features == "sift":
-        det, norm = cv2.SIFT_create(0, contrastThreshold=0.004), cv2.NORM_L2
-    else:
+        (q, dq), (m, dm) = orb_features(grey_q, 5000), orb_features(grey_m, 5000)
+        pairs = mutual_pairs(dq, dm)
+        return q[pairs[:, 0]].astype(np.float64), m[pairs[:, 1]].astype(np.float64)
+    if features != "sift":
         raise ValueError(f"unknown features {features!r}: orb or sift")
+    det = cv2.SIFT_create(0, contrastThreshold=0.004)
     kq, dq = det.detectAndCompute(grey_q, None)
     km, dm = det.detectAndCompute(grey_m, None)
     if dq is None or dm is None:
         return np.zeros((0, 2)), np.zeros((0, 2))
-    ms = cv2.BFMatcher(norm, crossCheck=True).match(dq, dm)
+    ms = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(dq, dm)
     q = np.array([kq[x.queryIdx].pt for x in ms], np.float64).reshape(-1, 2)
     m = np.array([km[x.trainIdx].pt for x in ms], np.float64).reshape(-1, 2)
     return q, m
-
 
 
 def pose_error(T_est: np.ndarray, T_true: np.ndarray) -> tuple[float, float]:

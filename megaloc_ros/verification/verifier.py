@@ -6,9 +6,13 @@
     the vocabulary's PCA length (128 shipped, ``pca_dim`` when fitted on the map) and stored as
     fp16 (48 x 128 x 2 B = 12 KiB shipped, at most 48 x 256 x 2 B = 24 KiB map-fitted);
   * geometry: at most ``max_keypoints`` keypoints (float32 x, y: 8 B) with SIFT descriptors
-    stored as uint8 (128 B), ORB (32 B) or XFeat int8 (64 B) (default at most 500 x 136 B = 66 KiB).
+    stored as uint8 (128 B), ORB (32 B) or XFeat int8 (64 B) (default at most 500 x 136 B = 66 KiB);
+  * with a depth image (RGB-D): each keypoint's depth (4 B), and at most ``metric_keypoints``
+    ORB keypoints with their depth (44 B each; a TUM fr3/cabinet frame gives ~1000: ~43 KiB),
+    from which a loop gets its metric transform when the keypoints above give too few PnP
+    inliers (``metric_pose``).
 
-So a keyframe costs at most ~80 KiB by default; 71.8 KiB on average on the rtabmap sequence
+So a keyframe costs at most ~80 KiB by default (without depth); 71.8 KiB on average on the rtabmap sequence
 (``Verifier.bytes_per_keyframe`` reports the measured mean; `megaloc-ros bench verify` prints
 it). No image is kept. Fixed cost per map: the vocabulary (32 x C floats) and the PCA matrix
 (PCA length x 32*C floats: 6 MiB for the shipped one, C = 384, PCA 128).
@@ -81,6 +85,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+import cv2
 import numpy as np
 
 from megaloc_ros.verification import acontrario, decision, geometry, metric_pose, segments, segvlad, vocabulary
@@ -114,6 +119,11 @@ METRIC_MIN_INLIERS = 20
 # where its translation could still be 0.4 m off; under 10, PnP went 16 deg off once
 # (`python -m megaloc_ros.bench.metric_pose --rotation`; TUM is the only set with motion capture).
 ROTATION_POSE = metric_pose.MetricPoseParams(min_inliers=10)
+# Too few for a metric transform: PnP again on the keyframes' denser ORB keypoints
+# (``metric_keypoints``); on TUM fr3/cabinet's loops (55, 56, 57 -> 0, 1) it finds 38-45 inliers,
+# 1-4 cm / 0.5-2.3 deg from the motion capture, where 10-16 inliers (52, 53, 54 -> 0) were
+# 22-37 cm off: the same 20-inlier minimum
+METRIC_POSE = metric_pose.MetricPoseParams(min_inliers=METRIC_MIN_INLIERS)
 
 
 def extract_local_features(params: "VerifierParams", image_rgb: np.ndarray) -> geometry.LocalFeatures:
@@ -162,6 +172,9 @@ class VerifierParams:
     local_features: str = setting("sift", "local features: sift, orb or xfeat (ONNX; needs the XFeat weights)",
                                   choices=local.KINDS, read_only=True)
     max_keypoints: int = setting(500, "keypoints kept per keyframe (strongest)", range=(8, None), read_only=True)
+    metric_keypoints: int = setting(2000, "ORB keypoints (with their depth) kept per keyframe that comes with a "
+                                    "depth image, for the metric transform of a loop whose verification "
+                                    "keypoints give too few PnP inliers (0: none)", range=(0, None), read_only=True)
     feature_max_side: int = setting(640, "detect keypoints at most at this longest side", range=(16, None),
                                     read_only=True)
     feature_min_side: int = setting(480, "smaller images are upsampled to this longest side for detection "
@@ -249,12 +262,15 @@ class _Entry:
     pending_patches: Optional[np.ndarray] = None  # fp16 [P, C] until the vocabulary exists
     pending_weights: Optional[np.ndarray] = None  # fp16 [S, P] SuperSegment -> patch weights
     keypoint_depth: Optional[np.ndarray] = None   # float32 [N] metres per keypoint, NaN: none
+    metric: Optional[geometry.LocalFeatures] = None  # ORB keypoints for metric PnP (keyframes with depth)
+    metric_depth: Optional[np.ndarray] = None     # float32 [M] metres per metric keypoint, NaN: none
     camera: Optional[geometry.Camera] = None  # a peer robot's camera; None: the verifier's own
 
     @property
     def nbytes(self) -> int:
-        n = self.local.nbytes
-        for a in (self.supersegments, self.pending_patches, self.pending_weights, self.keypoint_depth):
+        n = self.local.nbytes + (0 if self.metric is None else self.metric.nbytes)
+        for a in (self.supersegments, self.pending_patches, self.pending_weights, self.keypoint_depth,
+                  self.metric_depth):
             n += 0 if a is None else a.nbytes
         return n
 
@@ -390,6 +406,11 @@ class Verifier:
         entry = _Entry((image_rgb.shape[1], image_rgb.shape[0]), feats)
         if depth_m is not None:
             entry.keypoint_depth = metric_pose.keypoint_depths(feats.keypoints, depth_m, entry.image_size)
+            if p.metric_keypoints > 0:
+                grey = image_rgb if image_rgb.ndim == 2 else cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
+                xy, desc = metric_pose.orb_features(grey, p.metric_keypoints)
+                entry.metric = geometry.LocalFeatures(xy, desc, entry.image_size)
+                entry.metric_depth = metric_pose.keypoint_depths(xy, depth_m, entry.image_size)
         pf = features.patch_features
         if self._patch_encoder is not None:
             pf = self._patch_encoder.encode([image_rgb])[0].patch_features
@@ -601,13 +622,25 @@ class Verifier:
             return lighterglue.default_model().match(a, b)
         return local.match(a, b, self.params.ratio, self.params.mutual)
 
-    def _pinhole(self, e: _Entry) -> np.ndarray:
-        """``e``'s keypoints where an ideal pinhole camera with its intrinsics would see them: its
-        camera's lens distortion undone (as stored without one, or without intrinsics)."""
+    def _pinhole(self, e: _Entry, keypoints: Optional[np.ndarray] = None) -> np.ndarray:
+        """``e``'s keypoints (default its verification keypoints) where an ideal pinhole camera
+        with its intrinsics would see them: its camera's lens distortion undone (as stored
+        without one, or without intrinsics)."""
+        pts = e.local.keypoints if keypoints is None else keypoints
         cam = self.camera_of(e)
         if cam is None or cam.distortion is None:
-            return e.local.keypoints
-        return cam.distortion.undistort(e.local.keypoints, cam.intrinsics(e.image_size)).astype(np.float32)
+            return pts
+        return cam.distortion.undistort(pts, cam.intrinsics(e.image_size)).astype(np.float32)
+
+    def _metric_pnp(self, q: _Entry, m: _Entry, K_query: np.ndarray, K_match: np.ndarray):
+        """PnP on the two keyframes' metric (ORB) keypoints, the match's lifted with their depth;
+        None when either has none."""
+        if q.metric is None or m.metric is None or m.metric_depth is None:
+            return None
+        pairs = metric_pose.mutual_pairs(q.metric.descriptors, m.metric.descriptors)
+        return metric_pose.pose_from_keypoint_depths(
+            self._pinhole(m, m.metric.keypoints), m.metric_depth, K_match, self._pinhole(q, q.metric.keypoints),
+            K_query, pairs, METRIC_POSE)
 
     def check_geometry(self, q: _Entry, m: _Entry) -> "PairGeometry":
         """The geometric half of a decision, also what an explanation draws. Matches whose
@@ -658,9 +691,17 @@ class Verifier:
                                                         g.query_keypoints, g.K_query, g.pairs, ROTATION_POSE)
             fit = (f"PnP {len(pnp.inliers)}/{pnp.points_with_depth} matches with depth, "
                    f"{pnp.rms_px:.2f} px rms") if pnp is not None else ""
+            dense = None
+            if pnp is None or len(pnp.inliers) < METRIC_MIN_INLIERS:
+                dense = self._metric_pnp(q, m, g.K_query, g.K_match)
             if pnp is not None and len(pnp.inliers) >= METRIC_MIN_INLIERS:
                 pose = pnp.pose
                 reason += f"; metric transform: {fit}"
+            elif dense is not None:
+                pose = dense.pose
+                reason += (f"; metric transform: PnP {len(dense.inliers)}/{dense.points_with_depth} ORB "
+                           f"matches with depth, {dense.rms_px:.2f} px rms (verification keypoints: "
+                           f"{fit or 'PnP failed'})")
             elif pnp is not None:
                 pose = metric_pose.without_scale(pnp.pose)
                 reason += (f"; rotation and unit direction: {fit} (< {METRIC_MIN_INLIERS} inliers "
@@ -705,6 +746,12 @@ class Verifier:
                                        np.float32),  # -1: this keyframe had no depth image
                 "supersegments": _cat([e.supersegments for e in es if e.supersegments is not None],
                                       (0, self.pca.dim if self.pca else 0), np.float16),
+                # ORB keypoints for metric PnP: -1, none (the keyframe came without depth)
+                "metric_count": np.array([-1 if e.metric is None else len(e.metric.keypoints) for e in es], np.int64),
+                "metric_keypoints": _cat([e.metric.keypoints for e in es if e.metric is not None], (0, 2), np.float32),
+                "metric_descriptors": _cat([e.metric.descriptors for e in es if e.metric is not None], (0, 32),
+                                           np.uint8),
+                "metric_depth": _cat([e.metric_depth for e in es if e.metric is not None], (0,), np.float32),
             }
             pend = [(i, e) for i, e in zip(ids, es) if e.pending_patches is not None]
             arrays["pending_ids"] = np.array([i for i, _ in pend], np.int64)
@@ -764,6 +811,11 @@ class Verifier:
             ss_off = np.concatenate([[0], np.cumsum(np.maximum(ss_count, 0))])
             if kp_off[-1] != len(d["keypoints"]) or ss_off[-1] != len(d["supersegments"]):
                 raise ValueError("array lengths disagree")
+            # states from before metric keypoints have none
+            metric_count = d.get("metric_count", np.full(len(d["ids"]), -1, np.int64))
+            mt_off = np.concatenate([[0], np.cumsum(np.maximum(metric_count, 0))])
+            if mt_off[-1] != len(d.get("metric_keypoints", ())):
+                raise ValueError("metric keypoint array lengths disagree")
             for kid, session in zip(d.get("session_ids", np.zeros(0, np.int64)).tolist(),
                                     d.get("sessions", np.zeros(0, np.int64)).tolist()):
                 v.note_keyframe(kid, session)
@@ -779,6 +831,10 @@ class Verifier:
                         e.keypoint_depth = kd.astype(np.float32)
                 if ss_count[n] >= 0:
                     e.supersegments = d["supersegments"][ss_off[n]:ss_off[n + 1]]
+                if metric_count[n] >= 0:
+                    a, b = mt_off[n], mt_off[n + 1]
+                    e.metric = geometry.LocalFeatures(d["metric_keypoints"][a:b], d["metric_descriptors"][a:b], size)
+                    e.metric_depth = d["metric_depth"][a:b]
                 if kid in pending:
                     e.pending_patches = d[f"pending_patches_{kid}"]
                     e.pending_weights = d[f"pending_weights_{kid}"]
