@@ -72,7 +72,8 @@ Transform: with intrinsics, ``RelativePose`` (rotation, unit translation directi
 ``metric_scale`` False) with ``geometry.essential_pose``'s covariance (the fit's first-order
 rotation variance, at least a measured floor of 2 deg std per axis; no weight on the
 translation); with
-depth, PnP's metric pose (``metric_pose``); without intrinsics, None.
+depth, PnP's metric pose (``metric_pose``; on the keyframes' ORB keypoints, ``metric_keypoints``,
+when the verification keypoints give fewer than 20 inliers); without intrinsics, None.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ METRIC_MIN_INLIERS = 20
 ROTATION_POSE = metric_pose.MetricPoseParams(min_inliers=10)
 # Too few for a metric transform: PnP again on the keyframes' denser ORB keypoints
 # (``metric_keypoints``); on TUM fr3/cabinet's loops (55, 56, 57 -> 0, 1) it finds 38-45 inliers,
-# 1-4 cm / 0.5-2.3 deg from the motion capture, where 10-16 inliers (52, 53, 54 -> 0) were
+# 1-4 cm / 0.5-2.3 deg from the motion capture, where 11-16 inliers (52, 53, 54 -> 0) were
 # 22-37 cm off: the same 20-inlier minimum
 METRIC_POSE = metric_pose.MetricPoseParams(min_inliers=METRIC_MIN_INLIERS)
 
