@@ -180,17 +180,19 @@ def recall_by_angle(offered: dict, confirmed) -> list[tuple[str, int, int]]:
 MAX_ROTATION_ERROR_DEG = 10.0  # motion capture and vision disagree by ~2 deg on these frames
 
 
-def rotation_error_deg(loop, poses, q: int, m: int) -> Optional[float]:
-    """Angle (deg) between an accepted loop's rotation (query camera -> match camera) and the
-    motion capture's; None without a transform or poses. A loop whose pair is covisible but whose
-    transform is wrong (the cabinet seen from its other, similar-looking side) misleads a back end
-    as much as a false loop does."""
+def transform_errors(loop, poses, q: int, m: int) -> Optional[tuple[float, Optional[float]]]:
+    """(angle in deg between an accepted loop's rotation (query camera -> match camera) and the
+    motion capture's, its translation's error in cm when metric, else None); None without a
+    transform or poses. A loop whose pair is covisible but whose transform is wrong (the cabinet
+    seen from its other, similar-looking side) misleads a back end as much as a false loop does."""
     from megaloc_ros.verification.metric_pose import pose_error
     if poses is None or loop.transform is None:
         return None
     T = np.eye(4)
     T[:3, :3] = loop.transform.rotation
-    return pose_error(T, np.linalg.inv(poses[m]) @ poses[q])[1]
+    T[:3, 3] = loop.transform.translation
+    t_m, r_deg = pose_error(T, np.linalg.inv(poses[m]) @ poses[q])
+    return r_deg, (100.0 * t_m if loop.transform.metric_scale else None)
 
 
 def _features(encoder, paths):
@@ -226,7 +228,7 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None, c
     offered: dict[int, Optional[float]] = {}   # query frame -> angle to its nearest true match offered
     confirmed = set()
     true_acc = false_acc = 0
-    rot_errors = []
+    pose_errors = []
     false_loops = []    # (query frame, match frame, frames from the nearest match the truth gives)
     unlabeled = [0, 0]  # candidates, accepted loops on pairs the set does not label
     for i in range(len(seq)):
@@ -260,7 +262,7 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None, c
                 false_acc += not y
                 if y:
                     confirmed.add(q)
-                    rot_errors.append(rotation_error_deg(r, poses, q, m))
+                    pose_errors.append(transform_errors(r, poses, q, m))
                 else:
                     truth = np.flatnonzero(seq.gt[q])
                     false_loops.append((q, m, int(np.abs(truth - m).min()) if truth.size else None))
@@ -268,7 +270,7 @@ def run_sequence(name: str, encoder=None, verifier_params=None, features=None, c
     if seq.labeled is not None:
         what += (f"; {unlabeled[0]} candidates within one traversal (not labelled by the set, not "
                  f"counted), {unlabeled[1]} of them accepted")
-    out = _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what, rot_errors)
+    out = _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what, pose_errors)
     out["unlabeled"] = {"candidates": unlabeled[0], "accepted": unlabeled[1]}
     out["false_loops"] = false_loops
     out["camera"] = camera or "as recorded"
@@ -311,7 +313,7 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
     offered: dict[int, float] = {}
     confirmed = set()
     true_acc = false_acc = 0
-    rot_errors = []
+    pose_errors = []
     for k, p in enumerate(pairs):
         c = Candidate(kfs[p.query], kfs[p.match], float(desc[p.query] @ desc[p.match]), 0)
         r = v.verify([c])[0]
@@ -325,21 +327,21 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
             false_acc += not p.positive
             if p.positive:
                 confirmed.add(k)
-                rot_errors.append(rotation_error_deg(r, t.poses, p.query[1], p.match[1]))
+                pose_errors.append(transform_errors(r, t.poses, p.query[1], p.match[1]))
     n_pos = sum(p.positive for p in pairs)
     angles = [p.angle_deg for p in pairs if p.positive]
     out = _summary("tum_pairs", rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, v,
                    f"{n_pos} positive pairs ({min(angles):.0f}-{max(angles):.0f} deg), "
                    f"{len(pairs) - n_pos} zero-covisibility pairs, each decided on its own "
-                   "(consistency_window 0)", rot_errors)
+                   "(consistency_window 0)", pose_errors)
     out["camera"] = camera or "as recorded"
     return out
 
 
 def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what,
-             rot_errors=()) -> dict:
+             pose_errors=()) -> dict:
     a = np.array([r[2:7] for r in rows], np.float64).reshape(-1, 5)
-    errs = [e for e in rot_errors if e is not None]
+    errs = [r for r, _ in (e for e in pose_errors if e is not None)]
     y = a[:, 0] > 0
     return {
         "set": name, "what": what, "candidates": len(rows),
@@ -347,6 +349,9 @@ def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand,
         # accepted true loops whose rotation is checked against motion capture, and how many are off
         "poses_checked": len(errs), "wrong_pose": int(sum(e > MAX_ROTATION_ERROR_DEG for e in errs)),
         "rotation_errors_deg": [round(e, 2) for e in errs],
+        # of those, the ones with a metric transform: its translation's error
+        "translation_errors_cm": [round(t, 2) for _, t in (e for e in pose_errors if e is not None)
+                                  if t is not None],
         "queries_offered": len(offered), "queries_confirmed": len(confirmed),
         "verification_recall": (len(confirmed) / len(offered)) if offered else None,
         "recall_by_angle": recall_by_angle(offered, confirmed),
@@ -410,8 +415,10 @@ def print_sets(results: list[dict], verifier_params=None) -> None:
             print("    false accepts (query frame -> match frame, frames from the nearest match the ground truth "
                   "gives): " + ", ".join(f"{q} -> {m} ({'-' if d is None else d})" for q, m, d in r["false_loops"]))
         if r.get("poses_checked"):
+            t = r.get("translation_errors_cm") or []
             print(f"    transforms of accepted true loops against motion capture: {r['wrong_pose']} of "
-                  f"{r['poses_checked']} off by more than {MAX_ROTATION_ERROR_DEG:g} deg in rotation")
+                  f"{r['poses_checked']} off by more than {MAX_ROTATION_ERROR_DEG:g} deg in rotation; "
+                  + (f"{len(t)} metric, translation {min(t):.1f}-{max(t):.1f} cm off" if t else "none metric"))
     print("goals: zero false accepts on every set; recall >= goal column; "
           f"<= {ADD_MS_GOAL:.0f} ms per keyframe added, <= {CAND_MS_GOAL:.0f} ms median per candidate")
     for r in results:
