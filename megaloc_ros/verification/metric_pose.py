@@ -232,8 +232,8 @@ def pose_from_points(match_points: np.ndarray, valid: np.ndarray, query_keypoint
                             matrix=T_mq)
 
 
-# ORB for metric transforms: FAST threshold 5 finds ~1000 corners on TUM fr3/cabinet's plain
-# cabinet where OpenCV's default 20 finds a few hundred; PnP needs the many, RANSAC drops the bad
+# ORB for metric transforms: on TUM fr3/cabinet's plain frames (0, 20, 40, 56) FAST threshold 5
+# finds 663-1586 corners, OpenCV's default 20 only 67-784; PnP needs the many, RANSAC drops the bad
 DENSE_ORB_FAST_THRESHOLD = 5
 
 
