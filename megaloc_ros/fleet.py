@@ -130,6 +130,7 @@ class PeerTable:
 # ----------------------------------------------------------------------------- peers' frontiers
 
 STATUS_PERIOD_S = 1.0  # every robot's FleetStatus period (must stay well under a peer timeout)
+IDLE_STATUS_AGE_S = 3 * STATUS_PERIOD_S  # idle is what a peer keeps saying, not what a silence suggests
 
 
 @dataclass
@@ -161,7 +162,9 @@ class Frontiers:
     in a burst, its status can come first), and
 
     * idle: its statuses said it had no frame to process for ``settle_s`` (camera off, bag
-      over), timed on our clock: a peer frozen for a while says on waking that it was idle long;
+      over), timed on our clock and said without a gap of more than ``IDLE_STATUS_AGE_S``: a
+      peer frozen for a while says on waking that it was idle long, and one frozen just after
+      saying "idle 0.3 s" (a camera at 1 Hz leaves it idle between frames) says nothing more;
     * staying: it processed frames ``settle_s`` past its newest keyframe (its own image stamps);
     * or silent: nothing heard of it (status or keyframe) for ``peer_timeout_s`` (gone).
 
@@ -192,11 +195,12 @@ class Frontiers:
 
     def on_status(self, session: int, status: PeerStatus, now: float) -> None:
         p = self._peer(session)
+        gap = now - p.heard
         p.heard, p.status = now, status
         if status.idle_s <= 0:
             p.idle_from = None
-        elif p.idle_from is None:
-            p.idle_from = now
+        elif p.idle_from is None or gap > IDLE_STATUS_AGE_S:
+            p.idle_from = now  # from when we heard it: a peer waking from a freeze claims the freeze
 
     def moving(self, session: int, now: float) -> bool:
         """The peer may still be on its way (see the class)."""
@@ -210,7 +214,7 @@ class Frontiers:
         st = p.status
         if st is None or p.newest_id < st.keyframe_id:
             return None  # no status yet, or keyframes it counts still in flight
-        if p.idle_from is not None and now - p.idle_from >= self.settle_s:
+        if p.idle_from is not None and now - p.idle_from >= self.settle_s and now - p.heard <= IDLE_STATUS_AGE_S:
             return "idle"
         if st.keyframe_id >= 0 and st.frame_stamp_ns - st.keyframe_stamp_ns >= self.settle_s * 1e9:
             return "staying"

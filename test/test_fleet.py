@@ -52,6 +52,34 @@ def test_peer_table_round_trip():
     assert back.peer(7).remote_id == 3 and back.robots() == {11: "robot_b"}
 
 
+def test_a_peer_frozen_between_two_frames_is_not_taken_for_idle():
+    """A camera at 1 Hz leaves its robot idle between frames, so its status can say "idle 0.3 s"
+    just before the robot freezes (a loaded machine; the fleet replay's --stall). Nothing more comes:
+    that is silence (stopped only after the peer timeout), not idleness. Before, robot_a counted
+    idle from that status and, 5 s into a 7 s freeze, verified its deferred queries against the
+    end of robot_b's map: 4-5 near misses in 2 of 4 replays (test_two_robots_find_the_inter_robot_loops_one_robot_finds).
+    Waking, the peer is idle only once its statuses have said so for settle_s on our clock."""
+    S = 10**9
+    st = fleet.PeerStatus
+    f = fleet.Frontiers(settle_keyframes=3, settle_s=5.0, peer_timeout_s=10.0)
+    for k in range(10):
+        f.on_keyframe(2, 100 + k, k, 0.0)
+    f.defer(2, "q")
+    f.on_status(2, st(9 * S, 0.3, 9, 9 * S), 0.5)   # between two frames, then frozen
+    for t in (5.5, 6.0, 9.9):
+        assert f.settled(t) == [] and f.at_frontier(2, 109, t)
+    f.on_status(2, st(9 * S, 7.3, 9, 9 * S), 7.5)   # wakes: "idle 7.3 s" (its player froze too)
+    assert f.settled(7.5) == [] and f.settled(12.4) == []
+    for t in range(8, 13):
+        f.on_status(2, st(9 * S, 7.3 + t - 7.5, 9, 9 * S), float(t) + 0.5)
+    assert f.settled(12.5) == [(2, "q", "idle")]
+    g = fleet.Frontiers(settle_keyframes=3, settle_s=5.0, peer_timeout_s=10.0)
+    g.on_keyframe(2, 100, 0, 0.0)
+    g.defer(2, "q")
+    g.on_status(2, st(0, 0.3, 0, 0), 0.5)
+    assert g.settled(10.4) == [] and g.settled(10.6) == [(2, "q", "silent")]
+
+
 def test_a_query_waits_while_the_peer_is_on_its_way_and_not_when_it_stopped():
     """fleet.Frontiers: robot B (session 2) maps keyframes 0..9 (local ids 100..109, stamps 1 s
     apart). A query that retrieves one of B's newest 2n waits while B is moving on, however
@@ -82,7 +110,8 @@ def test_a_query_waits_while_the_peer_is_on_its_way_and_not_when_it_stopped():
 
     f = mapped()
     f.defer(2, "q")
-    f.on_status(2, st(9 * S, 12.5, 9, 9 * S), 1.0)   # frozen, then says "idle 12.5 s" on waking:
+    for t in range(1, 6):                            # frozen, then says "idle 12.5 s" on waking:
+        f.on_status(2, st(9 * S, 11.5 + t, 9, 9 * S), float(t))
     assert f.settled(5.9) == []                      # idle counts from when we heard it
     f.on_status(2, st(9 * S, 17.5, 9, 9 * S), 6.0)
     assert f.settled(6.0) == [(2, "q", "idle")]
