@@ -341,7 +341,8 @@ def run_pairs(encoder=None, verifier_params=None, features: Optional[dict] = Non
 def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand, verifier, what,
              pose_errors=()) -> dict:
     a = np.array([r[2:7] for r in rows], np.float64).reshape(-1, 5)
-    errs = [r for r, _ in (e for e in pose_errors if e is not None)]
+    checked = [e for e in pose_errors if e is not None]   # (rotation deg, translation cm or None)
+    errs = [r for r, _ in checked]
     y = a[:, 0] > 0
     return {
         "set": name, "what": what, "candidates": len(rows),
@@ -350,8 +351,7 @@ def _summary(name, rows, offered, confirmed, true_acc, false_acc, t_add, t_cand,
         "poses_checked": len(errs), "wrong_pose": int(sum(e > MAX_ROTATION_ERROR_DEG for e in errs)),
         "rotation_errors_deg": [round(e, 2) for e in errs],
         # of those, the ones with a metric transform: its translation's error
-        "translation_errors_cm": [round(t, 2) for _, t in (e for e in pose_errors if e is not None)
-                                  if t is not None],
+        "translation_errors_cm": [round(t, 2) for _, t in checked if t is not None],
         "queries_offered": len(offered), "queries_confirmed": len(confirmed),
         "verification_recall": (len(confirmed) / len(offered)) if offered else None,
         "recall_by_angle": recall_by_angle(offered, confirmed),
